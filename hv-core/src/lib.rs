@@ -1,0 +1,2 @@
+//! hv-core: VMX bring-up, VMCS management and VM-exit handling.
+#![no_std]
