@@ -1,2 +1,8 @@
-//! hv-core: VMX bring-up, VMCS management and VM-exit handling.
+//! hv-core: the VMX layer of the hypervisor. It reads what the CPU's VMX
+//! implementation offers (CPUID and the VMX capability MSRs), turns VMX on,
+//! manages VMCSs and handles VM exits. Decoding and policy are plain code that
+//! builds and tests on the host; the few instructions that touch the hardware
+//! sit in small named functions.
 #![no_std]
+
+pub mod caps;

@@ -1,0 +1,93 @@
+//! ACPI discovery: the CPUs (APIC ids) from the MADT.
+
+use core::ptr::NonNull;
+
+use acpi::madt::{Madt, MadtEntry};
+use acpi::{AcpiHandler, AcpiTables, PhysicalMapping};
+use hv_boot::bootinfo::AcpiRoot;
+use log::{info, warn};
+
+/// ACPI tables are read in place through the direct map.
+#[derive(Clone, Copy)]
+struct DirectMap;
+
+impl AcpiHandler for DirectMap {
+    unsafe fn map_physical_region<T>(
+        &self,
+        physical_address: usize,
+        size: usize,
+    ) -> PhysicalMapping<Self, T> {
+        // SAFETY: physical memory is identity-mapped, and the acpi crate asks only
+        // for regions it found through validated table pointers.
+        unsafe {
+            PhysicalMapping::new(
+                physical_address,
+                NonNull::new(physical_address as *mut T).expect("ACPI never maps address 0"),
+                size,
+                size,
+                *self,
+            )
+        }
+    }
+
+    fn unmap_physical_region<T>(_region: &PhysicalMapping<Self, T>) {}
+}
+
+pub const MAX_CPUS: usize = 64;
+
+/// The processors the firmware lists as usable.
+#[derive(Debug, Default)]
+pub struct Cpus {
+    pub apic_ids: heapless::Vec<u32, MAX_CPUS>,
+    pub local_apic_address: u64,
+}
+
+/// Finds the MADT (through the boot loader's RSDP copy, or by scanning the BIOS
+/// area) and lists the enabled processors.
+pub fn discover(root: Option<AcpiRoot>) -> Option<Cpus> {
+    // SAFETY: the root pointer comes from the loader's validated RSDP tag; the
+    // BIOS scan reads the legacy BIOS areas, which the direct map covers.
+    let tables = unsafe {
+        match root {
+            Some(root) => AcpiTables::from_rsdt(DirectMap, root.revision, root.address as usize),
+            None => AcpiTables::search_for_rsdp_bios(DirectMap),
+        }
+    };
+    let tables = match tables {
+        Ok(tables) => tables,
+        Err(e) => {
+            warn!("acpi: no usable tables ({e:?})");
+            return None;
+        }
+    };
+    let madt = match tables.find_table::<Madt>() {
+        Ok(madt) => madt,
+        Err(e) => {
+            warn!("acpi: no MADT ({e:?})");
+            return None;
+        }
+    };
+    let mut cpus = Cpus {
+        local_apic_address: u64::from(madt.get().local_apic_address),
+        ..Cpus::default()
+    };
+    // MADT flags: bit 0 enabled, bit 1 online capable (ACPI 6.5 5.2.12.2).
+    for entry in madt.get().entries() {
+        let (id, flags) = match entry {
+            MadtEntry::LocalApic(e) => (u32::from(e.apic_id), e.flags),
+            MadtEntry::LocalX2Apic(e) => (e.x2apic_id, e.flags),
+            _ => continue,
+        };
+        if flags & 0b11 != 0 && !cpus.apic_ids.contains(&id) && cpus.apic_ids.push(id).is_err() {
+            warn!("acpi: more than {MAX_CPUS} CPUs; the rest are ignored");
+            break;
+        }
+    }
+    info!(
+        "acpi: {} CPUs, APIC ids {:?}, local APIC at {:#x}",
+        cpus.apic_ids.len(),
+        cpus.apic_ids.as_slice(),
+        cpus.local_apic_address
+    );
+    Some(cpus)
+}

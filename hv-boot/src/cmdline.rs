@@ -1,0 +1,174 @@
+//! The hypervisor's command line: `key=value` words separated by spaces.
+//!
+//! Unknown keys and bad values are reported to the caller, never ignored silently.
+
+use core::fmt;
+
+use log::LevelFilter;
+
+/// A way to end the run on purpose, so tests can check the failure paths.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SelfTest {
+    /// `panic!` after boot.
+    Panic,
+    /// A page fault (read of an unmapped address) after boot.
+    PageFault,
+    /// An invalid opcode (`ud2`) after boot.
+    InvalidOpcode,
+    /// Allocate every free frame, check none belongs to the kernel, modules or
+    /// allocator, free them all and check the count comes back.
+    Frames,
+}
+
+/// Everything the command line can set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Options {
+    pub log_level: LevelFilter,
+    pub selftest: Option<SelfTest>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            log_level: LevelFilter::Info,
+            selftest: None,
+        }
+    }
+}
+
+/// Something wrong with one word of the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Problem<'a> {
+    UnknownOption(&'a str),
+    BadValue {
+        key: &'a str,
+        value: &'a str,
+        expected: &'static str,
+    },
+}
+
+impl fmt::Display for Problem<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Problem::UnknownOption(word) => write!(f, "unknown option '{word}' (ignored)"),
+            Problem::BadValue {
+                key,
+                value,
+                expected,
+            } => {
+                write!(
+                    f,
+                    "bad value '{value}' for {key} (expected {expected}; ignored)"
+                )
+            }
+        }
+    }
+}
+
+const LOG_LEVELS: &str = "off|error|warn|info|debug|trace";
+const SELFTESTS: &str = "panic|pagefault|ud|frames";
+
+impl Options {
+    /// Parses `cmdline`, reporting each problem to `report`. A first word that
+    /// looks like a path (boot loaders often pass the image name) is skipped.
+    pub fn parse<'a>(cmdline: &'a str, mut report: impl FnMut(Problem<'a>)) -> Self {
+        let mut options = Self::default();
+        let mut words = cmdline.split_ascii_whitespace().peekable();
+        if words
+            .peek()
+            .is_some_and(|w| w.contains('/') && !w.contains('='))
+        {
+            words.next();
+        }
+        for word in words {
+            let (key, value) = word.split_once('=').unwrap_or((word, ""));
+            match key {
+                "loglevel" => match parse_level(value) {
+                    Some(level) => options.log_level = level,
+                    None => report(Problem::BadValue {
+                        key,
+                        value,
+                        expected: LOG_LEVELS,
+                    }),
+                },
+                "selftest" => match value {
+                    "panic" => options.selftest = Some(SelfTest::Panic),
+                    "pagefault" => options.selftest = Some(SelfTest::PageFault),
+                    "ud" => options.selftest = Some(SelfTest::InvalidOpcode),
+                    "frames" => options.selftest = Some(SelfTest::Frames),
+                    _ => report(Problem::BadValue {
+                        key,
+                        value,
+                        expected: SELFTESTS,
+                    }),
+                },
+                _ => report(Problem::UnknownOption(word)),
+            }
+        }
+        options
+    }
+}
+
+fn parse_level(value: &str) -> Option<LevelFilter> {
+    Some(match value {
+        "off" => LevelFilter::Off,
+        "error" => LevelFilter::Error,
+        "warn" => LevelFilter::Warn,
+        "info" => LevelFilter::Info,
+        "debug" => LevelFilter::Debug,
+        "trace" => LevelFilter::Trace,
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::vec::Vec;
+
+    use super::*;
+
+    fn parse(cmdline: &str) -> (Options, Vec<Problem<'_>>) {
+        let mut problems = Vec::new();
+        let options = Options::parse(cmdline, |p| problems.push(p));
+        (options, problems)
+    }
+
+    #[test]
+    fn empty_gives_defaults() {
+        assert_eq!(parse(""), (Options::default(), Vec::new()));
+    }
+
+    #[test]
+    fn log_level_and_selftest() {
+        let (options, problems) = parse("loglevel=debug selftest=ud");
+        assert!(problems.is_empty());
+        assert_eq!(options.log_level, LevelFilter::Debug);
+        assert_eq!(options.selftest, Some(SelfTest::InvalidOpcode));
+    }
+
+    #[test]
+    fn leading_image_path_is_skipped() {
+        let (options, problems) = parse("/boot/hv loglevel=warn");
+        assert!(problems.is_empty());
+        assert_eq!(options.log_level, LevelFilter::Warn);
+    }
+
+    #[test]
+    fn unknown_words_and_bad_values_are_reported() {
+        let (options, problems) = parse("loglevel=loud frobnicate quiet=1");
+        assert_eq!(options, Options::default());
+        assert_eq!(
+            problems,
+            [
+                Problem::BadValue {
+                    key: "loglevel",
+                    value: "loud",
+                    expected: LOG_LEVELS
+                },
+                Problem::UnknownOption("frobnicate"),
+                Problem::UnknownOption("quiet=1"),
+            ]
+        );
+    }
+}

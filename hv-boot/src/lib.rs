@@ -1,0 +1,25 @@
+//! hv-boot: the multiboot-loaded kernel that brings up the machine (serial log,
+//! memory map, frame allocator, heap, ACPI) and starts the hypervisor. This
+//! library half holds the boot logic that needs no hardware, so it is tested on
+//! the host; the kernel binary (`src/main.rs`) adds what touches the machine.
+#![no_std]
+
+pub mod bootinfo;
+pub mod cmdline;
+pub mod frames;
+
+/// Size of a 4 KiB frame.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// How a run ends, as printed on the last line (`hv: exit N`) and passed to the emulator.
+pub mod exit {
+    /// The line prefix the test harness looks for.
+    pub const LINE_PREFIX: &str = "hv: exit ";
+    pub const OK: u8 = 0;
+    /// The machine cannot run the hypervisor (bad boot information, no memory).
+    pub const BOOT_FAILED: u8 = 1;
+    /// A Rust panic in the hypervisor.
+    pub const PANIC: u8 = 2;
+    /// A CPU exception in the hypervisor.
+    pub const CPU_EXCEPTION: u8 = 3;
+}
