@@ -7,6 +7,7 @@ use core::sync::atomic::{AtomicBool, Ordering};
 use log::{Level, LevelFilter, Log, Metadata, Record};
 use spin::Mutex;
 use uart_16550::backend::PioBackend;
+use uart_16550::spec::registers::LSR;
 use uart_16550::{BaudRate, Config, Uart16550};
 
 const COM1: u16 = 0x3f8;
@@ -68,6 +69,20 @@ pub fn init() {
 /// Writes formatted text to the console (used by `println!`).
 pub fn print(args: fmt::Arguments<'_>) {
     let _ = CONSOLE.lock().write_fmt(args);
+}
+
+/// Waits (boundedly) until COM1 has sent every queued byte, so that a run
+/// ending right after its last line does not cut that line off.
+pub fn flush() {
+    let mut console = CONSOLE.lock();
+    if let Some(serial) = console.serial.as_mut() {
+        for _ in 0..SEND_RETRIES {
+            if serial.lsr().contains(LSR::TRANSMITTER_EMPTY) {
+                break;
+            }
+            core::hint::spin_loop();
+        }
+    }
 }
 
 /// Makes the console usable from a fatal path that may have interrupted a

@@ -54,6 +54,7 @@ const BOCHS_SHUTDOWN_PORT: u16 = 0x8900;
 /// Ends the run with `status`: prints the final line, then leaves the engine.
 pub fn exit(status: u8) -> ! {
     crate::println!("{LINE_PREFIX}{status}");
+    crate::console::flush();
     match engine() {
         // QEMU exits with (status << 1) | 1; the harness reads the line above.
         Engine::Qemu => outb(QEMU_EXIT_PORT, status),
