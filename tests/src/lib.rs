@@ -40,7 +40,11 @@ impl Engine {
     /// The best engine this machine has: QEMU + KVM when KVM can run VMX
     /// guests (nested VMX on an Intel CPU), otherwise Bochs.
     pub fn best_available() -> Self {
-        if kvm_runs_vmx_guests() { Self::QemuKvm } else { Self::Bochs }
+        if kvm_runs_vmx_guests() {
+            Self::QemuKvm
+        } else {
+            Self::Bochs
+        }
     }
 }
 
@@ -58,15 +62,24 @@ impl fmt::Display for Engine {
 pub fn kvm_runs_vmx_guests() -> bool {
     let nested = fs::read_to_string("/sys/module/kvm_intel/parameters/nested")
         .is_ok_and(|s| matches!(s.trim(), "Y" | "y" | "1"));
-    let vmx = fs::read_to_string("/proc/cpuinfo")
-        .is_ok_and(|s| s.lines().any(|l| l.starts_with("flags") && l.split_whitespace().any(|w| w == "vmx")));
-    let dev = fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+    let vmx = fs::read_to_string("/proc/cpuinfo").is_ok_and(|s| {
+        s.lines()
+            .any(|l| l.starts_with("flags") && l.split_whitespace().any(|w| w == "vmx"))
+    });
+    let dev = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
     nested && vmx && dev
 }
 
 /// The workspace's root directory.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ sits in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the workspace")
+        .to_path_buf()
 }
 
 /// Builds the kernel (once per process) and returns the image's path.
@@ -81,7 +94,16 @@ pub fn kernel_image() -> &'static Path {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
             .current_dir(&root)
-            .args(["build", "--release", "-p", "hv-boot", "--bin", "hv", "--target", "x86_64-unknown-none"])
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "hv-boot",
+                "--bin",
+                "hv",
+                "--target",
+                "x86_64-unknown-none",
+            ])
             .arg("--target-dir")
             .arg(&target_dir)
             .status()
@@ -95,7 +117,10 @@ pub fn kernel_image() -> &'static Path {
 fn require(program: &str) {
     let found = std::env::var_os("PATH")
         .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()));
-    assert!(found, "`{program}` is not installed: run scripts/setup (scripts/test and scripts/run do)");
+    assert!(
+        found,
+        "`{program}` is not installed: run scripts/setup (scripts/test and scripts/run do)"
+    );
 }
 
 /// One boot of the hypervisor: engine, command line, modules and limits.
@@ -141,15 +166,19 @@ impl Boot {
         let kernel = kernel_image();
         let dir = run_dir(self.engine);
         let serial = dir.join("serial.txt");
-        let iso = (self.engine == Engine::Bochs || !self.qemu_direct_kernel).then(|| self.grub_iso(kernel, &dir));
+        let iso = (self.engine == Engine::Bochs || !self.qemu_direct_kernel)
+            .then(|| self.grub_iso(kernel, &dir));
         let started = Instant::now();
         let mut child = match (self.engine, iso) {
             (Engine::Bochs, Some(iso)) => self.start_bochs(&iso, &dir),
             (_, iso) => self.start_qemu(kernel, iso.as_deref(), &dir),
         };
         let waited = wait(&mut child, started, self.timeout, &serial, self.stream);
-        let serial_log = fs::read_to_string(&serial).unwrap_or_default().replace('\r', "");
-        let emulator_log = fs::read_to_string(dir.join(self.emulator_log_name())).unwrap_or_default();
+        let serial_log = fs::read_to_string(&serial)
+            .unwrap_or_default()
+            .replace('\r', "");
+        let emulator_log =
+            fs::read_to_string(dir.join(self.emulator_log_name())).unwrap_or_default();
         Run {
             engine: self.engine,
             exit_status: parse_exit_status(&serial_log),
@@ -186,8 +215,17 @@ impl Boot {
         cfg += "  boot\n}\n";
         fs::write(tree.join("boot/grub/grub.cfg"), cfg).unwrap();
         let iso = dir.join("hv.iso");
-        let out = Command::new("grub-mkrescue").arg("-o").arg(&iso).arg(&tree).output().expect("grub-mkrescue runs");
-        assert!(out.status.success(), "grub-mkrescue failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new("grub-mkrescue")
+            .arg("-o")
+            .arg(&iso)
+            .arg(&tree)
+            .output()
+            .expect("grub-mkrescue runs");
+        assert!(
+            out.status.success(),
+            "grub-mkrescue failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         iso
     }
 
@@ -231,9 +269,22 @@ impl Boot {
         require("qemu-system-x86_64");
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.current_dir(dir)
-            .args(["-display", "none", "-no-reboot", "-serial", "file:serial.txt", "-D", "qemu.log"])
+            .args([
+                "-display",
+                "none",
+                "-no-reboot",
+                "-serial",
+                "file:serial.txt",
+                "-D",
+                "qemu.log",
+            ])
             .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
-            .args(["-m", &self.memory_mib.to_string(), "-smp", &self.cpus.to_string()]);
+            .args([
+                "-m",
+                &self.memory_mib.to_string(),
+                "-smp",
+                &self.cpus.to_string(),
+            ]);
         match self.engine {
             Engine::QemuKvm => cmd.args(["-accel", "kvm", "-cpu", "host"]),
             _ => cmd.args(["-accel", "tcg"]),
@@ -241,10 +292,15 @@ impl Boot {
         if let Some(iso) = iso {
             cmd.arg("-cdrom").arg(iso);
         } else {
-            cmd.arg("-kernel").arg(kernel).args(["-append", &self.cmdline]);
+            cmd.arg("-kernel")
+                .arg(kernel)
+                .args(["-append", &self.cmdline]);
             if !self.modules.is_empty() {
-                let initrd: Vec<String> =
-                    self.modules.iter().map(|(path, args)| format!("{} {args}", path.display())).collect();
+                let initrd: Vec<String> = self
+                    .modules
+                    .iter()
+                    .map(|(path, args)| format!("{} {args}", path.display()))
+                    .collect();
                 cmd.args(["-initrd", &initrd.join(",")]);
             }
         }
@@ -260,7 +316,9 @@ impl Boot {
 fn run_dir(engine: Engine) -> PathBuf {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let dir = workspace_root().join("target/runs").join(format!("{engine}-{}-{n}", std::process::id()));
+    let dir = workspace_root()
+        .join("target/runs")
+        .join(format!("{engine}-{}-{n}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).unwrap();
     dir
@@ -276,7 +334,13 @@ struct Waited {
 
 /// Waits for `child` up to `timeout`, watching the serial log as it grows
 /// (and copying it to stdout if `stream`).
-fn wait(child: &mut Child, started: Instant, timeout: Duration, serial: &Path, stream: bool) -> Waited {
+fn wait(
+    child: &mut Child,
+    started: Instant,
+    timeout: Duration,
+    serial: &Path,
+    stream: bool,
+) -> Waited {
     let mut seen = Vec::new();
     let mut ready_after = None;
     let mut watch = |seen: &mut Vec<u8>| {
@@ -296,12 +360,20 @@ fn wait(child: &mut Child, started: Instant, timeout: Duration, serial: &Path, s
         match child.try_wait().expect("emulator can be waited for") {
             Some(status) => {
                 watch(&mut seen);
-                return Waited { emulator_exit: status.code(), timed_out: false, ready_after };
+                return Waited {
+                    emulator_exit: status.code(),
+                    timed_out: false,
+                    ready_after,
+                };
             }
             None if started.elapsed() >= timeout => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Waited { emulator_exit: None, timed_out: true, ready_after };
+                return Waited {
+                    emulator_exit: None,
+                    timed_out: true,
+                    ready_after,
+                };
             }
             None => std::thread::sleep(Duration::from_millis(10)),
         }
@@ -324,7 +396,13 @@ pub const READY_LINE: &str = "hv: ready";
 
 /// The status of the last `hv: exit N` line.
 pub fn parse_exit_status(log: &str) -> Option<u8> {
-    log.lines().rev().find_map(|l| l.trim().strip_prefix(exit::LINE_PREFIX)?.trim().parse().ok())
+    log.lines().rev().find_map(|l| {
+        l.trim()
+            .strip_prefix(exit::LINE_PREFIX)?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 /// What one boot produced.
@@ -363,19 +441,32 @@ impl Run {
     /// Panics with the report unless the run ended by itself with `status`.
     pub fn expect_exit(&self, status: u8) -> &Self {
         assert!(!self.timed_out, "the run timed out\n{}", self.report());
-        assert_eq!(self.exit_status, Some(status), "unexpected exit status\n{}", self.report());
+        assert_eq!(
+            self.exit_status,
+            Some(status),
+            "unexpected exit status\n{}",
+            self.report()
+        );
         self
     }
 
     /// Panics with the report unless some line of the serial log contains `text`.
     pub fn expect_line(&self, text: &str) -> &Self {
-        assert!(self.serial.lines().any(|l| l.contains(text)), "no line contains {text:?}\n{}", self.report());
+        assert!(
+            self.serial.lines().any(|l| l.contains(text)),
+            "no line contains {text:?}\n{}",
+            self.report()
+        );
         self
     }
 
     /// Panics with the report if some line of the serial log contains `text`.
     pub fn expect_no_line(&self, text: &str) -> &Self {
-        assert!(!self.serial.lines().any(|l| l.contains(text)), "a line contains {text:?}\n{}", self.report());
+        assert!(
+            !self.serial.lines().any(|l| l.contains(text)),
+            "a line contains {text:?}\n{}",
+            self.report()
+        );
         self
     }
 

@@ -41,7 +41,10 @@ fn qemu_direct_kernel_boots_through_multiboot1() {
     let mut config = Boot::new(Engine::QemuTcg).cmdline("loglevel=info");
     config.qemu_direct_kernel = true;
     let run = config.run();
-    run.expect_exit(exit::OK).expect_line("boot: Multiboot1").expect_line("memory map:").expect_line("hv: ready");
+    run.expect_exit(exit::OK)
+        .expect_line("boot: Multiboot1")
+        .expect_line("memory map:")
+        .expect_line("hv: ready");
     run.clean_up();
 }
 
@@ -70,7 +73,8 @@ fn a_page_fault_in_bochs_ends_the_run_with_a_register_report() {
 #[test]
 fn an_invalid_opcode_ends_the_run_with_a_failure_status() {
     let run = boot(Engine::QemuTcg, "selftest=ud");
-    run.expect_exit(exit::CPU_EXCEPTION).expect_line("hv: CPU exception #UD invalid opcode (vector 6)");
+    run.expect_exit(exit::CPU_EXCEPTION)
+        .expect_line("hv: CPU exception #UD invalid opcode (vector 6)");
     run.clean_up();
 }
 
@@ -94,12 +98,23 @@ fn frame_allocator_never_hands_out_kernel_or_module_frames() {
     config.modules.push((module.clone(), "payload".into()));
     let run = config.run();
     let _ = std::fs::remove_file(&module);
-    run.expect_exit(exit::OK).expect_line("boot: module 0x").expect_line(", 0 forbidden,");
+    run.expect_exit(exit::OK)
+        .expect_line("boot: module 0x")
+        .expect_line(", 0 forbidden,");
     let line = run.line("selftest: frames: took").expect("selftest line");
     // "took N of M free frames, 0 forbidden, K free after": N == M == K.
-    let numbers: Vec<u64> = line.split(|c: char| !c.is_ascii_digit()).filter_map(|w| w.parse().ok()).collect();
-    assert!(numbers.len() >= 4 && numbers[0] == numbers[1] && numbers[1] == numbers[3], "{line}");
-    assert!(numbers[0] > 60_000, "a 256 MiB machine should have most frames free: {line}");
+    let numbers: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert!(
+        numbers.len() >= 4 && numbers[0] == numbers[1] && numbers[1] == numbers[3],
+        "{line}"
+    );
+    assert!(
+        numbers[0] > 60_000,
+        "a 256 MiB machine should have most frames free: {line}"
+    );
     run.clean_up();
 }
 
@@ -111,7 +126,8 @@ fn two_emulators_at_once_do_not_collide() {
         .map(|t| t.join().unwrap())
         .collect();
     for (run, name) in runs.iter().zip(["first", "second"]) {
-        run.expect_exit(exit::OK).expect_line(&format!("unknown option '{name}'"));
+        run.expect_exit(exit::OK)
+            .expect_line(&format!("unknown option '{name}'"));
     }
     assert_ne!(runs[0].dir, runs[1].dir);
     runs.iter().for_each(Run::clean_up);

@@ -17,11 +17,17 @@ fn main() -> ExitCode {
     let mut cmdline = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
-        let mut value = |name: &str| args.next().unwrap_or_else(|| fail(&format!("{name} needs a value")));
+        let mut value = |name: &str| {
+            args.next()
+                .unwrap_or_else(|| fail(&format!("{name} needs a value")))
+        };
         match arg.as_str() {
             "--engine" => {
                 let name = value("--engine");
-                engine = Some(Engine::parse(&name).unwrap_or_else(|| fail(&format!("unknown engine '{name}'"))));
+                engine = Some(
+                    Engine::parse(&name)
+                        .unwrap_or_else(|| fail(&format!("unknown engine '{name}'"))),
+                );
             }
             "--timeout" => boot.timeout = Duration::from_secs(number(&value("--timeout"))),
             "--memory" => boot.memory_mib = number(&value("--memory")) as u32,
@@ -37,30 +43,48 @@ fn main() -> ExitCode {
     }
     boot.engine = engine.unwrap_or_else(Engine::best_available);
     boot.cmdline = cmdline.join(" ");
-    eprintln!("hv-run: booting in {} (memory {} MiB, {} CPU(s))", boot.engine, boot.memory_mib, boot.cpus);
+    eprintln!(
+        "hv-run: booting in {} (memory {} MiB, {} CPU(s))",
+        boot.engine, boot.memory_mib, boot.cpus
+    );
     let run = boot.run();
     if run.timed_out {
-        eprintln!("hv-run: timed out after {} s; files in {}", boot.timeout.as_secs(), run.dir.display());
+        eprintln!(
+            "hv-run: timed out after {} s; files in {}",
+            boot.timeout.as_secs(),
+            run.dir.display()
+        );
         return ExitCode::from(124);
     }
     match run.exit_status {
         Some(status) => {
             if let Some(ready) = run.ready_after {
-                eprintln!("hv-run: ready after {:.2} s (wall, from starting {})", ready.as_secs_f64(), run.engine);
+                eprintln!(
+                    "hv-run: ready after {:.2} s (wall, from starting {})",
+                    ready.as_secs_f64(),
+                    run.engine
+                );
             }
-            eprintln!("hv-run: exit status {status} after {:.2} s", run.wall.as_secs_f64());
+            eprintln!(
+                "hv-run: exit status {status} after {:.2} s",
+                run.wall.as_secs_f64()
+            );
             run.clean_up();
             ExitCode::from(status)
         }
         None => {
-            eprintln!("hv-run: the run ended without an exit line\n{}", run.report());
+            eprintln!(
+                "hv-run: the run ended without an exit line\n{}",
+                run.report()
+            );
             ExitCode::from(125)
         }
     }
 }
 
 fn number(text: &str) -> u64 {
-    text.parse().unwrap_or_else(|_| fail(&format!("'{text}' is not a number")))
+    text.parse()
+        .unwrap_or_else(|_| fail(&format!("'{text}' is not a number")))
 }
 
 fn fail(message: &str) -> ! {
