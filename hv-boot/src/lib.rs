@@ -6,6 +6,7 @@
 
 pub mod bootinfo;
 pub mod cmdline;
+pub mod exception;
 pub mod frames;
 
 /// Size of a 4 KiB frame.
