@@ -1,0 +1,191 @@
+//! Helpers shared by the integration tests: raw views of the tables (read
+//! straight from the simulated memory, not through the p2m code under test)
+//! and an access loop that behaves like the hypervisor's exit handlers.
+#![allow(dead_code)] // each test file uses a subset
+
+use hv_ept::sim::SimMemory;
+use hv_ept::walk::{Access, AccessKind, EptFault, Translation, translate};
+use hv_ept::{DirtyBitmap, EptCaps, EptEntry, EptMemory, Gfn, Mfn, Order, P2m, P2mAccess, P2mType};
+
+pub const CAPS: EptCaps = EptCaps::ALL;
+
+pub fn setup() -> (SimMemory, P2m) {
+    let mut mem = SimMemory::new();
+    let p2m = P2m::new(&mut mem, CAPS).unwrap();
+    (mem, p2m)
+}
+
+/// Maps `[gfn, gfn + 2^order)` as RAM rw/rwx at mfn = gfn + `offset`.
+pub fn map(mem: &mut SimMemory, p2m: &mut P2m, gfn: u64, order: Order, offset: u64) {
+    p2m.set_entry(
+        mem,
+        Gfn(gfn),
+        Mfn(gfn + offset),
+        order,
+        P2mType::RamRw,
+        P2mAccess::Rwx,
+    )
+    .unwrap();
+}
+
+/// Every entry of every table reachable from the root: (level, table base
+/// gfn, index, raw). Equal snapshots mean the tree did not change.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Snapshot {
+    pub entries: Vec<(u8, u64, usize, u64)>,
+    pub tables: usize,
+    pub outstanding: usize,
+    pub max_mapped_pfn: Gfn,
+    pub flush_needed: bool,
+}
+
+pub fn snapshot(mem: &SimMemory, p2m: &P2m) -> Snapshot {
+    let mut entries = Vec::new();
+    let tables = walk_tables(mem, p2m.root(), 3, 0, &mut |lv, base, i, raw| {
+        if raw != EptEntry::EMPTY.0 {
+            entries.push((lv, base, i, raw));
+        }
+    });
+    Snapshot {
+        entries,
+        tables,
+        outstanding: mem.outstanding(),
+        max_mapped_pfn: p2m.max_mapped_pfn(),
+        flush_needed: p2m.flush_needed(),
+    }
+}
+
+/// Visits every entry of every reachable table; returns the number of tables.
+pub fn walk_tables(
+    mem: &SimMemory,
+    table: Mfn,
+    level: u8,
+    base: u64,
+    f: &mut impl FnMut(u8, u64, usize, u64),
+) -> usize {
+    let mut n = 1;
+    for i in 0..512 {
+        let raw = mem.read_entry(table, i);
+        f(level, base, i, raw);
+        let e = EptEntry(raw);
+        if e.is_present() && !e.is_leaf(level) {
+            let child_base = base + ((i as u64) << (9 * level));
+            n += walk_tables(mem, e.mfn(), level - 1, child_base, f);
+        }
+    }
+    n
+}
+
+/// Present leaves straight from the tables: (first gfn, level, raw).
+pub fn raw_leaves(mem: &SimMemory, p2m: &P2m) -> Vec<(u64, u8, u64)> {
+    let mut out = Vec::new();
+    walk_tables(mem, p2m.root(), 3, 0, &mut |lv, base, i, raw| {
+        let e = EptEntry(raw);
+        if e.is_present() && e.is_leaf(lv) {
+            out.push((base + ((i as u64) << (9 * lv)), lv, raw));
+        }
+    });
+    out
+}
+
+/// Marked entries straight from the tables: (level, first gfn), in gfn order.
+pub fn marks(mem: &SimMemory, p2m: &P2m) -> Vec<(u8, u64)> {
+    let mut out = Vec::new();
+    walk_tables(mem, p2m.root(), 3, 0, &mut |lv, base, i, raw| {
+        let e = EptEntry(raw);
+        if e.is_present() && e.is_marked() {
+            assert_eq!(
+                e.emt(),
+                hv_ept::EMT_MARK,
+                "a mark always has the invalid EMT"
+            );
+            out.push((lv, base + ((i as u64) << (9 * lv))));
+        }
+    });
+    out.sort_by_key(|&(lv, g)| (g, std::cmp::Reverse(lv)));
+    out
+}
+
+pub fn walk(
+    mem: &mut SimMemory,
+    p2m: &P2m,
+    gfn: u64,
+    kind: AccessKind,
+) -> Result<Translation, EptFault> {
+    let a = Access {
+        kind,
+        ..Access::read()
+    };
+    translate(mem, &CAPS, p2m.eptp(), (gfn << 12) | 0x18, a)
+}
+
+/// Exits the hypervisor handled on the way to a successful access.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
+pub struct Exits {
+    pub misconfigs: u32,
+    pub logdirty_faults: u32,
+}
+
+/// Accesses `gfn` as a guest would: walk; on a misconfig call
+/// `resolve_misconfig`, on a write violation on a `ram_logdirty` page call the
+/// write-fault handler; retry. Returns the translation or the fault a monitor
+/// would see, and the exits taken.
+pub fn guest_access(
+    mem: &mut SimMemory,
+    p2m: &mut P2m,
+    dirty: &mut DirtyBitmap,
+    gfn: u64,
+    kind: AccessKind,
+) -> (Result<Translation, EptFault>, Exits) {
+    let mut exits = Exits::default();
+    for _ in 0..8 {
+        match walk(mem, p2m, gfn, kind) {
+            Err(EptFault::Misconfig { .. }) => {
+                exits.misconfigs += 1;
+                assert!(
+                    p2m.resolve_misconfig(mem, Gfn(gfn)).unwrap(),
+                    "a misconfig exit must be ours to fix"
+                );
+            }
+            Err(EptFault::Violation { .. })
+                if kind == AccessKind::Write
+                    && p2m.get_entry(mem, Gfn(gfn)).unwrap().ty == P2mType::RamLogdirty =>
+            {
+                exits.logdirty_faults += 1;
+                p2m.logdirty_write_fault(mem, dirty, Gfn(gfn)).unwrap();
+            }
+            other => return (other, exits),
+        }
+    }
+    panic!("access to {gfn:#x} did not settle");
+}
+
+/// Runs `op` on a fresh `setup()` with the n-th allocation failing, for n =
+/// 1, 2, ... until `op` no longer hits the failure. Each failing run must
+/// return `NoMemory` and leave the tree exactly as it was. Returns the number
+/// of allocation points found.
+pub fn at_every_allocation_failure<S, O>(mut setup: S, mut op: O) -> u64
+where
+    S: FnMut() -> (SimMemory, P2m),
+    O: FnMut(&mut SimMemory, &mut P2m) -> Result<(), hv_ept::Error>,
+{
+    for n in 1.. {
+        let (mut mem, mut p2m) = setup();
+        let before = snapshot(&mem, &p2m);
+        mem.fail_nth_alloc(n);
+        let r = op(&mut mem, &mut p2m);
+        if mem.failure_pending() {
+            r.unwrap();
+            return n - 1;
+        }
+        assert_eq!(r, Err(hv_ept::Error::NoMemory), "allocation {n}");
+        assert_eq!(
+            snapshot(&mem, &p2m),
+            before,
+            "allocation {n} failed: tree changed"
+        );
+        p2m.destroy(&mut mem);
+        assert_eq!(mem.outstanding(), 0, "allocation {n}: frames leaked");
+    }
+    unreachable!()
+}
