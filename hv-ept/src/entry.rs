@@ -104,9 +104,16 @@ impl EptEntry {
         EptFlags::from_bits_retain(self.0)
     }
 
-    /// Present = any of R/W/X set (SDM: bits 2:0 not 000b).
+    /// Present to the CPU: any of R/W/X set (SDM: bits 2:0 not 000b).
     pub const fn is_present(self) -> bool {
         self.0 & 0b111 != 0
+    }
+
+    /// Holds something for the p2m: references a table (always present) or
+    /// maps a frame with a type, possibly with no rights at all (access `n`),
+    /// which the CPU sees as not present. Xen's `is_epte_valid`.
+    pub fn is_valid(self) -> bool {
+        self.is_present() || self.p2m_type() != P2mType::Invalid
     }
 
     /// Whether this entry maps memory (rather than referencing a table) when

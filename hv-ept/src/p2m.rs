@@ -215,7 +215,7 @@ impl P2m {
         let mut level = ROOT_LEVEL;
         loop {
             let e = read(mem, table, index(gfn, level));
-            if !e.is_present() {
+            if !e.is_valid() {
                 return Lookup {
                     entry: e,
                     level,
@@ -251,7 +251,7 @@ impl P2m {
         }
         let l = self.lookup(mem, g);
         let level = l.level.min(Order::PAGE_1G.level());
-        if !l.entry.is_present() {
+        if !l.entry.is_valid() {
             return Ok(hole(Order::of_level(level), l.entry.suppress_ve()));
         }
         let (ty, level) = if l.marked {
@@ -329,7 +329,7 @@ impl P2m {
 
         let i = index(g, target);
         let old = read(mem, table, i);
-        let subtree = old.is_present() && !old.is_leaf(target);
+        let subtree = old.is_valid() && !old.is_leaf(target);
         let sve = sve.unwrap_or(subtree || old.suppress_ve());
         let new = EptEntry::leaf(mfn, target, ty, access, sve);
         write(mem, table, i, new);
@@ -373,7 +373,7 @@ impl P2m {
         if l.level <= target {
             return Some(0);
         }
-        if !l.entry.is_present() && !present {
+        if !l.entry.is_valid() && !present {
             return None;
         }
         Some((l.level - target) as usize)
@@ -394,7 +394,7 @@ impl P2m {
             let i = index(gfn, level);
             let e = read(mem, table, i);
             let base = level_base(gfn, level);
-            table = if !e.is_present() {
+            table = if !e.is_valid() {
                 let t = frames.take(mem)?;
                 fill_empty(mem, t);
                 write(mem, table, i, EptEntry::table(t));
@@ -492,7 +492,7 @@ impl P2m {
     {
         for i in span(level, base, start, end) {
             let e = read(mem, table, i);
-            if !e.is_present() {
+            if !e.is_valid() {
                 continue;
             }
             let ebase = base + i as u64 * level_pages(level);
@@ -555,7 +555,7 @@ impl P2m {
     pub fn reset<M: EptMemory + ?Sized>(&mut self, mem: &mut M) {
         for i in 0..ENTRIES {
             let e = read(mem, self.root, i);
-            if e.is_present() {
+            if e.is_valid() {
                 write(mem, self.root, i, EptEntry::EMPTY);
                 free_subtree(mem, e.mfn(), ROOT_LEVEL - 1);
                 self.flush_needed = true;
@@ -594,7 +594,7 @@ pub(crate) fn free_subtree<M: EptMemory + ?Sized>(mem: &mut M, table: Mfn, level
     if level > 0 {
         for i in 0..ENTRIES {
             let e = read(mem, table, i);
-            if e.is_present() && !e.is_leaf(level) {
+            if e.is_valid() && !e.is_leaf(level) {
                 free_subtree(mem, e.mfn(), level - 1);
             }
         }
@@ -606,10 +606,10 @@ pub(crate) fn free_subtree<M: EptMemory + ?Sized>(mem: &mut M, table: Mfn, level
 /// translation that allows more than the new entry: a dropped mapping or
 /// subtree, another frame, fewer rights, another memory type.
 fn reduces(old: EptEntry, new: EptEntry, level: u8) -> bool {
-    if !old.is_present() {
+    if !old.is_valid() {
         return false;
     }
-    if !old.is_leaf(level) || !new.is_present() || old.mfn() != new.mfn() {
+    if !old.is_leaf(level) || !new.is_valid() || old.mfn() != new.mfn() {
         return true;
     }
     if !old.rights().difference(new.rights()).is_empty() {

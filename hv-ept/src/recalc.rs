@@ -95,7 +95,7 @@ impl P2m {
         let mut marked = false;
         for i in 0..ENTRIES {
             let e = read(mem, self.root(), i);
-            if e.is_present() && !e.is_marked() {
+            if e.is_valid() && !e.is_marked() {
                 write(mem, self.root(), i, e.marked());
                 marked = true;
             }
@@ -120,7 +120,7 @@ impl P2m {
         for i in span(level, base, start, end) {
             let e = read(mem, table, i);
             // A marked entry already covers everything below it.
-            if !e.is_present() || e.is_marked() {
+            if !e.is_valid() || e.is_marked() {
                 continue;
             }
             let ebase = base + i as u64 * level_pages(level);
@@ -160,7 +160,7 @@ impl P2m {
         loop {
             let i = index(g, level);
             let e = read(mem, table, i);
-            if !e.is_present() {
+            if !e.is_valid() {
                 break;
             }
             let base = level_base(g, level);
@@ -204,7 +204,7 @@ impl P2m {
     /// log-dirty boundary.
     fn splits_needed<M: EptMemory + ?Sized>(&self, mem: &M, gfn: u64) -> usize {
         let l = self.lookup(mem, gfn);
-        if !l.entry.is_present() || !l.marked || l.level == 0 {
+        if !l.entry.is_valid() || !l.marked || l.level == 0 {
             return 0;
         }
         let ty = l.entry.p2m_type();
@@ -263,7 +263,7 @@ impl P2m {
     ) {
         for i in 0..ENTRIES {
             let c = read(mem, table, i);
-            if !c.is_present() || !(inherited || (c.is_marked() && c.is_leaf(level))) {
+            if !c.is_valid() || !(inherited || (c.is_marked() && c.is_leaf(level))) {
                 continue;
             }
             let n = self.pushed(c, level, base + i as u64 * level_pages(level));

@@ -598,3 +598,80 @@ fn many_p2ms_share_one_memory_and_give_everything_back() {
     }
     assert_eq!(mem.outstanding(), 0);
 }
+
+/// Access `n` leaves R/W/X all clear: the CPU sees "not present", but the p2m
+/// still holds a mapping there (found by get_entry, split, marked, freed).
+#[test]
+fn a_mapping_without_rights_is_still_a_mapping() {
+    let (mut mem, mut p2m) = setup();
+    p2m.set_entry(
+        &mut mem,
+        Gfn(M2),
+        Mfn(7 * M2),
+        Order::PAGE_2M,
+        P2mType::RamRw,
+        P2mAccess::N,
+    )
+    .unwrap();
+    let e = p2m.get_entry(&mem, Gfn(M2 + 1)).unwrap();
+    assert_eq!(
+        (e.mfn, e.ty, e.access, e.order),
+        (
+            Some(Mfn(7 * M2 + 1)),
+            P2mType::RamRw,
+            P2mAccess::N,
+            Order::PAGE_2M
+        )
+    );
+    match walk(&mut mem, &p2m, M2 + 1, AccessKind::Read) {
+        Err(EptFault::Violation {
+            level,
+            qualification,
+            ..
+        }) => {
+            assert_eq!(level, 1);
+            assert!(!qualification.intersects(hv_ept::walk::ViolationQual::READABLE));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Splitting it keeps the other 511 pages mapped.
+    p2m.set_entry(
+        &mut mem,
+        Gfn(M2 + 1),
+        Mfn(7 * M2 + 1),
+        Order::PAGE_4K,
+        P2mType::RamRw,
+        P2mAccess::Rwx,
+    )
+    .unwrap();
+    assert_eq!(
+        p2m.get_entry(&mem, Gfn(M2 + 2)).unwrap().mfn,
+        Some(Mfn(7 * M2 + 2))
+    );
+    assert!(walk(&mut mem, &p2m, M2 + 1, AccessKind::Write).is_ok());
+    // A type change reaches it; dropping rights on a mapping asks for INVEPT.
+    p2m.take_flush_needed();
+    p2m.change_type_range(
+        &mut mem,
+        Gfn(M2),
+        Gfn(M2 + 2),
+        P2mType::RamRw,
+        P2mType::RamLogdirty,
+    )
+    .unwrap();
+    assert_eq!(
+        p2m.get_entry(&mem, Gfn(M2 + 2)).unwrap().ty,
+        P2mType::RamLogdirty
+    );
+    assert!(p2m.take_flush_needed());
+    p2m.set_entry(
+        &mut mem,
+        Gfn(M2 + 1),
+        Mfn(7 * M2 + 1),
+        Order::PAGE_4K,
+        P2mType::RamRw,
+        P2mAccess::N,
+    )
+    .unwrap();
+    assert!(p2m.take_flush_needed());
+}

@@ -68,7 +68,7 @@ pub fn walk_tables(
         let raw = mem.read_entry(table, i);
         f(level, base, i, raw);
         let e = EptEntry(raw);
-        if e.is_present() && !e.is_leaf(level) {
+        if e.is_valid() && !e.is_leaf(level) {
             let child_base = base + ((i as u64) << (9 * level));
             n += walk_tables(mem, e.mfn(), level - 1, child_base, f);
         }
@@ -81,7 +81,7 @@ pub fn raw_leaves(mem: &SimMemory, p2m: &P2m) -> Vec<(u64, u8, u64)> {
     let mut out = Vec::new();
     walk_tables(mem, p2m.root(), 3, 0, &mut |lv, base, i, raw| {
         let e = EptEntry(raw);
-        if e.is_present() && e.is_leaf(lv) {
+        if e.is_valid() && e.is_leaf(lv) {
             out.push((base + ((i as u64) << (9 * lv)), lv, raw));
         }
     });
@@ -93,7 +93,7 @@ pub fn marks(mem: &SimMemory, p2m: &P2m) -> Vec<(u8, u64)> {
     let mut out = Vec::new();
     walk_tables(mem, p2m.root(), 3, 0, &mut |lv, base, i, raw| {
         let e = EptEntry(raw);
-        if e.is_present() && e.is_marked() {
+        if e.is_valid() && e.is_marked() {
             assert_eq!(
                 e.emt(),
                 hv_ept::EMT_MARK,
