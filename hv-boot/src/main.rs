@@ -50,6 +50,7 @@ extern "C" fn kmain(magic: u32, info_address: u32) -> ! {
     acpi::discover(boot.acpi_root);
     match hv_core::caps::probe_this_cpu() {
         Ok(caps) => {
+            log::debug!("vmx: capability MSRs {:x?}", caps.msrs);
             for line in alloc::format!("{}", caps.report()).lines() {
                 info!("{line}");
             }

@@ -371,27 +371,30 @@ pub fn probe_this_cpu() -> Result<VmxCaps, VmxAbsent> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     extern crate std;
     use std::string::ToString;
 
     use super::*;
 
-    /// The capability MSRs Bochs 2.7 reports for `corei7_skylake_x`
-    /// (../shared/emulators/bochs.md); the control MSRs are plausible values.
+    /// The capability MSRs Bochs 2.7 reports for `corei7_skylake_x`, read
+    /// by the kernel at `loglevel=debug` (BIOS locked feature control).
     pub(crate) fn bochs_skylake_x() -> VmxMsrs {
         VmxMsrs {
             feature_control: 0x5,
-            basic: 0x00da_0400_0000_0001,
-            pinbased: 0x0000_00ff_0000_0016,
-            procbased: 0xfff9_fffe_0401_e172,
-            exit: 0x01ff_ffff_0003_6dff,
-            entry: 0x0003_ffff_0000_11ff,
-            misc: 0x0000_0000_0000_0005,
+            basic: 0x00d8_1000_0000_002b,
+            pinbased: 0x0000_007f_0000_0016,
+            procbased: 0xf7f9_fffe_0400_6172,
+            exit: 0x007f_ffff_0003_6dfb,
+            entry: 0x0000_ffff_0000_11fb,
+            misc: 0x6004_01e0,
+            cr0_fixed0: 0x8000_0021,
+            cr0_fixed1: 0xffff_ffff,
+            cr4_fixed0: 0x2000,
+            cr4_fixed1: 0x0037_27ff,
             procbased2: 0x0217_7fff_0000_0000,
             ept_vpid_cap: 0x0000_0f01_0633_4141,
             vmfunc: 0x1,
-            ..VmxMsrs::default()
         }
     }
 

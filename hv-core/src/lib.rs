@@ -5,4 +5,13 @@
 //! sit in small named functions.
 #![no_std]
 
+extern crate alloc;
+
+pub mod abi;
 pub mod caps;
+pub mod exit_reason;
+pub mod loader;
+pub mod platform;
+pub mod vcpu;
+pub mod vmcs;
+pub mod vmx;

@@ -1,0 +1,31 @@
+//! What the VMX layer needs from the machine, in one trait: frames (for guest
+//! RAM, VMCSs, bitmaps and EPT tables), byte access to physical memory, and
+//! where a guest's console lines go. The kernel implements it over its frame
+//! allocator and direct map; host tests over a simulated memory.
+
+use hv_ept::{EptMemory, Mfn};
+
+pub trait Platform: EptMemory {
+    /// `count` contiguous frames starting at a multiple of `align` frames.
+    fn alloc_frames(&mut self, count: u64, align: u64) -> Option<Mfn>;
+
+    /// Returns frames from [`Platform::alloc_frames`] (or one from `alloc_frame`).
+    fn free_frames(&mut self, first: Mfn, count: u64);
+
+    /// Reads physical memory.
+    fn read_phys(&self, address: u64, buf: &mut [u8]);
+
+    /// Writes physical memory.
+    fn write_phys(&mut self, address: u64, data: &[u8]);
+
+    /// Fills a frame with zeroes.
+    fn zero_frame(&mut self, frame: Mfn) {
+        let zeroes = [0u8; 512];
+        for chunk in 0..8 {
+            self.write_phys(frame.hpa() + chunk * 512, &zeroes);
+        }
+    }
+
+    /// A complete line the guest wrote to its console.
+    fn guest_console_line(&mut self, line: &str);
+}

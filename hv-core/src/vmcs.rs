@@ -1,0 +1,347 @@
+//! VMCS field access and the VM-execution, exit and entry controls this
+//! hypervisor runs its guests with.
+//!
+//! Exit handlers reach the VMCS through [`Vmcs`], so they run on the host in
+//! tests against a map of fields; [`CurrentVmcs`] is the real one.
+
+use core::fmt;
+
+use x86::vmx::vmcs::control::{
+    EntryControls, ExitControls, PinbasedControls, PrimaryControls, SecondaryControls,
+};
+use x86::vmx::vmcs::{guest, ro};
+
+use crate::caps::{AllowedBits, EptVpidCap, VmxCaps};
+
+/// Reads and writes fields of the current VMCS.
+pub trait Vmcs {
+    fn read(&self, field: u32) -> u64;
+    fn write(&mut self, field: u32, value: u64);
+}
+
+/// The VMCS made current on this CPU by VMPTRLD.
+pub struct CurrentVmcs;
+
+impl Vmcs for CurrentVmcs {
+    fn read(&self, field: u32) -> u64 {
+        // SAFETY: VMREAD only reads the current VMCS; a bad field encoding makes
+        // it fail (reported below), never touch memory.
+        match unsafe { x86::bits64::vmx::vmread(field) } {
+            Ok(value) => value,
+            Err(e) => {
+                log::error!("vmx: VMREAD {field:#x} failed: {e:?}");
+                0
+            }
+        }
+    }
+
+    fn write(&mut self, field: u32, value: u64) {
+        // SAFETY: as for VMREAD; the fields written are the guest's and the
+        // controls this module computed, which VM entry checks again.
+        if let Err(e) = unsafe { x86::bits64::vmx::vmwrite(field, value) } {
+            log::error!("vmx: VMWRITE {field:#x} = {value:#x} failed: {e:?}");
+        }
+    }
+}
+
+/// A VMX feature this hypervisor cannot run without.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MissingFeature(pub &'static str);
+
+impl fmt::Display for MissingFeature {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "this CPU's VMX lacks {}, which the hypervisor needs",
+            self.0
+        )
+    }
+}
+
+/// The control values for a guest's VMCS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Controls {
+    pub pin: u32,
+    pub primary: u32,
+    pub secondary: u32,
+    pub exit: u32,
+    pub entry: u32,
+    /// VPID in use (the CPU supports it).
+    pub vpid: bool,
+}
+
+/// Optional features a guest may ask for on top of the base set.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Wants {
+    /// A periodic tick from the VMX-preemption timer.
+    pub preemption_timer: bool,
+    /// VMFUNC EPTP switching (altp2m).
+    pub vm_functions: bool,
+    /// EPT-violation #VE (altp2m).
+    pub virtualization_exceptions: bool,
+}
+
+fn need(allowed: AllowedBits, bits: u32, feature: &'static str) -> Result<(), MissingFeature> {
+    if allowed.allows(bits) {
+        Ok(())
+    } else {
+        Err(MissingFeature(feature))
+    }
+}
+
+impl Controls {
+    /// Computes the controls from what the CPU allows (true controls when it
+    /// has them, so the default-1 bits we do not want can be 0).
+    pub fn compute(caps: &VmxCaps, wants: Wants) -> Result<Self, MissingFeature> {
+        use PrimaryControls as P;
+        use SecondaryControls as S;
+
+        let (pin_allowed, primary_allowed, secondary_allowed) =
+            (caps.pinbased(), caps.procbased(), caps.procbased2());
+        need(
+            primary_allowed,
+            P::SECONDARY_CONTROLS.bits(),
+            "secondary processor-based controls",
+        )?;
+        need(secondary_allowed, S::ENABLE_EPT.bits(), "EPT")?;
+        need(
+            secondary_allowed,
+            S::UNRESTRICTED_GUEST.bits(),
+            "unrestricted guest",
+        )?;
+        need(primary_allowed, P::USE_MSR_BITMAPS.bits(), "MSR bitmaps")?;
+        need(primary_allowed, P::USE_IO_BITMAPS.bits(), "I/O bitmaps")?;
+        if !caps.ept_cap(EptVpidCap::PAGE_WALK_4) || !caps.ept_cap(EptVpidCap::MEMTYPE_WB) {
+            return Err(MissingFeature("4-level write-back EPT"));
+        }
+        if !caps.ept_cap(EptVpidCap::INVEPT_SINGLE_CONTEXT) {
+            return Err(MissingFeature("single-context INVEPT"));
+        }
+
+        let mut pin = PinbasedControls::EXTERNAL_INTERRUPT_EXITING | PinbasedControls::NMI_EXITING;
+        if wants.preemption_timer {
+            need(
+                pin_allowed,
+                PinbasedControls::VMX_PREEMPTION_TIMER.bits(),
+                "the VMX-preemption timer",
+            )?;
+            pin |= PinbasedControls::VMX_PREEMPTION_TIMER;
+        }
+
+        let primary = P::HLT_EXITING
+            | P::MWAIT_EXITING
+            | P::MONITOR_EXITING
+            | P::USE_IO_BITMAPS
+            | P::USE_MSR_BITMAPS
+            | P::SECONDARY_CONTROLS;
+
+        let mut secondary = S::ENABLE_EPT | S::UNRESTRICTED_GUEST;
+        // Guest instructions that fault (#UD) unless enabled, when the CPU has them.
+        for optional in [
+            S::ENABLE_RDTSCP,
+            S::ENABLE_INVPCID,
+            S::ENABLE_XSAVES_XRSTORS,
+        ] {
+            if secondary_allowed.allows(optional.bits()) {
+                secondary |= optional;
+            }
+        }
+        let vpid = secondary_allowed.allows(S::ENABLE_VPID.bits())
+            && caps.ept_vpid().contains(EptVpidCap::INVVPID_SINGLE_CONTEXT);
+        if vpid {
+            secondary |= S::ENABLE_VPID;
+        }
+        if wants.vm_functions {
+            if !caps.eptp_switching() {
+                return Err(MissingFeature("VMFUNC EPTP switching"));
+            }
+            secondary |= S::ENABLE_VM_FUNCTIONS;
+        }
+        if wants.virtualization_exceptions {
+            need(
+                secondary_allowed,
+                S::EPT_VIOLATION_VE.bits(),
+                "EPT-violation #VE",
+            )?;
+            secondary |= S::EPT_VIOLATION_VE;
+        }
+
+        let mut exit = ExitControls::HOST_ADDRESS_SPACE_SIZE
+            | ExitControls::ACK_INTERRUPT_ON_EXIT
+            | ExitControls::SAVE_IA32_EFER
+            | ExitControls::LOAD_IA32_EFER
+            | ExitControls::SAVE_IA32_PAT
+            | ExitControls::LOAD_IA32_PAT;
+        if wants.preemption_timer {
+            // Without saving, every VM entry would restart the countdown.
+            exit |= ExitControls::SAVE_VMX_PREEMPTION_TIMER;
+        }
+        need(
+            caps.exit(),
+            exit.bits(),
+            "64-bit host with EFER/PAT switching on VM exit",
+        )?;
+        let entry = EntryControls::LOAD_IA32_EFER | EntryControls::LOAD_IA32_PAT;
+        need(caps.entry(), entry.bits(), "EFER/PAT loading on VM entry")?;
+
+        let adjust = |allowed: AllowedBits, wanted: u32, what: &'static str| {
+            let (value, refused) = allowed.adjust(wanted);
+            if refused != 0 {
+                Err(MissingFeature(what))
+            } else {
+                Ok(value)
+            }
+        };
+        Ok(Self {
+            pin: adjust(pin_allowed, pin.bits(), "pin-based controls")?,
+            primary: adjust(primary_allowed, primary.bits(), "processor-based controls")?,
+            secondary: adjust(secondary_allowed, secondary.bits(), "secondary controls")?,
+            exit: adjust(caps.exit(), exit.bits(), "VM-exit controls")?,
+            entry: adjust(caps.entry(), entry.bits(), "VM-entry controls")?,
+            vpid,
+        })
+    }
+}
+
+/// The MSR bitmap (SDM Vol. 3C "MSR-Bitmap Address"): every MSR exits except
+/// those in `pass_read`/`pass_write`. Four 1 KiB parts: reads of
+/// 0..0x1FFF, reads of 0xC0000000..0xC0001FFF, then the same for writes.
+pub fn msr_bitmap(pass_read: &[u32], pass_write: &[u32]) -> [u8; 4096] {
+    let mut bitmap = [0xffu8; 4096];
+    let mut clear = |msr: u32, write: bool| {
+        let base = match msr {
+            0..=0x1fff => 0,
+            0xc000_0000..=0xc000_1fff => 1024,
+            _ => return,
+        } + if write { 2048 } else { 0 };
+        let bit = (msr & 0x1fff) as usize;
+        bitmap[base + bit / 8] &= !(1 << (bit % 8));
+    };
+    pass_read.iter().for_each(|&m| clear(m, false));
+    pass_write.iter().for_each(|&m| clear(m, true));
+    bitmap
+}
+
+/// Guest-state fields named by the VM-entry checks (SDM Vol. 3C "Checks on
+/// the Guest State Area"), printed when an entry fails.
+pub const GUEST_STATE_FIELDS: &[(&str, u32)] = &[
+    ("CR0", guest::CR0),
+    ("CR3", guest::CR3),
+    ("CR4", guest::CR4),
+    ("DR7", guest::DR7),
+    ("RSP", guest::RSP),
+    ("RIP", guest::RIP),
+    ("RFLAGS", guest::RFLAGS),
+    ("EFER", guest::IA32_EFER_FULL),
+    ("PAT", guest::IA32_PAT_FULL),
+    ("CS selector", guest::CS_SELECTOR),
+    ("CS base", guest::CS_BASE),
+    ("CS limit", guest::CS_LIMIT),
+    ("CS access rights", guest::CS_ACCESS_RIGHTS),
+    ("SS selector", guest::SS_SELECTOR),
+    ("SS access rights", guest::SS_ACCESS_RIGHTS),
+    ("DS selector", guest::DS_SELECTOR),
+    ("DS access rights", guest::DS_ACCESS_RIGHTS),
+    ("ES access rights", guest::ES_ACCESS_RIGHTS),
+    ("FS access rights", guest::FS_ACCESS_RIGHTS),
+    ("GS access rights", guest::GS_ACCESS_RIGHTS),
+    ("TR selector", guest::TR_SELECTOR),
+    ("TR base", guest::TR_BASE),
+    ("TR limit", guest::TR_LIMIT),
+    ("TR access rights", guest::TR_ACCESS_RIGHTS),
+    ("LDTR access rights", guest::LDTR_ACCESS_RIGHTS),
+    ("GDTR base", guest::GDTR_BASE),
+    ("GDTR limit", guest::GDTR_LIMIT),
+    ("IDTR base", guest::IDTR_BASE),
+    ("IDTR limit", guest::IDTR_LIMIT),
+    ("activity state", guest::ACTIVITY_STATE),
+    ("interruptibility state", guest::INTERRUPTIBILITY_STATE),
+    ("pending debug exceptions", guest::PENDING_DBG_EXCEPTIONS),
+    ("VMCS link pointer", guest::LINK_PTR_FULL),
+    (
+        "VM-entry interruption info",
+        x86::vmx::vmcs::control::VMENTRY_INTERRUPTION_INFO_FIELD,
+    ),
+    ("exit qualification", ro::EXIT_QUALIFICATION),
+];
+
+/// Writes the fields of [`GUEST_STATE_FIELDS`] one per line.
+pub fn dump_guest_state(vmcs: &impl Vmcs, out: &mut impl fmt::Write) -> fmt::Result {
+    for (name, field) in GUEST_STATE_FIELDS {
+        writeln!(out, "  {name:<28} {:#x}", vmcs.read(*field))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    extern crate std;
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::caps::{VmxCaps, tests::bochs_skylake_x};
+
+    /// A VMCS as a map of fields, for exit-handler tests.
+    #[derive(Default, Debug)]
+    pub struct FakeVmcs(pub BTreeMap<u32, u64>);
+
+    impl Vmcs for FakeVmcs {
+        fn read(&self, field: u32) -> u64 {
+            self.0.get(&field).copied().unwrap_or(0)
+        }
+        fn write(&mut self, field: u32, value: u64) {
+            self.0.insert(field, value);
+        }
+    }
+
+    #[test]
+    fn bochs_controls_have_ept_vpid_and_unrestricted_guest() {
+        let caps = VmxCaps::new(bochs_skylake_x());
+        let wants = Wants {
+            preemption_timer: true,
+            vm_functions: true,
+            virtualization_exceptions: true,
+        };
+        let c = Controls::compute(&caps, wants).unwrap();
+        let secondary = SecondaryControls::from_bits_truncate(c.secondary);
+        assert!(secondary.contains(
+            SecondaryControls::ENABLE_EPT
+                | SecondaryControls::UNRESTRICTED_GUEST
+                | SecondaryControls::ENABLE_VPID
+                | SecondaryControls::ENABLE_VM_FUNCTIONS
+                | SecondaryControls::EPT_VIOLATION_VE
+        ));
+        assert!(c.vpid);
+        assert!(
+            PinbasedControls::from_bits_truncate(c.pin)
+                .contains(PinbasedControls::VMX_PREEMPTION_TIMER)
+        );
+        let primary = PrimaryControls::from_bits_truncate(c.primary);
+        assert!(primary.contains(PrimaryControls::USE_MSR_BITMAPS | PrimaryControls::HLT_EXITING));
+        // True controls let CR3 loads and stores run without exits.
+        assert!(!primary.contains(PrimaryControls::CR3_LOAD_EXITING));
+    }
+
+    #[test]
+    fn missing_unrestricted_guest_is_named() {
+        let mut msrs = bochs_skylake_x();
+        msrs.procbased2 &= !((SecondaryControls::UNRESTRICTED_GUEST.bits() as u64) << 32);
+        let err = Controls::compute(&VmxCaps::new(msrs), Wants::default()).unwrap_err();
+        assert_eq!(err, MissingFeature("unrestricted guest"));
+        assert!(std::format!("{err}").contains("lacks unrestricted guest"));
+    }
+
+    #[test]
+    fn msr_bitmap_passes_exactly_the_listed_msrs() {
+        let bitmap = msr_bitmap(&[0x10, 0xc000_0100], &[0xc000_0100]);
+        let exits = |msr: u32, write: bool| {
+            let base = if msr >= 0xc000_0000 { 1024 } else { 0 } + if write { 2048 } else { 0 };
+            let bit = (msr & 0x1fff) as usize;
+            bitmap[base + bit / 8] & (1 << (bit % 8)) != 0
+        };
+        assert!(!exits(0x10, false) && exits(0x10, true));
+        assert!(!exits(0xc000_0100, false) && !exits(0xc000_0100, true));
+        assert!(exits(0x1b, false) && exits(0x1b, true));
+        assert!(exits(0xc000_0101, false));
+    }
+}
