@@ -18,6 +18,8 @@
 //! `PROPTEST_CASES=2000 cargo test -p hv-ept --release --test prop`.
 //! Figures: `cargo bench -p hv-ept`.
 #![no_std]
+// Memory is reached only through `EptMemory`: the unsafe side lives in the kernel.
+#![forbid(unsafe_code)]
 
 extern crate alloc;
 

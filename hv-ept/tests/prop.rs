@@ -83,6 +83,7 @@ enum Op {
     },
     Resolve {
         at: u64,
+        fail: Option<u64>,
     },
     Clean {
         a: u64,
@@ -120,7 +121,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (at(), at(), any::<bool>()).prop_map(|(a, b, on)| Op::Range { a, b, on }),
         1 => any::<bool>().prop_map(|on| Op::Global { on }),
         6 => (at(), access_kind).prop_map(|(at, kind)| Op::Access { at, kind }),
-        1 => at().prop_map(|at| Op::Resolve { at }),
+        1 => (at(), prop::option::weighted(0.3, 1..3u64)).prop_map(|(at, fail)| Op::Resolve { at, fail }),
         1 => (at(), at()).prop_map(|(a, b)| Op::Clean { a, b }),
         1 => (at(), any::<bool>()).prop_map(|(at, sve)| Op::Sve { at, sve }),
     ]
@@ -292,8 +293,23 @@ impl World {
                     (e, res) => panic!("gfn {g:#x} {kind:?}: reference {e:?}, walk {res:?}"),
                 }
             }
-            Op::Resolve { at } => {
-                p2m.resolve_misconfig(mem, Gfn(gfn_of(at))).unwrap();
+            Op::Resolve { at, fail } => {
+                let before = fail.map(|n| {
+                    mem.fail_nth_alloc(n);
+                    snapshot(mem, p2m)
+                });
+                let res = p2m.resolve_misconfig(mem, Gfn(gfn_of(at)));
+                if before.is_some() && !mem.failure_pending() {
+                    assert_eq!(res, Err(Error::NoMemory));
+                    assert_eq!(
+                        Some(snapshot(mem, p2m)),
+                        before,
+                        "failed resolve_misconfig changed the tree"
+                    );
+                } else {
+                    res.unwrap();
+                }
+                mem.clear_failure();
             }
             Op::Clean { a, b } => {
                 let (s, e) = (gfn_of(a.min(b)), gfn_of(a.max(b)));
@@ -441,7 +457,7 @@ proptest! {
         for op in &ops {
             w.apply(op);
             let at = match *op {
-                Op::Set { at, .. } | Op::Access { at, .. } | Op::Resolve { at } | Op::Sve { at, .. } => at,
+                Op::Set { at, .. } | Op::Access { at, .. } | Op::Resolve { at, .. } | Op::Sve { at, .. } => at,
                 Op::Range { a, .. } | Op::Clean { a, .. } => a,
                 Op::Global { .. } => extra[0],
             };
