@@ -192,8 +192,12 @@ impl DirtyBitmap {
         self.chunk(c).is_some_and(|bits| bits[w] & (1 << b) != 0)
     }
 
-    /// Makes sure marking any gfn of `[start, end]` cannot fail.
+    /// Makes sure marking any gfn of `[start, end]` cannot fail. Allocates
+    /// 4 KiB per 128 MiB of guest memory in the range not yet covered.
     pub fn reserve(&mut self, start: Gfn, end: Gfn) -> Result<(), Error> {
+        if start.check()? > end.check()? {
+            return Err(Error::BadRange);
+        }
         for c in (start.0 >> CHUNK_SHIFT)..=(end.0 >> CHUNK_SHIFT) {
             let i = match self.chunks.binary_search_by_key(&c, |&(n, _)| n) {
                 Ok(_) => continue,
@@ -446,5 +450,7 @@ mod tests {
         assert_eq!(d.dirty_count(), 0);
         d.mark_range(Gfn(0), Gfn((1 << 18) - 1)).unwrap();
         assert_eq!(d.dirty_count(), 1 << 18);
+        assert_eq!(d.mark(Gfn(Gfn::MAX.0 + 1)), Err(Error::GfnOutOfRange));
+        assert_eq!(d.mark_range(Gfn(9), Gfn(8)), Err(Error::BadRange));
     }
 }

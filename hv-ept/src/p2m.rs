@@ -16,7 +16,9 @@ use crate::memory::EptMemory;
 use crate::types::{P2mAccess, P2mType};
 
 /// One guest-physical to machine map kept as an EPT tree: the host p2m or an
-/// altp2m view.
+/// altp2m view. Not synchronized: callers serialize changes (the p2m lock);
+/// the CPU may walk the tables at any time, and every write keeps them
+/// consistent for it.
 #[derive(Debug)]
 pub struct P2m {
     root: Mfn,
@@ -47,7 +49,7 @@ pub struct EntryInfo {
     pub recalc: bool,
 }
 
-/// A present mapping visited by [`P2m::for_each_leaf`].
+/// A mapping (a leaf with a type, rights or not) visited by [`P2m::for_each_leaf`].
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct Leaf {
     /// First gfn of the mapping (may lie before the range visited).
@@ -60,6 +62,13 @@ pub struct Leaf {
     pub access: P2mAccess,
     pub sve: bool,
     pub recalc: bool,
+}
+
+/// The state of a `for_each_leaf` walk: the range and the visitor.
+struct Visit<'f, F> {
+    start: u64,
+    end: u64,
+    f: &'f mut F,
 }
 
 /// Where a gfn's walk ended: the leaf or the non-present slot.
@@ -459,7 +468,12 @@ impl P2m {
         if start > end {
             return Ok(ControlFlow::Continue(()));
         }
-        Ok(self.visit(mem, self.root, ROOT_LEVEL, 0, start, end, false, &mut f))
+        let mut v = Visit {
+            start,
+            end,
+            f: &mut f,
+        };
+        Ok(self.visit(mem, &mut v, self.root, ROOT_LEVEL, 0, false))
     }
 
     /// Whether any present mapping intersects `[start, end]`.
@@ -474,23 +488,20 @@ impl P2m {
             .is_break())
     }
 
-    #[allow(clippy::too_many_arguments)] // a recursive walk's state
     fn visit<M, F>(
         &self,
         mem: &M,
+        v: &mut Visit<'_, F>,
         table: Mfn,
         level: u8,
         base: u64,
-        start: u64,
-        end: u64,
         marked: bool,
-        f: &mut F,
     ) -> ControlFlow<()>
     where
         M: EptMemory + ?Sized,
         F: FnMut(&Leaf) -> ControlFlow<()>,
     {
-        for i in span(level, base, start, end) {
+        for i in span(level, base, v.start, v.end) {
             let e = read(mem, table, i);
             if !e.is_valid() {
                 continue;
@@ -498,24 +509,21 @@ impl P2m {
             let ebase = base + i as u64 * level_pages(level);
             let marked = marked || e.is_marked();
             if e.is_leaf(level) {
-                self.report_leaf(e, level, ebase, start, end, marked, f)?;
+                self.report_leaf(v, e, level, ebase, marked)?;
             } else {
-                self.visit(mem, e.mfn(), level - 1, ebase, start, end, marked, f)?;
+                self.visit(mem, v, e.mfn(), level - 1, ebase, marked)?;
             }
         }
         ControlFlow::Continue(())
     }
 
-    #[allow(clippy::too_many_arguments)] // a recursive walk's state
     fn report_leaf<F>(
         &self,
+        v: &mut Visit<'_, F>,
         e: EptEntry,
         level: u8,
         base: u64,
-        start: u64,
-        end: u64,
         marked: bool,
-        f: &mut F,
     ) -> ControlFlow<()>
     where
         F: FnMut(&Leaf) -> ControlFlow<()>,
@@ -526,10 +534,10 @@ impl P2m {
                 Some(ty) => ty,
                 None => {
                     // Straddles: report the children it will split into.
-                    for i in span(level - 1, base, start, end) {
+                    for i in span(level - 1, base, v.start, v.end) {
                         let c = e.split_child(level, i);
                         let cbase = base + i as u64 * level_pages(level - 1);
-                        self.report_leaf(c, level - 1, cbase, start, end, true, f)?;
+                        self.report_leaf(v, c, level - 1, cbase, true)?;
                     }
                     return ControlFlow::Continue(());
                 }
@@ -537,7 +545,7 @@ impl P2m {
         } else {
             e.p2m_type()
         };
-        f(&Leaf {
+        (v.f)(&Leaf {
             gfn: Gfn(base),
             order: Order::of_level(level),
             mfn: e.mfn(),
