@@ -9,9 +9,15 @@ extern crate alloc;
 
 pub mod abi;
 pub mod caps;
+pub mod cr;
 pub mod exit_reason;
+pub mod exits;
+pub mod guest;
 pub mod loader;
 pub mod platform;
+pub mod state;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod vcpu;
 pub mod vmcs;
 pub mod vmx;

@@ -421,7 +421,7 @@ pub fn multiboot1_info(base: u32, cmdline: &str, map: &[MapEntry]) -> Vec<u8> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     extern crate std;
     use std::vec;
 
@@ -431,7 +431,7 @@ mod tests {
 
     /// A minimal ELF64 executable with one PT_LOAD segment and a Multiboot
     /// header (v1 and/or v2) in its first bytes.
-    fn elf(
+    pub(crate) fn elf(
         paddr: u64,
         filesz: u64,
         memsz: u64,

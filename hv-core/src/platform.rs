@@ -1,6 +1,7 @@
 //! What the VMX layer needs from the machine, in one trait: frames (for guest
-//! RAM, VMCSs, bitmaps and EPT tables), byte access to physical memory, and
-//! where a guest's console lines go. The kernel implements it over its frame
+//! RAM, VMCSs, bitmaps and EPT tables), byte access to physical memory,
+//! where a guest's console lines go, and the two instructions exit handlers
+//! execute for the guest (CPUID, XSETBV). The kernel implements it over its frame
 //! allocator and direct map; host tests over a simulated memory.
 
 use hv_ept::{EptMemory, Mfn};
@@ -28,4 +29,11 @@ pub trait Platform: EptMemory {
 
     /// A complete line the guest wrote to its console.
     fn guest_console_line(&mut self, line: &str);
+
+    /// CPUID on the real CPU: EAX, EBX, ECX, EDX.
+    fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4];
+
+    /// XSETBV on the real CPU (the guest's extended-state mask stays loaded:
+    /// the hypervisor itself uses no extended state).
+    fn xsetbv(&mut self, index: u32, value: u64);
 }

@@ -1,0 +1,10 @@
+//! HLT. No interrupt source is ever routed to a guest (see the README), so a
+//! halted guest could never wake: it stops with a report rather than hang.
+
+use super::{ExitCtx, Flow, StopReason};
+use crate::platform::Platform;
+use crate::vmcs::Vmcs;
+
+pub fn handle<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> Flow {
+    ctx.stop(StopReason::Halted)
+}

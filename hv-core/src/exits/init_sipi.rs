@@ -1,0 +1,23 @@
+//! INIT and start-up IPIs: an INIT puts the vCPU into wait-for-SIPI; a SIPI
+//! starts it in real mode at the vector's page.
+
+use super::{ExitCtx, Flow};
+use crate::platform::Platform;
+use crate::state;
+use crate::vmcs::Vmcs;
+
+pub fn init<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> Flow {
+    log::info!("guest: INIT: waiting for SIPI");
+    state::wait_for_sipi(ctx.vmcs);
+    Flow::Resume
+}
+
+pub fn sipi<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> Flow {
+    let vector = (ctx.qualification() & 0xff) as u8;
+    log::info!(
+        "guest: SIPI vector {vector:#x}: starting at {:#x}",
+        u64::from(vector) << 12
+    );
+    state::sipi_start(ctx.vmcs, ctx.regs, &ctx.guest.cr_fixed, vector);
+    Flow::Resume
+}

@@ -1,0 +1,51 @@
+//! XSETBV: the guest sets XCR0. The value is checked against what the CPU
+//! supports (SDM Vol. 1 13.3) and set on the real CPU.
+
+use super::{ExitCtx, Flow};
+use crate::platform::Platform;
+use crate::vcpu::advance_rip;
+use crate::vmcs::Vmcs;
+
+const X87: u64 = 1 << 0;
+const SSE: u64 = 1 << 1;
+const AVX: u64 = 1 << 2;
+const BNDREGS_BNDCSR: u64 = 0b11 << 3;
+const AVX512: u64 = 0b111 << 5;
+
+/// Whether `value` is a valid XCR0 on a CPU supporting `supported`.
+pub fn valid_xcr0(value: u64, supported: u64) -> bool {
+    let pair = |bits: u64| value & bits == 0 || value & bits == bits;
+    value & X87 != 0
+        && value & !supported == 0
+        && (value & AVX == 0 || value & SSE != 0)
+        && pair(BNDREGS_BNDCSR)
+        && (value & AVX512 == 0 || (value & AVX512 == AVX512 && value & AVX != 0))
+}
+
+pub fn handle<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> Flow {
+    let index = ctx.regs.rcx as u32;
+    let value = ctx.regs.edx_eax();
+    let [eax, _, _, edx] = ctx.platform.cpuid(0xd, 0);
+    let supported = u64::from(edx) << 32 | u64::from(eax);
+    if index != 0 || !valid_xcr0(value, supported) {
+        return ctx.general_protection();
+    }
+    ctx.platform.xsetbv(0, value);
+    advance_rip(ctx.vmcs);
+    Flow::Resume
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xcr0_rules() {
+        let supported = 0b111;
+        assert!(valid_xcr0(0b1, supported));
+        assert!(valid_xcr0(0b111, supported));
+        assert!(!valid_xcr0(0b0, supported), "x87 must stay on");
+        assert!(!valid_xcr0(0b101, supported), "AVX needs SSE");
+        assert!(!valid_xcr0(0b1011, supported), "unsupported bit");
+    }
+}

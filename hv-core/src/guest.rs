@@ -1,0 +1,383 @@
+//! A guest: its RAM (hypervisor frames mapped gfn -> mfn through the host
+//! p2m, with the legacy PC layout), its image loaded per Multiboot, the
+//! devices the hypervisor emulates for it (a console UART, the exit port, a
+//! virtual APIC base), its exit counters, and access to its memory for the
+//! hypervisor (hypercall buffers) that never strays outside its RAM.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt;
+
+use hv_ept::{DirtyBitmap, EptCaps, Gfn, Mfn, Order, P2m, P2mAccess, P2mType};
+
+use crate::exit_reason::NUM_REASONS;
+use crate::loader::{self, ImageError, MapEntry, Protocol};
+use crate::platform::Platform;
+
+pub const PAGE: u64 = 4096;
+/// Guest RAM below the legacy hole (the EBDA page at 0x9F000 is left out).
+pub const LOW_RAM_END: u64 = 0x9_f000;
+/// The legacy hole (VGA, option ROMs, BIOS) ends at 1 MiB.
+pub const HIGH_RAM_START: u64 = 0x10_0000;
+
+#[derive(Clone, Debug)]
+pub struct GuestConfig<'a> {
+    /// RAM size in MiB (at least 2).
+    pub memory_mib: u64,
+    /// The Multiboot image.
+    pub image: &'a [u8],
+    /// The guest's own command line.
+    pub cmdline: &'a str,
+    /// Start an image that has both headers as Multiboot 1.
+    pub force_multiboot1: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GuestError {
+    Image(ImageError),
+    /// Not enough free frames for the guest's RAM or tables.
+    NoMemory,
+    BadConfig(&'static str),
+    Ept(hv_ept::Error),
+}
+
+impl fmt::Display for GuestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Image(e) => write!(f, "bad guest image: {e}"),
+            Self::NoMemory => f.write_str("not enough free memory for the guest"),
+            Self::BadConfig(why) => write!(f, "bad guest configuration: {why}"),
+            Self::Ept(e) => write!(f, "EPT error: {e:?}"),
+        }
+    }
+}
+
+impl From<hv_ept::Error> for GuestError {
+    fn from(e: hv_ept::Error) -> Self {
+        match e {
+            hv_ept::Error::NoMemory => Self::NoMemory,
+            other => Self::Ept(other),
+        }
+    }
+}
+
+/// Why a guest access to its memory through the hypervisor was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NotGuestRam(pub u64);
+
+/// A run of guest RAM frames: `frames` frames from `mfn`.
+#[derive(Clone, Copy, Debug)]
+struct RamChunk {
+    mfn: Mfn,
+    frames: u64,
+}
+
+/// The guest's serial console: bytes become lines for the run's log.
+#[derive(Default)]
+pub struct Console {
+    line: String,
+}
+
+/// Longest console line kept; longer ones are cut in pieces.
+const CONSOLE_LINE_MAX: usize = 200;
+
+impl Console {
+    pub fn put(&mut self, byte: u8, platform: &mut impl Platform) {
+        match byte {
+            b'\n' => self.flush(platform),
+            b'\r' => {}
+            _ => {
+                let c = if byte.is_ascii_graphic() || byte == b' ' {
+                    byte as char
+                } else {
+                    '.'
+                };
+                self.line.push(c);
+                if self.line.len() >= CONSOLE_LINE_MAX {
+                    self.flush(platform);
+                }
+            }
+        }
+    }
+
+    pub fn flush(&mut self, platform: &mut impl Platform) {
+        if !self.line.is_empty() {
+            platform.guest_console_line(&self.line);
+            self.line.clear();
+        }
+    }
+}
+
+/// The guest's emulated 16550 at COM1: enough for a polling driver.
+#[derive(Default)]
+pub struct Uart {
+    /// Line control register (bit 7: divisor latch access).
+    pub lcr: u8,
+    pub ier: u8,
+    pub mcr: u8,
+    pub scratch: u8,
+}
+
+pub struct Guest {
+    pub p2m: P2m,
+    ram: Vec<RamChunk>,
+    /// The guest-physical memory map the guest is told about.
+    pub memory_map: Vec<MapEntry>,
+    pub console: Console,
+    pub uart: Uart,
+    /// VM exits by basic reason.
+    pub counters: [u64; NUM_REASONS],
+    /// The guest's view of IA32_APIC_BASE (the physical one is never touched).
+    pub apic_base: u64,
+    /// EPT violations outside the guest's memory so far.
+    pub stray_accesses: u64,
+    pub dirty: DirtyBitmap,
+    /// The CPU's VMX fixed bits for CR0/CR4, which guest CR writes must keep.
+    pub cr_fixed: crate::cr::Fixed,
+    /// Period of the hypervisor's tick (VMX-preemption timer units), if any.
+    pub tick_period: Option<u32>,
+    pub protocol: Protocol,
+    /// Guest-physical address of the Multiboot information.
+    pub boot_info: u64,
+    pub entry: u32,
+}
+
+/// IA32_APIC_BASE at reset: the xAPIC at 0xFEE00000, enabled, boot processor.
+pub const APIC_BASE_RESET: u64 = 0xfee0_0000 | 1 << 11 | 1 << 8;
+
+impl Guest {
+    /// Builds the guest: RAM, p2m, image and boot information. On failure
+    /// every frame taken so far is given back.
+    pub fn create(
+        config: &GuestConfig<'_>,
+        caps: EptCaps,
+        cr_fixed: crate::cr::Fixed,
+        platform: &mut impl Platform,
+    ) -> Result<Self, GuestError> {
+        if config.memory_mib < 2 || config.memory_mib > 1 << 20 {
+            return Err(GuestError::BadConfig(
+                "guest memory must be between 2 MiB and 1 TiB",
+            ));
+        }
+        let ram_end = config.memory_mib << 20;
+        let ram_ranges = [(0, LOW_RAM_END), (HIGH_RAM_START, ram_end)];
+        // Check the image before taking any memory.
+        let plan = loader::plan(config.image, &ram_ranges, config.force_multiboot1)
+            .map_err(GuestError::Image)?;
+        let p2m = P2m::new(platform, caps)?;
+        let mut guest = Guest {
+            p2m,
+            ram: Vec::new(),
+            memory_map: alloc::vec![
+                MapEntry {
+                    start: 0,
+                    end: LOW_RAM_END,
+                    available: true
+                },
+                MapEntry {
+                    start: LOW_RAM_END,
+                    end: HIGH_RAM_START,
+                    available: false
+                },
+                MapEntry {
+                    start: HIGH_RAM_START,
+                    end: ram_end,
+                    available: true
+                },
+            ],
+            console: Console::default(),
+            uart: Uart::default(),
+            counters: [0; NUM_REASONS],
+            apic_base: APIC_BASE_RESET,
+            stray_accesses: 0,
+            dirty: DirtyBitmap::new(),
+            cr_fixed,
+            tick_period: None,
+            protocol: plan.protocol,
+            boot_info: 0,
+            entry: plan.entry,
+        };
+        let built = guest
+            .populate(&ram_ranges, platform)
+            .and_then(|()| guest.load(config, &plan, platform));
+        match built {
+            Ok(()) => Ok(guest),
+            Err(e) => {
+                guest.destroy(platform);
+                Err(e)
+            }
+        }
+    }
+
+    /// Backs the RAM ranges with zeroed frames: 2 MiB pages where a 2 MiB
+    /// block of guest RAM and an aligned run of frames allow, 4 KiB otherwise.
+    fn populate(
+        &mut self,
+        ranges: &[(u64, u64)],
+        platform: &mut impl Platform,
+    ) -> Result<(), GuestError> {
+        const BIG: u64 = 512;
+        for &(start, end) in ranges {
+            let (mut gfn, end) = (start / PAGE, end / PAGE);
+            while gfn < end {
+                let big = gfn % BIG == 0 && gfn + BIG <= end && self.p2m.caps().pages_2m;
+                let chunk = if big {
+                    platform.alloc_frames(BIG, BIG).map(|mfn| (mfn, BIG))
+                } else {
+                    None
+                };
+                let (mfn, frames) = match chunk {
+                    Some(chunk) => chunk,
+                    None => (platform.alloc_frames(1, 1).ok_or(GuestError::NoMemory)?, 1),
+                };
+                self.ram.try_reserve(1).map_err(|_| GuestError::NoMemory)?;
+                self.ram.push(RamChunk { mfn, frames });
+                for i in 0..frames {
+                    platform.zero_frame(Mfn(mfn.0 + i));
+                }
+                let order = if frames == BIG {
+                    Order::PAGE_2M
+                } else {
+                    Order::PAGE_4K
+                };
+                self.p2m.set_entry(
+                    platform,
+                    Gfn(gfn),
+                    mfn,
+                    order,
+                    P2mType::RamRw,
+                    P2mAccess::Rwx,
+                )?;
+                gfn += frames;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies the image's pieces and writes the boot information after them.
+    fn load(
+        &mut self,
+        config: &GuestConfig<'_>,
+        plan: &loader::LoadPlan,
+        platform: &mut impl Platform,
+    ) -> Result<(), GuestError> {
+        for piece in &plan.pieces {
+            let bytes = &config.image[piece.file.clone()];
+            self.write(platform, piece.gpa, bytes)
+                .map_err(|_| GuestError::BadConfig("image outside RAM"))?;
+            // RAM starts zeroed, so the rest of the piece (bss) already is.
+        }
+        let info_at = plan.end().next_multiple_of(PAGE);
+        let info = match plan.protocol {
+            Protocol::Multiboot2 => loader::multiboot2_info(config.cmdline, &self.memory_map),
+            Protocol::Multiboot1 => {
+                let base = u32::try_from(info_at)
+                    .map_err(|_| GuestError::BadConfig("image ends above 4 GiB"))?;
+                loader::multiboot1_info(base, config.cmdline, &self.memory_map)
+            }
+        };
+        self.write(platform, info_at, &info).map_err(|_| {
+            GuestError::BadConfig("no room for the boot information after the image")
+        })?;
+        self.boot_info = info_at;
+        Ok(())
+    }
+
+    /// Gives every frame back: RAM and EPT tables.
+    pub fn destroy(self, platform: &mut impl Platform) {
+        for chunk in &self.ram {
+            platform.free_frames(chunk.mfn, chunk.frames);
+        }
+        self.p2m.destroy(platform);
+    }
+
+    /// Frames of guest RAM.
+    pub fn ram_frames(&self) -> u64 {
+        self.ram.iter().map(|c| c.frames).sum()
+    }
+
+    /// The frame behind `gpa` if it is guest RAM the hypervisor may access
+    /// that way, and whether it is log-dirty.
+    fn ram_frame(
+        &self,
+        platform: &impl Platform,
+        gpa: u64,
+        write: bool,
+    ) -> Result<(Mfn, bool), NotGuestRam> {
+        let info = self
+            .p2m
+            .get_entry(platform, Gfn(gpa / PAGE))
+            .map_err(|_| NotGuestRam(gpa))?;
+        match (info.mfn, info.ty, write) {
+            (Some(mfn), P2mType::RamRw, _) | (Some(mfn), P2mType::RamRo, false) => Ok((mfn, false)),
+            (Some(mfn), P2mType::RamLogdirty, _) => Ok((mfn, true)),
+            _ => Err(NotGuestRam(gpa)),
+        }
+    }
+
+    /// Reads guest RAM at `gpa`; refuses (reading nothing) if any byte is not RAM.
+    pub fn read(
+        &self,
+        platform: &impl Platform,
+        gpa: u64,
+        buf: &mut [u8],
+    ) -> Result<(), NotGuestRam> {
+        for_each_page(gpa, buf.len(), |at, _| {
+            self.ram_frame(platform, at, false).map(|_| ())
+        })?;
+        for_each_page(gpa, buf.len(), |at, range| {
+            let (mfn, _) = self.ram_frame(platform, at, false)?;
+            platform.read_phys(mfn.hpa() + at % PAGE, &mut buf[range]);
+            Ok(())
+        })
+    }
+
+    /// Writes guest RAM at `gpa`, marking log-dirty pages dirty; checks every
+    /// page first, so a refused write writes nothing.
+    pub fn write(
+        &mut self,
+        platform: &mut impl Platform,
+        gpa: u64,
+        data: &[u8],
+    ) -> Result<(), NotGuestRam> {
+        let mut logdirty = false;
+        for_each_page(gpa, data.len(), |at, _| {
+            logdirty |= self.ram_frame(platform, at, true)?.1;
+            Ok(())
+        })?;
+        if logdirty {
+            let last = (gpa + data.len() as u64).saturating_sub(1) / PAGE;
+            self.dirty
+                .reserve(Gfn(gpa / PAGE), Gfn(last))
+                .map_err(|_| NotGuestRam(gpa))?;
+        }
+        for_each_page(gpa, data.len(), |at, range| {
+            let (mfn, logdirty) = self.ram_frame(platform, at, true)?;
+            if logdirty {
+                self.dirty
+                    .mark(Gfn(at / PAGE))
+                    .map_err(|_| NotGuestRam(at))?;
+            }
+            platform.write_phys(mfn.hpa() + at % PAGE, &data[range]);
+            Ok(())
+        })
+    }
+}
+
+/// Calls `f(gpa of the piece, range in the buffer)` for each page-bounded
+/// piece of `gpa..gpa + len`, stopping at the first error.
+fn for_each_page(
+    gpa: u64,
+    len: usize,
+    mut f: impl FnMut(u64, core::ops::Range<usize>) -> Result<(), NotGuestRam>,
+) -> Result<(), NotGuestRam> {
+    gpa.checked_add(len as u64).ok_or(NotGuestRam(gpa))?;
+    let mut done = 0;
+    while done < len {
+        let at = gpa + done as u64;
+        let n = ((PAGE - at % PAGE) as usize).min(len - done);
+        f(at, done..done + n)?;
+        done += n;
+    }
+    Ok(())
+}
