@@ -25,13 +25,22 @@ pub enum SelfTest {
 pub struct Options {
     pub log_level: LevelFilter,
     pub selftest: Option<SelfTest>,
+    /// RAM of the guest in MiB (`guest.mem=`).
+    pub guest_memory_mib: u64,
+    /// Start a guest that has both Multiboot headers as Multiboot 1 (`guest.multiboot=1`).
+    pub guest_multiboot1: bool,
 }
+
+/// Guest RAM when the command line does not say.
+pub const DEFAULT_GUEST_MIB: u64 = 32;
 
 impl Default for Options {
     fn default() -> Self {
         Self {
             log_level: LevelFilter::Info,
             selftest: None,
+            guest_memory_mib: DEFAULT_GUEST_MIB,
+            guest_multiboot1: false,
         }
     }
 }
@@ -67,6 +76,8 @@ impl fmt::Display for Problem<'_> {
 
 const LOG_LEVELS: &str = "off|error|warn|info|debug|trace";
 const SELFTESTS: &str = "panic|pagefault|ud|frames";
+const GUEST_MEM: &str = "a size in MiB, 2 to 1048576";
+const MULTIBOOT: &str = "1|2";
 
 impl Options {
     /// Parses `cmdline`, reporting each problem to `report`. A first word that
@@ -100,6 +111,23 @@ impl Options {
                         key,
                         value,
                         expected: SELFTESTS,
+                    }),
+                },
+                "guest.mem" => match value.parse::<u64>() {
+                    Ok(mib @ 2..=1_048_576) => options.guest_memory_mib = mib,
+                    _ => report(Problem::BadValue {
+                        key,
+                        value,
+                        expected: GUEST_MEM,
+                    }),
+                },
+                "guest.multiboot" => match value {
+                    "1" => options.guest_multiboot1 = true,
+                    "2" => options.guest_multiboot1 = false,
+                    _ => report(Problem::BadValue {
+                        key,
+                        value,
+                        expected: MULTIBOOT,
                     }),
                 },
                 _ => report(Problem::UnknownOption(word)),
@@ -145,6 +173,19 @@ mod tests {
         assert!(problems.is_empty());
         assert_eq!(options.log_level, LevelFilter::Debug);
         assert_eq!(options.selftest, Some(SelfTest::InvalidOpcode));
+    }
+
+    #[test]
+    fn guest_options() {
+        let (options, problems) = parse("guest.mem=64 guest.multiboot=1");
+        assert!(problems.is_empty());
+        assert_eq!(
+            (options.guest_memory_mib, options.guest_multiboot1),
+            (64, true)
+        );
+        let (options, problems) = parse("guest.mem=1 guest.mem=lots guest.multiboot=3");
+        assert_eq!(options.guest_memory_mib, DEFAULT_GUEST_MIB);
+        assert_eq!(problems.len(), 3);
     }
 
     #[test]

@@ -13,6 +13,7 @@ mod entry;
 mod heap;
 mod memory;
 mod platform;
+mod vmm;
 
 use hv_boot::bootinfo::{BootInfo, RegionKind};
 use hv_boot::cmdline::{Options, SelfTest};
@@ -23,6 +24,8 @@ use log::{error, info, warn};
 extern "C" fn kmain(magic: u32, info_address: u32) -> ! {
     console::init();
     arch::init();
+    platform::mask_legacy_pic();
+    platform::enable_xsave();
     println!("hv: starting (tsc {})", platform::rdtsc());
     // SAFETY: `info_address` is what the loader passed in EBX, and the boot page
     // tables identity-map the low 4 GiB where loaders put it.
@@ -48,20 +51,32 @@ extern "C" fn kmain(magic: u32, info_address: u32) -> ! {
         fatal(format_args!("heap: {e}"));
     }
     acpi::discover(boot.acpi_root);
-    match hv_core::caps::probe_this_cpu() {
+    let caps = match hv_core::caps::probe_this_cpu() {
         Ok(caps) => {
             log::debug!("vmx: capability MSRs {:x?}", caps.msrs);
             for line in alloc::format!("{}", caps.report()).lines() {
                 info!("{line}");
             }
+            Some(caps)
         }
-        Err(absent) => info!("{absent}"),
-    }
+        Err(absent) => {
+            info!("{absent}");
+            None
+        }
+    };
     if let Some(test) = options.selftest {
         selftest(test, &boot);
     }
     println!("hv: ready (tsc {})", platform::rdtsc());
-    platform::exit(exit::OK)
+    let status = match (&caps, boot.modules.is_empty()) {
+        (Some(caps), false) => vmm::run_guest(caps, &boot, &options),
+        (None, false) => {
+            error!("vmm: a guest was given, but this CPU cannot run it without VMX");
+            vmm::GUEST_STOPPED
+        }
+        (_, true) => exit::OK,
+    };
+    platform::exit(status)
 }
 
 fn report_memory_map(boot: &BootInfo) {

@@ -21,9 +21,14 @@ const LOW_MEMORY_END: u64 = MIB;
 
 unsafe extern "C" {
     static __image_start: u8;
+    static __rodata_end: u8;
     static __image_end: u8;
+    static boot_pml4: u8;
     static boot_pdpt: u8;
 }
+
+/// The boot page tables: PML4, PDPT and four page directories, contiguous.
+const BOOT_TABLES_SIZE: usize = 6 * 4096;
 
 pub static FRAMES: Mutex<Option<FrameAllocator<'static>>> = Mutex::new(None);
 
@@ -33,6 +38,32 @@ pub fn image_range() -> (u64, u64) {
         &raw const __image_start as u64,
         &raw const __image_end as u64,
     )
+}
+
+/// A checksum (FNV-1a) of what no guest may ever change: the hypervisor's
+/// code and read-only data, and its page tables (without the accessed and
+/// dirty bits, which the CPU sets as the hypervisor runs).
+pub fn isolation_checksum() -> u64 {
+    const ACCESSED_DIRTY: u64 = 0b11 << 5;
+    let code_start = &raw const __image_start;
+    let code_len = &raw const __rodata_end as usize - code_start as usize;
+    // SAFETY: both ranges are parts of the loaded image, mapped and readable;
+    // they are only read (the tables as aligned 64-bit entries).
+    let (code, tables) = unsafe {
+        (
+            core::slice::from_raw_parts(code_start, code_len),
+            core::slice::from_raw_parts((&raw const boot_pml4).cast::<u64>(), BOOT_TABLES_SIZE / 8),
+        )
+    };
+    let entries = tables
+        .iter()
+        .flat_map(|e| (e & !ACCESSED_DIRTY).to_le_bytes());
+    code.iter()
+        .copied()
+        .chain(entries)
+        .fold(0xcbf2_9ce4_8422_2325, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        })
 }
 
 /// Seeds the frame allocator from the memory map, keeping the low megabyte,
@@ -124,6 +155,17 @@ pub fn alloc_frames(count: u64, align: u64) -> Option<Frame> {
 pub fn free_frame(frame: Frame) {
     if let Some(Err(e)) = FRAMES.lock().as_mut().map(|a| a.free(frame)) {
         log::error!("memory: refused free of frame {frame:#x}: {e:?}");
+    }
+}
+
+/// Returns `count` frames from `first`; a double free is reported, never applied.
+pub fn free_frames_run(first: Frame, count: u64) {
+    if let Some(Err(e)) = FRAMES
+        .lock()
+        .as_mut()
+        .map(|a| a.free_contiguous(first, count))
+    {
+        log::error!("memory: refused free of frames {first:#x}+{count}: {e:?}");
     }
 }
 

@@ -23,6 +23,29 @@ pub fn rdtsc() -> u64 {
     unsafe { core::arch::x86_64::_rdtsc() }
 }
 
+/// Masks both legacy 8259 PICs: the hypervisor polls, and a stray timer
+/// interrupt must not reach it or a guest.
+pub fn mask_legacy_pic() {
+    outb(0x21, 0xff);
+    outb(0xa1, 0xff);
+}
+
+/// Sets CR4.OSXSAVE when the CPU has XSAVE, so XSETBV can be executed for guests.
+pub fn enable_xsave() {
+    let xsave = raw_cpuid::CpuId::new()
+        .get_feature_info()
+        .is_some_and(|f| f.has_xsave());
+    if xsave {
+        // SAFETY: OSXSAVE only enables XGETBV/XSETBV/XSAVE; the hypervisor itself
+        // uses no extended state.
+        unsafe {
+            x86_64::registers::control::Cr4::update(|cr4| {
+                cr4.insert(x86_64::registers::control::Cr4Flags::OSXSAVE)
+            })
+        };
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Engine {
     /// QEMU, with TCG or KVM: leaves through `isa-debug-exit` at port 0xF4.

@@ -7,7 +7,7 @@
 
 extern crate alloc;
 
-pub mod abi;
+pub use hv_abi as abi;
 pub mod caps;
 pub mod cr;
 pub mod exit_reason;
@@ -19,5 +19,6 @@ pub mod state;
 #[cfg(test)]
 pub(crate) mod testing;
 pub mod vcpu;
+pub mod vm;
 pub mod vmcs;
 pub mod vmx;

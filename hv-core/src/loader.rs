@@ -34,6 +34,8 @@ pub enum ImageError {
     /// Multiboot 1 flags in bits 0..16 that this loader does not provide.
     UnsupportedMultibootFlags(u32),
     NotElf,
+    /// ELF magic, but the headers do not parse (a cut-off or corrupt file).
+    MalformedElf,
     /// Not a 32- or 64-bit x86 executable.
     UnsupportedElf(&'static str),
     /// A segment's bytes lie beyond the end of the file.
@@ -70,6 +72,7 @@ impl fmt::Display for ImageError {
                 )
             }
             Self::NotElf => f.write_str("not an ELF file"),
+            Self::MalformedElf => f.write_str("truncated or corrupt ELF headers"),
             Self::UnsupportedElf(why) => write!(f, "unsupported ELF image: {why}"),
             Self::Truncated { offset, size, file } => {
                 write!(
@@ -228,7 +231,13 @@ pub fn plan(image: &[u8], ram: &[(u64, u64)], force_mb1: bool) -> Result<LoadPla
 
 /// The PT_LOAD segments of an x86 ELF executable, by physical address.
 fn elf_pieces(image: &[u8]) -> Result<(Vec<Piece>, u64), ImageError> {
-    let file = ElfBytes::<AnyEndian>::minimal_parse(image).map_err(|_| ImageError::NotElf)?;
+    let file = ElfBytes::<AnyEndian>::minimal_parse(image).map_err(|_| {
+        if image.starts_with(b"\x7fELF") {
+            ImageError::MalformedElf
+        } else {
+            ImageError::NotElf
+        }
+    })?;
     let header = &file.ehdr;
     if !matches!(header.e_machine, elf::abi::EM_X86_64 | elf::abi::EM_386) {
         return Err(ImageError::UnsupportedElf("not an x86 image"));
@@ -346,36 +355,49 @@ fn basic_memory(map: &[MapEntry]) -> (u32, u32) {
     (lower as u32, upper.min(u64::from(u32::MAX)) as u32)
 }
 
-/// Multiboot 2 boot information: command line, loader name, basic memory
-/// information and memory map. Position independent (8-byte aligned target).
+/// Multiboot 2 boot information (Multiboot 2 spec 3.6): command line,
+/// loader name, basic memory information and memory map. Position
+/// independent (place it 8-byte aligned). Written by hand like the Multiboot
+/// 1 record: the `multiboot2` crate builds it only with an allocator feature
+/// that would force one on every kernel linking the crate (the test guest).
 pub fn multiboot2_info(cmdline: &str, map: &[MapEntry]) -> Vec<u8> {
-    use multiboot2::{
-        BasicMemoryInfoTag, BootLoaderNameTag, Builder, CommandLineTag, MemoryArea, MemoryAreaType,
+    const CMDLINE: u32 = 1;
+    const LOADER_NAME: u32 = 2;
+    const BASIC_MEMINFO: u32 = 4;
+    const MMAP: u32 = 6;
+    const END: u32 = 0;
+    let mut out = alloc::vec![0u8; 8];
+    let tag = |out: &mut Vec<u8>, typ: u32, body: &[u8]| {
+        out.extend_from_slice(&typ.to_le_bytes());
+        out.extend_from_slice(&(8 + body.len() as u32).to_le_bytes());
+        out.extend_from_slice(body);
+        out.resize(out.len().next_multiple_of(8), 0);
     };
-    let areas: Vec<MemoryArea> = map
-        .iter()
-        .map(|e| {
-            let typ = if e.available {
-                MemoryAreaType::Available
-            } else {
-                MemoryAreaType::Reserved
-            };
-            MemoryArea::new(e.start, e.end - e.start, typ)
-        })
-        .collect();
+    let string = |s: &str| {
+        let mut v = Vec::from(s.as_bytes());
+        v.push(0);
+        v
+    };
+    tag(&mut out, CMDLINE, &string(cmdline));
+    tag(&mut out, LOADER_NAME, &string("hv"));
     let (lower, upper) = basic_memory(map);
-    let info = Builder::new()
-        .cmdline(CommandLineTag::new(cmdline))
-        .bootloader(BootLoaderNameTag::new("hv"))
-        .meminfo(BasicMemoryInfoTag::new(lower, upper))
-        .mmap(multiboot2::MemoryMapTag::new(&areas))
-        .build();
-    let mut bytes = Vec::with_capacity(info.header().total_size() as usize);
-    bytes.extend_from_slice(&info.header().total_size().to_le_bytes());
-    bytes.extend_from_slice(&0u32.to_le_bytes());
-    bytes.extend_from_slice(info.payload());
-    bytes.truncate(info.header().total_size() as usize);
-    bytes
+    let mut meminfo = Vec::from(lower.to_le_bytes());
+    meminfo.extend_from_slice(&upper.to_le_bytes());
+    tag(&mut out, BASIC_MEMINFO, &meminfo);
+    // entry_size 24, entry_version 0, then (base, length, type, reserved) entries.
+    let mut mmap = Vec::from(24u32.to_le_bytes());
+    mmap.extend_from_slice(&0u32.to_le_bytes());
+    for e in map {
+        mmap.extend_from_slice(&e.start.to_le_bytes());
+        mmap.extend_from_slice(&(e.end - e.start).to_le_bytes());
+        mmap.extend_from_slice(&(if e.available { 1u32 } else { 2 }).to_le_bytes());
+        mmap.extend_from_slice(&0u32.to_le_bytes());
+    }
+    tag(&mut out, MMAP, &mmap);
+    tag(&mut out, END, &[]);
+    let total = out.len() as u32;
+    out[..4].copy_from_slice(&total.to_le_bytes());
+    out
 }
 
 /// Multiboot 1 boot information placed at guest-physical `base`: the info
@@ -517,6 +539,12 @@ pub(crate) mod tests {
         let mut not_elf = elf(0x20_0000, 0x1000, 0x1000, 0x20_0000, None, true);
         not_elf[0] = b'X';
         assert_eq!(plan(&not_elf, RAM, false), Err(ImageError::NotElf));
+        let mut cut_headers = elf(0x20_0000, 0x1000, 0x1000, 0x20_0000, None, true);
+        cut_headers[56..58].copy_from_slice(&0x100u16.to_le_bytes()); // 256 headers: past the end of the file
+        assert_eq!(
+            plan(&cut_headers, RAM, false),
+            Err(ImageError::MalformedElf)
+        );
         let outside = elf(0x3ff_f000, 0x1000, 0x2000, 0x3ff_f000, None, true);
         assert_eq!(
             plan(&outside, RAM, false),

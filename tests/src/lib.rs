@@ -82,35 +82,50 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Builds the kernel (once per process) and returns the image's path.
+/// The hypervisor kernel and the test guest, built once per process.
+struct Images {
+    kernel: PathBuf,
+    guest: PathBuf,
+}
+
+/// Builds both bare-metal images (once per process).
 ///
 /// A target directory of its own keeps this build from waiting on the lock of
 /// the `cargo test` that runs the harness.
-pub fn kernel_image() -> &'static Path {
-    static IMAGE: OnceLock<PathBuf> = OnceLock::new();
-    IMAGE.get_or_init(|| {
+fn images() -> &'static Images {
+    static IMAGES: OnceLock<Images> = OnceLock::new();
+    IMAGES.get_or_init(|| {
         let root = workspace_root();
         let target_dir = root.join("target/emu");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
             .current_dir(&root)
-            .args([
-                "build",
-                "--release",
-                "-p",
-                "hv-boot",
-                "--bin",
-                "hv",
-                "--target",
-                "x86_64-unknown-none",
-            ])
+            .args(["build", "--release", "--target", "x86_64-unknown-none"])
+            .args(["-p", "hv-boot", "-p", "hv-test-guest", "--bins"])
             .arg("--target-dir")
             .arg(&target_dir)
             .status()
             .expect("cargo runs");
-        assert!(status.success(), "building the hypervisor kernel failed");
-        target_dir.join("x86_64-unknown-none/release/hv")
+        assert!(
+            status.success(),
+            "building the hypervisor kernel and the test guest failed"
+        );
+        let out = target_dir.join("x86_64-unknown-none/release");
+        Images {
+            kernel: out.join("hv"),
+            guest: out.join("hv-test-guest"),
+        }
     })
+}
+
+/// The hypervisor kernel image.
+pub fn kernel_image() -> &'static Path {
+    &images().kernel
+}
+
+/// The test guest image (`tests/guest`).
+pub fn test_guest_image() -> &'static Path {
+    &images().guest
 }
 
 /// A program the harness needs; panics with the fix if it is missing.
@@ -158,6 +173,14 @@ impl Boot {
 
     pub fn cmdline(mut self, cmdline: &str) -> Self {
         self.cmdline = cmdline.into();
+        self
+    }
+
+    /// Adds the test guest as the first module, with its own command line
+    /// (its scenarios).
+    pub fn guest(mut self, guest_cmdline: &str) -> Self {
+        self.modules
+            .insert(0, (test_guest_image().to_path_buf(), guest_cmdline.into()));
         self
     }
 
@@ -254,8 +277,16 @@ impl Boot {
         fs::write(dir.join("hv.bxrc"), config).unwrap();
         // Debian's Bochs has its debugger built in: `c` starts the simulation.
         fs::write(dir.join("cont.rc"), "c\n").unwrap();
-        Command::new("bochs")
-            .current_dir(dir)
+        // Bochs's display server listens on the first free port from 5900 and
+        // gives up after 50; in a network namespace of its own it always gets one.
+        let mut cmd = if private_network() {
+            let mut cmd = Command::new("unshare");
+            cmd.args(["--net", "bochs"]);
+            cmd
+        } else {
+            Command::new("bochs")
+        };
+        cmd.current_dir(dir)
             .args(["-q", "-f", "hv.bxrc", "-rc", "cont.rc"])
             .stdin(Stdio::null())
             .stdout(fs::File::create(dir.join("bochs.out")).unwrap())
@@ -310,6 +341,17 @@ impl Boot {
             .spawn()
             .expect("qemu starts")
     }
+}
+
+/// Whether programs can be started in a network namespace of their own.
+fn private_network() -> bool {
+    static WORKS: OnceLock<bool> = OnceLock::new();
+    *WORKS.get_or_init(|| {
+        Command::new("unshare")
+            .args(["--net", "true"])
+            .status()
+            .is_ok_and(|s| s.success())
+    })
 }
 
 /// A fresh directory for one run's files, so runs in parallel never share one.

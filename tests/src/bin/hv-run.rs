@@ -6,8 +6,12 @@ use std::time::Duration;
 
 use hv_tests::{Boot, Engine};
 
-const USAGE: &str = "usage: hv-run [--engine bochs|qemu-kvm|qemu-tcg] [--timeout SECONDS] [--memory MIB] \
-[--cpus N] [--direct-kernel] [KERNEL COMMAND LINE...]";
+const USAGE: &str =
+    "usage: hv-run [--engine bochs|qemu-kvm|qemu-tcg] [--timeout SECONDS] [--memory MIB] \
+[--cpus N] [--direct-kernel] [--guest-args 'SCENARIOS...'] [--no-guest] [KERNEL COMMAND LINE...]
+
+Boots the hypervisor with the test guest (tests/guest) as its guest, running the guest's
+default scenarios unless --guest-args names others; --no-guest boots the hypervisor alone.";
 
 fn main() -> ExitCode {
     let mut engine = None;
@@ -15,6 +19,7 @@ fn main() -> ExitCode {
     boot.stream = true;
     boot.timeout = Duration::from_secs(600);
     let mut cmdline = Vec::new();
+    let mut guest_args = Some(String::new());
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = |name: &str| {
@@ -33,6 +38,8 @@ fn main() -> ExitCode {
             "--memory" => boot.memory_mib = number(&value("--memory")) as u32,
             "--cpus" => boot.cpus = number(&value("--cpus")) as u32,
             "--direct-kernel" => boot.qemu_direct_kernel = true,
+            "--guest-args" => guest_args = Some(value("--guest-args")),
+            "--no-guest" => guest_args = None,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return ExitCode::SUCCESS;
@@ -43,6 +50,9 @@ fn main() -> ExitCode {
     }
     boot.engine = engine.unwrap_or_else(Engine::best_available);
     boot.cmdline = cmdline.join(" ");
+    if let Some(args) = guest_args {
+        boot = boot.guest(&args);
+    }
     eprintln!(
         "hv-run: booting in {} (memory {} MiB, {} CPU(s))",
         boot.engine, boot.memory_mib, boot.cpus

@@ -1,4 +1,4 @@
-//! The interface between the hypervisor and its guests: the hypercall ABI,
+//! hv-abi: the interface between the hypervisor and its guests: the hypercall ABI,
 //! the CPUID leaves the hypervisor answers, and the I/O ports it gives a
 //! meaning to. One definition, used by the hypervisor and the test guest.
 //!
@@ -7,6 +7,10 @@
 //! positive value on success, a negative error code on failure. Only guest
 //! kernel code (CPL 0) may call. Guest addresses in arguments are
 //! guest-physical. The full list, with arguments, is in `docs/hypercalls.md`.
+//!
+//! A crate of its own, without dependencies, so guests can use it without
+//! pulling in the hypervisor.
+#![no_std]
 
 /// First of the hypervisor's CPUID leaves (0x40000000..=0x400000FF).
 pub const CPUID_BASE: u32 = 0x4000_0000;

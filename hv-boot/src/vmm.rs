@@ -1,0 +1,190 @@
+//! The hypervisor proper, on this machine: the platform hv-core runs on
+//! (frames from the allocator, physical memory through the direct map, the
+//! console), and running the guest given as the first boot module.
+
+use alloc::string::String;
+use core::fmt::Write;
+
+use hv_boot::bootinfo::BootInfo;
+use hv_boot::cmdline::Options;
+use hv_boot::exit;
+use hv_core::caps::VmxCaps;
+use hv_core::exit_reason;
+use hv_core::exits::GuestEnd;
+use hv_core::guest::GuestConfig;
+use hv_core::platform::Platform;
+use hv_core::vm::Vm;
+use hv_core::vmcs::Wants;
+use hv_ept::{EptMemory, Mfn};
+use log::{error, info, warn};
+
+use crate::{memory, platform, println};
+
+/// hv-core's view of this machine. Physical memory is identity-mapped, so a
+/// physical address is a valid pointer for every frame the allocator manages.
+pub struct KernelPlatform;
+
+fn frame_ptr(mfn: Mfn) -> *mut u8 {
+    mfn.hpa() as *mut u8
+}
+
+impl EptMemory for KernelPlatform {
+    fn alloc_frame(&mut self) -> Option<Mfn> {
+        memory::alloc_frame().map(Mfn)
+    }
+
+    fn free_frame(&mut self, frame: Mfn) {
+        memory::free_frame(frame.0);
+    }
+
+    fn read_entry(&self, table: Mfn, index: usize) -> u64 {
+        // SAFETY: `table` is an EPT table frame of the p2m (EptMemory contract),
+        // identity-mapped; the index is below 512, so the read stays inside it.
+        unsafe { core::ptr::read_volatile(frame_ptr(table).cast::<u64>().add(index)) }
+    }
+
+    fn write_entry(&mut self, table: Mfn, index: usize, value: u64) {
+        // SAFETY: as for `read_entry`; one aligned 64-bit store, which a
+        // concurrent EPT walk sees either before or after.
+        unsafe { core::ptr::write_volatile(frame_ptr(table).cast::<u64>().add(index), value) }
+    }
+}
+
+impl Platform for KernelPlatform {
+    fn alloc_frames(&mut self, count: u64, align: u64) -> Option<Mfn> {
+        memory::alloc_frames(count, align).map(Mfn)
+    }
+
+    fn free_frames(&mut self, first: Mfn, count: u64) {
+        memory::free_frames_run(first.0, count);
+    }
+
+    fn read_phys(&self, address: u64, buf: &mut [u8]) {
+        // SAFETY: hv-core only reads frames it owns (guest RAM, its own
+        // structures), all identity-mapped RAM; the range stays in one frame.
+        unsafe { core::ptr::copy_nonoverlapping(address as *const u8, buf.as_mut_ptr(), buf.len()) }
+    }
+
+    fn write_phys(&mut self, address: u64, data: &[u8]) {
+        // SAFETY: as for `read_phys`, for frames hv-core owns.
+        unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), address as *mut u8, data.len()) }
+    }
+
+    fn zero_frame(&mut self, frame: Mfn) {
+        // SAFETY: a frame hv-core owns, identity-mapped; `rep stosq` is fast in emulators.
+        unsafe { core::ptr::write_bytes(frame_ptr(frame), 0, 4096) }
+    }
+
+    fn guest_console_line(&mut self, line: &str) {
+        println!("guest: {line}");
+    }
+
+    fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+        [r.eax, r.ebx, r.ecx, r.edx]
+    }
+
+    fn xsetbv(&mut self, index: u32, value: u64) {
+        // SAFETY: the value was checked against CPUID.0xD by the handler, and
+        // `platform::enable_xsave` set CR4.OSXSAVE at boot.
+        unsafe {
+            core::arch::asm!("xsetbv", in("ecx") index, in("eax") value as u32, in("edx") (value >> 32) as u32)
+        };
+    }
+}
+
+/// Status of a run whose guest the hypervisor had to stop.
+pub const GUEST_STOPPED: u8 = 4;
+
+/// Boots the guest in the first module, runs it to its end and tears it
+/// down. Returns the run's status.
+pub fn run_guest(caps: &VmxCaps, boot: &BootInfo, options: &Options) -> u8 {
+    let Some(module) = boot.modules.first() else {
+        info!("vmm: no guest module given; nothing to run");
+        return exit::OK;
+    };
+    // SAFETY: the loader placed the module at this identity-mapped range, which
+    // the frame allocator keeps reserved for the whole run.
+    let image = unsafe {
+        core::slice::from_raw_parts(
+            module.start as *const u8,
+            (module.end - module.start) as usize,
+        )
+    };
+    let mut platform = KernelPlatform;
+    if let Err(e) = hv_core::vmx::enable(caps, &mut platform) {
+        error!("vmx: cannot enter VMX operation: {e}");
+        return exit::BOOT_FAILED;
+    }
+    let config = GuestConfig {
+        memory_mib: options.guest_memory_mib,
+        image,
+        cmdline: &module.cmdline,
+        force_multiboot1: options.guest_multiboot1,
+    };
+    let free_before = memory::free_frames();
+    let checksum_before = memory::isolation_checksum();
+    let mut vm = match Vm::create(caps, &config, Wants::default(), &mut platform) {
+        Ok(vm) => vm,
+        Err(e) => {
+            error!("vmm: guest refused: {e}");
+            return GUEST_STOPPED;
+        }
+    };
+    info!(
+        "vmm: guest of {} MiB ({} frames), {:?} entry {:#x}, boot information at {:#x}, command line '{}'",
+        options.guest_memory_mib,
+        vm.guest.ram_frames(),
+        vm.guest.protocol,
+        vm.guest.entry,
+        vm.guest.boot_info,
+        module.cmdline
+    );
+    println!("vmx: launching the guest (tsc {})", platform::rdtsc());
+    let end = vm.run(&mut platform);
+    let status = match &end {
+        GuestEnd::Exited(status) => {
+            info!("vmm: guest exited with status {status}");
+            *status
+        }
+        GuestEnd::Stopped(why) => {
+            error!("vmm: guest stopped: {why}");
+            GUEST_STOPPED
+        }
+    };
+    report_exits(vm.counters());
+    if vm.guest.stray_accesses > 0 {
+        warn!(
+            "vmm: the guest touched memory outside its RAM {} times",
+            vm.guest.stray_accesses
+        );
+    }
+    vm.destroy(&mut platform);
+    let free_after = memory::free_frames();
+    if free_after == free_before {
+        info!("vmm: guest torn down, all frames returned ({free_after} free)");
+    } else {
+        error!("vmm: frame leak: {free_before} free before the guest, {free_after} after");
+    }
+    let checksum_after = memory::isolation_checksum();
+    if checksum_after == checksum_before {
+        info!(
+            "isolation: hypervisor image and page tables unchanged (checksum {checksum_after:#018x})"
+        );
+    } else {
+        error!(
+            "isolation: hypervisor memory changed: checksum {checksum_before:#x} -> {checksum_after:#x}"
+        );
+    }
+    status
+}
+
+/// One line with the exit count of every reason that occurred.
+fn report_exits(counters: &[u64]) {
+    let total: u64 = counters.iter().sum();
+    let mut line = String::new();
+    for (reason, &count) in counters.iter().enumerate().filter(|(_, c)| **c > 0) {
+        let _ = write!(line, "; {} {count}", exit_reason::name(reason as u16));
+    }
+    info!("exits: {total} in all{line}");
+}

@@ -1,0 +1,147 @@
+//! The hypervisor running the test guest (tests/guest) in Bochs: what the
+//! guest sees, what it may not touch, and how its run ends.
+
+use std::path::PathBuf;
+
+use hv_tests::{Boot, Engine, Run, exit};
+
+/// Status of a run whose guest the hypervisor stopped (hv-boot `vmm::GUEST_STOPPED`).
+const GUEST_STOPPED: u8 = 4;
+
+fn run(hv_cmdline: &str, scenarios: &str) -> Run {
+    Boot::new(Engine::Bochs)
+        .cmdline(hv_cmdline)
+        .guest(scenarios)
+        .run()
+}
+
+fn torn_down_cleanly(run: &Run) {
+    run.expect_line("vmm: guest torn down, all frames returned")
+        .expect_line("isolation: hypervisor image and page tables unchanged")
+        .expect_no_line("frame leak");
+}
+
+#[test]
+fn guest_sees_its_memory_map_cpuid_leaf_msrs_io_and_hypercalls() {
+    let run = run("", "");
+    run.expect_exit(exit::OK)
+        .expect_line("guest: boot: Multiboot2")
+        .expect_line("guest: memmap: 0x100000..0x2000000 Available")
+        .expect_line(
+            "guest: cpuid: leaf 0x40000000: max 0x40000001, signature Ok(\"RustAltp2mHV\")",
+        )
+        .expect_line("guest: msr: APIC base 0xfee00900 disabled and re-enabled")
+        .expect_line("guest: virtual local APIC disabled (the physical APIC is untouched)")
+        .expect_line("guest: hypercall: exits so far:")
+        .expect_line("guest: result: 5 passed, 0 failed")
+        .expect_line("vmm: guest exited with status 0")
+        .expect_line("exits: ");
+    for scenario in ["memmap", "cpuid", "msr", "io", "hypercall"] {
+        run.expect_line(&format!("guest: PASS {scenario}"));
+    }
+    torn_down_cleanly(&run);
+    run.clean_up();
+}
+
+#[test]
+fn the_guest_status_becomes_the_run_status() {
+    let run = run("guest.mem=16", "memmap exit=7");
+    run.expect_exit(7)
+        .expect_line("guest: PASS memmap")
+        .expect_line("guest: memmap: 0x100000..0x1000000 Available");
+    torn_down_cleanly(&run);
+    run.clean_up();
+}
+
+#[test]
+fn a_multiboot1_start_gives_the_guest_a_multiboot1_map() {
+    let run = run("guest.multiboot=1", "memmap");
+    run.expect_exit(exit::OK)
+        .expect_line("Multiboot1 entry")
+        .expect_line("guest: boot: Multiboot1")
+        .expect_line("guest: PASS memmap");
+    run.clean_up();
+}
+
+#[test]
+fn the_guest_cannot_reach_memory_outside_its_ram() {
+    let run = run("", "isolation");
+    run.expect_exit(exit::OK)
+        .expect_line("EPT violation: read of 0xfee00000")
+        .expect_line("EPT violation: write of 0x3b0000000")
+        .expect_line("not guest memory (#GP injected)")
+        .expect_line("guest: PASS isolation");
+    let probes = run.line("guest: isolation:").expect("summary line");
+    assert!(
+        probes.contains("128 probes outside RAM") && probes.contains("128 refused with #GP"),
+        "{probes}"
+    );
+    torn_down_cleanly(&run);
+    run.clean_up();
+}
+
+#[test]
+fn a_guest_triple_fault_stops_it_with_a_report() {
+    let run = run("", "triple-fault");
+    run.expect_exit(GUEST_STOPPED)
+        .expect_line("ERROR guest stopped: triple fault")
+        .expect_line("RIP ")
+        .expect_line("IDTR limit                   0x0")
+        .expect_no_line("PASS");
+    torn_down_cleanly(&run);
+    run.clean_up();
+}
+
+#[test]
+fn an_instruction_the_hypervisor_does_not_handle_stops_the_guest() {
+    let run = run("", "unhandled");
+    run.expect_exit(GUEST_STOPPED)
+        .expect_line("guest stopped: unhandled VM exit INVD (reason 13)");
+    torn_down_cleanly(&run);
+    run.clean_up();
+}
+
+fn module(name: &str, bytes: &[u8]) -> PathBuf {
+    let dir = hv_tests::workspace_root().join("target/runs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{name}-{}.bin", std::process::id()));
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+#[test]
+fn bad_guest_images_are_refused_with_the_reason() {
+    let guest = std::fs::read(hv_tests::test_guest_image()).unwrap();
+    let cases: [(&str, Vec<u8>, &str); 2] = [
+        (
+            "garbage",
+            b"this is not a kernel".repeat(100),
+            "bad guest image: no Multiboot 1 or 2 header",
+        ),
+        (
+            "truncated",
+            guest[..0x3000].to_vec(),
+            "bad guest image: truncated or corrupt ELF headers",
+        ),
+    ];
+    for (name, bytes, message) in cases {
+        let path = module(name, &bytes);
+        let mut boot = Boot::new(Engine::Bochs);
+        boot.modules.push((path.clone(), String::new()));
+        let run = boot.run();
+        let _ = std::fs::remove_file(&path);
+        run.expect_exit(GUEST_STOPPED)
+            .expect_line(message)
+            .expect_no_line("vmx: launching");
+        run.clean_up();
+    }
+}
+
+#[test]
+fn without_vmx_a_guest_is_refused_cleanly() {
+    let run = Boot::new(Engine::QemuTcg).guest("").run();
+    run.expect_exit(GUEST_STOPPED)
+        .expect_line("vmx: absent")
+        .expect_line("this CPU cannot run it without VMX");
+    run.clean_up();
+}
