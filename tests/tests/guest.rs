@@ -145,3 +145,15 @@ fn without_vmx_a_guest_is_refused_cleanly() {
         .expect_line("this CPU cannot run it without VMX");
     run.clean_up();
 }
+
+#[test]
+fn a_cpu_without_a_needed_vmx_feature_is_named() {
+    let mut boot = Boot::new(Engine::Bochs).guest("");
+    boot.cpu_model = "core2_penryn_t9600".into();
+    let run = boot.run();
+    run.expect_exit(GUEST_STOPPED)
+        .expect_line("vmx: features ept=0")
+        .expect_line("vmm: guest refused: this CPU's VMX lacks EPT, which the hypervisor needs")
+        .expect_no_line("vmx: launching");
+    run.clean_up();
+}

@@ -8,7 +8,7 @@ use hv_tests::{Boot, Engine};
 
 const USAGE: &str =
     "usage: hv-run [--engine bochs|qemu-kvm|qemu-tcg] [--timeout SECONDS] [--memory MIB] \
-[--cpus N] [--direct-kernel] [--guest-args 'SCENARIOS...'] [--no-guest] [KERNEL COMMAND LINE...]
+[--cpus N] [--cpu-model BOCHS_MODEL] [--direct-kernel] [--guest-args 'SCENARIOS...'] [--no-guest] [KERNEL COMMAND LINE...]
 
 Boots the hypervisor with the test guest (tests/guest) as its guest, running the guest's
 default scenarios unless --guest-args names others; --no-guest boots the hypervisor alone.";
@@ -37,6 +37,7 @@ fn main() -> ExitCode {
             "--timeout" => boot.timeout = Duration::from_secs(number(&value("--timeout"))),
             "--memory" => boot.memory_mib = number(&value("--memory")) as u32,
             "--cpus" => boot.cpus = number(&value("--cpus")) as u32,
+            "--cpu-model" => boot.cpu_model = value("--cpu-model"),
             "--direct-kernel" => boot.qemu_direct_kernel = true,
             "--guest-args" => guest_args = Some(value("--guest-args")),
             "--no-guest" => guest_args = None,
