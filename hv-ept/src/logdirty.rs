@@ -152,6 +152,15 @@ impl LogDirtyRanges {
         Ok(())
     }
 
+    /// Makes room for `additional` more ranges: a change that adds or splits
+    /// at most that many then cannot fail. Callers that apply one change to
+    /// several p2ms (altp2m views) reserve in all of them first.
+    pub fn reserve(&mut self, additional: usize) -> Result<(), Error> {
+        self.ranges
+            .try_reserve(additional)
+            .map_err(|_| Error::NoMemory)
+    }
+
     pub(crate) fn copy_from(&mut self, other: &LogDirtyRanges) -> Result<(), Error> {
         let more = other.ranges.len().saturating_sub(self.ranges.len());
         self.ranges.try_reserve(more).map_err(|_| Error::NoMemory)?;
@@ -397,6 +406,17 @@ mod tests {
         r.remove(0, 1000).unwrap();
         assert!(ranges(&r).is_empty());
         r.remove(5, 6).unwrap();
+    }
+
+    #[test]
+    fn a_reserved_change_does_not_grow() {
+        let mut r = LogDirtyRanges::new();
+        r.add(0, 100).unwrap();
+        r.reserve(1).unwrap();
+        let cap = r.ranges.capacity();
+        r.remove(40, 49).unwrap(); // splits: one more range
+        assert_eq!(r.ranges.len(), 2);
+        assert_eq!(r.ranges.capacity(), cap, "no reallocation after reserve");
     }
 
     #[test]

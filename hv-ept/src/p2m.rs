@@ -217,6 +217,12 @@ impl P2m {
         &self.logdirty
     }
 
+    /// Makes room so that the next `change_type_range` cannot fail for want
+    /// of heap (it adds or splits at most one range).
+    pub fn reserve_logdirty(&mut self) -> Result<(), Error> {
+        self.logdirty.reserve(1)
+    }
+
     /// Walks to the leaf or non-present slot of `gfn`. No bound check.
     pub(crate) fn lookup<M: EptMemory + ?Sized>(&self, mem: &M, gfn: u64) -> Lookup {
         let mut table = self.root;
