@@ -4,6 +4,7 @@
 
 use core::fmt;
 
+use hv_abi::Altp2mMode;
 use log::LevelFilter;
 
 /// A way to end the run on purpose, so tests can check the failure paths.
@@ -29,6 +30,8 @@ pub struct Options {
     pub guest_memory_mib: u64,
     /// Start a guest that has both Multiboot headers as Multiboot 1 (`guest.multiboot=1`).
     pub guest_multiboot1: bool,
+    /// What the guest may call of the altp2m interface (`altp2m=`).
+    pub altp2m_mode: Altp2mMode,
 }
 
 /// Guest RAM when the command line does not say.
@@ -41,6 +44,7 @@ impl Default for Options {
             selftest: None,
             guest_memory_mib: DEFAULT_GUEST_MIB,
             guest_multiboot1: false,
+            altp2m_mode: Altp2mMode::Mixed,
         }
     }
 }
@@ -78,6 +82,7 @@ const LOG_LEVELS: &str = "off|error|warn|info|debug|trace";
 const SELFTESTS: &str = "panic|pagefault|ud|frames";
 const GUEST_MEM: &str = "a size in MiB, 2 to 1048576";
 const MULTIBOOT: &str = "1|2";
+const ALTP2M_MODES: &str = "external|mixed|limited";
 
 impl Options {
     /// Parses `cmdline`, reporting each problem to `report`. A first word that
@@ -128,6 +133,14 @@ impl Options {
                         key,
                         value,
                         expected: MULTIBOOT,
+                    }),
+                },
+                "altp2m" => match Altp2mMode::parse(value) {
+                    Some(mode) => options.altp2m_mode = mode,
+                    None => report(Problem::BadValue {
+                        key,
+                        value,
+                        expected: ALTP2M_MODES,
                     }),
                 },
                 _ => report(Problem::UnknownOption(word)),
@@ -183,9 +196,10 @@ mod tests {
             (options.guest_memory_mib, options.guest_multiboot1),
             (64, true)
         );
-        let (options, problems) = parse("guest.mem=1 guest.mem=lots guest.multiboot=3");
+        let (options, problems) = parse("guest.mem=1 guest.mem=lots guest.multiboot=3 altp2m=on");
         assert_eq!(options.guest_memory_mib, DEFAULT_GUEST_MIB);
-        assert_eq!(problems.len(), 3);
+        assert_eq!(options.altp2m_mode, Altp2mMode::Mixed);
+        assert_eq!(problems.len(), 4);
     }
 
     #[test]
