@@ -49,6 +49,19 @@ pub struct EntryInfo {
     pub recalc: bool,
 }
 
+/// A mapping as stored, pending marks not applied: what [`P2m::stored_leaf`]
+/// reports.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct StoredLeaf {
+    /// First gfn of the mapping.
+    pub gfn: Gfn,
+    pub order: Order,
+    /// The stored type (not recomputed).
+    pub ty: P2mType,
+    /// A mark is pending on the entry or above it.
+    pub marked: bool,
+}
+
 /// A mapping (a leaf with a type, rights or not) visited by [`P2m::for_each_leaf`].
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct Leaf {
@@ -282,6 +295,31 @@ impl P2m {
             sve: l.entry.suppress_ve(),
             recalc: l.marked,
         })
+    }
+
+    /// The stored mapping that holds `gfn`, or `None` for a hole. A lazy type
+    /// change recomputes whole stored mappings: a caller that needs to know
+    /// how far a change reaches looks here (`get_entry` reports the
+    /// recomputed, possibly smaller, uniform block instead).
+    pub fn stored_leaf<M: EptMemory + ?Sized>(
+        &self,
+        mem: &M,
+        gfn: Gfn,
+    ) -> Result<Option<StoredLeaf>, Error> {
+        let g = gfn.check()?.0;
+        if g > self.max_mapped_pfn.0 {
+            return Ok(None);
+        }
+        let l = self.lookup(mem, g);
+        if !l.entry.is_valid() || !l.entry.is_leaf(l.level) {
+            return Ok(None);
+        }
+        Ok(Some(StoredLeaf {
+            gfn: Gfn(level_base(g, l.level)),
+            order: Order::of_level(l.level),
+            ty: l.entry.p2m_type(),
+            marked: l.marked,
+        }))
     }
 
     /// Maps `[gfn, gfn + 2^order)` to `mfn..` as `(ty, access)`, or removes

@@ -464,3 +464,28 @@ fn seed_scenario_change_type_before_and_after_lazy_copies() {
     host.destroy(&mut mem);
     assert_eq!(mem.outstanding(), 0);
 }
+
+#[test]
+fn stored_leaf_is_the_whole_mapping_a_change_recomputes() {
+    let (mut mem, mut p2m) = setup();
+    map(&mut mem, &mut p2m, G1, Order::PAGE_1G, 0);
+    map(&mut mem, &mut p2m, 5, Order::PAGE_4K, 0);
+    p2m.change_type_range(&mut mem, Gfn(G1 + M2), Gfn(G1 + 2 * M2 - 1), Rw, Logdirty)
+        .unwrap();
+    let l = p2m.stored_leaf(&mem, Gfn(G1 + M2 + 3)).unwrap().unwrap();
+    assert_eq!(
+        (l.gfn, l.order, l.ty, l.marked),
+        (Gfn(G1), Order::PAGE_1G, Rw, true)
+    );
+    // get_entry reports the uniform block it will resolve into instead.
+    let e = p2m.get_entry(&mem, Gfn(G1 + M2 + 3)).unwrap();
+    assert_eq!((e.order, e.ty), (Order::PAGE_2M, Logdirty));
+    let small = p2m.stored_leaf(&mem, Gfn(5)).unwrap().unwrap();
+    assert_eq!(
+        (small.gfn, small.order, small.marked),
+        (Gfn(5), Order::PAGE_4K, false)
+    );
+    assert_eq!(p2m.stored_leaf(&mem, Gfn(6)).unwrap(), None);
+    assert_eq!(p2m.stored_leaf(&mem, Gfn(3 * G1)).unwrap(), None);
+    assert!(p2m.stored_leaf(&mem, Gfn(Gfn::MAX.0 + 1)).is_err());
+}
