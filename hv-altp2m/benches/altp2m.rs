@@ -1,1 +1,262 @@
-fn main() {}
+//! Figures for hv-altp2m on the simulated memory: `cargo bench -p hv-altp2m`.
+//!
+//! - lazy copy: faults and time per GiB touched through a fresh view, with the
+//!   host mapping that GiB in 4K, 2M and 1G pages (every 4K page read once,
+//!   through the walk model, the fault handler on each exit);
+//! - one host change (a ram_rw <-> ram_logdirty retype of a 4K page, which
+//!   the view holding it follows) with 1, 16 and 511 views besides view 0,
+//!   one of which holds the gfn, the others empty or holding pages elsewhere
+//!   at several distances; the ratio to the 1-view case;
+//! - frames for 511 fresh views (512 with view 0, the host p2m).
+//!
+//! Nothing here asserts a time; the figures are printed.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use hv_altp2m::{Altp2m, Mapping, Outcome};
+use hv_ept::sim::SimMemory;
+use hv_ept::walk::{Access, AccessKind, EptFault, translate};
+use hv_ept::{DirtyBitmap, EptCaps, Gfn, Mfn, Order, P2m, P2mAccess, P2mType};
+
+const CAPS: EptCaps = EptCaps::ALL;
+const GIB: u64 = 1 << 18; // pages
+const M2: u64 = 1 << 9;
+
+struct Guest {
+    mem: SimMemory,
+    host: P2m,
+    dirty: DirtyBitmap,
+    alt: Altp2m,
+}
+
+fn guest() -> Guest {
+    let mut mem = SimMemory::new();
+    let host = P2m::new(&mut mem, CAPS).unwrap();
+    let mut alt = Altp2m::new(&mut mem, 1, 64).unwrap();
+    alt.enable(&mut mem, &host).unwrap();
+    Guest {
+        mem,
+        host,
+        dirty: DirtyBitmap::new(),
+        alt,
+    }
+}
+
+impl Guest {
+    fn map(&mut self, first: u64, pages: u64, order: Order, mfn: u64) {
+        let mut g = first;
+        while g < first + pages {
+            let m = Mapping {
+                mfn: Mfn(mfn + g - first),
+                ty: P2mType::RamRw,
+                access: P2mAccess::Rwx,
+            };
+            self.alt
+                .host_set_entry(&mut self.mem, &mut self.host, Gfn(g), order, m)
+                .unwrap();
+            g += order.pages();
+        }
+    }
+
+    /// Reads `gfn` from vCPU 0 like the guest: walk, handle exits, retry.
+    /// Returns the lazy copies it took.
+    fn touch(&mut self, eptp: u64, gfn: u64) -> u32 {
+        let mut faults = 0;
+        loop {
+            match translate(&mut self.mem, &CAPS, eptp, gfn << 12, Access::read()) {
+                Ok(t) => {
+                    black_box(t);
+                    return faults;
+                }
+                Err(EptFault::Violation { gpa, .. }) => {
+                    let o = self
+                        .alt
+                        .handle_violation(
+                            &mut self.mem,
+                            &mut self.host,
+                            &mut self.dirty,
+                            0,
+                            gpa,
+                            AccessKind::Read,
+                        )
+                        .unwrap();
+                    assert!(matches!(o, Outcome::LazyCopied { .. }), "{o:?}");
+                    faults += 1;
+                }
+                Err(other) => panic!("{other:?}"),
+            }
+        }
+    }
+}
+
+fn lazy_copy() {
+    println!("== lazy copy through a fresh view, 1 GiB read page by page");
+    println!(
+        "host pages   faults   faults/host page   ns/fault   ms/GiB touched   ms/GiB walk only"
+    );
+    for order in [Order::PAGE_4K, Order::PAGE_2M, Order::PAGE_1G] {
+        let mut g = guest();
+        g.map(0, GIB, order, GIB);
+        let v = g
+            .alt
+            .create_view(&mut g.mem, &g.host, P2mAccess::Rwx)
+            .unwrap();
+        g.alt.switch_vcpu(0, v).unwrap();
+        let eptp = g.alt.vcpu_eptp(&g.host, 0).unwrap();
+        let mut faults = 0u64;
+        let mut fault_time = Duration::ZERO;
+        let t = Instant::now();
+        for gfn in 0..GIB {
+            let f0 = Instant::now();
+            let n = g.touch(eptp, gfn);
+            if n > 0 {
+                fault_time += f0.elapsed();
+            }
+            faults += n as u64;
+        }
+        let total = t.elapsed();
+        // The same reads again: every page is held now, walks only.
+        let t = Instant::now();
+        for gfn in 0..GIB {
+            assert_eq!(g.touch(eptp, gfn), 0);
+        }
+        let walks = t.elapsed();
+        let host_pages = GIB / order.pages();
+        println!(
+            "{:>10}   {:>6}   {:>16.2}   {:>8.0}   {:>14.1}   {:>16.1}",
+            format!("{order:?}"),
+            faults,
+            faults as f64 / host_pages as f64,
+            fault_time.as_nanos() as f64 / faults as f64,
+            total.as_secs_f64() * 1e3,
+            walks.as_secs_f64() * 1e3,
+        );
+    }
+    println!("(ns/fault includes the failing walk, the handler and the retried walk)");
+}
+
+/// Where the views that do not hold the gfn hold their page.
+#[derive(Clone, Copy)]
+enum Others {
+    Empty,
+    OtherGib,
+    Same1gOther2m,
+    Same2m,
+}
+
+fn host_change() {
+    println!();
+    println!("== one host change (4K retype ram_rw <-> ram_logdirty), one view holds the gfn");
+    const G: u64 = GIB + 5 * M2 + 7;
+    let cases = [
+        (Others::Empty, "others empty"),
+        (Others::OtherGib, "others hold a page in another GiB"),
+        (
+            Others::Same1gOther2m,
+            "others hold a page in the same GiB, other 2M",
+        ),
+        (Others::Same2m, "others hold a page in the same 2M"),
+    ];
+    for (others, what) in cases {
+        let mut per_op = Vec::new();
+        for views in [1usize, 16, 511] {
+            let mut g = guest();
+            // 4K pages over [1G, 1G + 8M), 2M pages over the 2nd and 3rd GiB.
+            g.map(GIB, 4096, Order::PAGE_4K, 0x100_0000);
+            g.map(
+                GIB + 4096,
+                2 * GIB - 4096,
+                Order::PAGE_2M,
+                0x100_0000 + 4096,
+            );
+            let holder = g
+                .alt
+                .create_view(&mut g.mem, &g.host, P2mAccess::Rwx)
+                .unwrap();
+            g.alt.switch_vcpu(0, holder).unwrap();
+            let eptp = g.alt.vcpu_eptp(&g.host, 0).unwrap();
+            g.touch(eptp, G);
+            for k in 1..views as u64 {
+                let v = g
+                    .alt
+                    .create_view(&mut g.mem, &g.host, P2mAccess::Rwx)
+                    .unwrap();
+                let at = match others {
+                    Others::Empty => continue,
+                    Others::OtherGib => 2 * GIB + k * 8,
+                    Others::Same1gOther2m => GIB + 8 * M2 + k * M2,
+                    Others::Same2m => GIB + 5 * M2 + 8 + (k % 500),
+                };
+                g.alt.switch_vcpu(0, v).unwrap();
+                let e = g.alt.vcpu_eptp(&g.host, 0).unwrap();
+                g.touch(e, at);
+            }
+            g.alt.switch_vcpu(0, holder).unwrap();
+            let reps = 20_000u32;
+            let mut types = [P2mType::RamLogdirty, P2mType::RamRw].into_iter().cycle();
+            let t = Instant::now();
+            for _ in 0..reps {
+                let m = Mapping {
+                    mfn: Mfn(0x100_0000 + G - GIB),
+                    ty: types.next().unwrap(),
+                    access: P2mAccess::Rwx,
+                };
+                g.alt
+                    .host_set_entry(&mut g.mem, &mut g.host, Gfn(G), Order::PAGE_4K, m)
+                    .unwrap();
+            }
+            let change = t.elapsed().as_nanos() as f64 / reps as f64;
+            let held = g
+                .alt
+                .get_entry(&g.mem, &g.host, holder, Gfn(G))
+                .unwrap()
+                .unwrap();
+            assert!(held.held, "the holder followed the host");
+            let t = Instant::now();
+            for _ in 0..reps {
+                black_box(g.alt.take_flush(&mut g.host));
+            }
+            let flush = t.elapsed().as_nanos() as f64 / reps as f64;
+            per_op.push((views, change, flush));
+        }
+        println!("{what}:");
+        for &(views, change, flush) in &per_op {
+            println!(
+                "  {views:>3} views (+ view 0): {change:>8.0} ns/change ({:>5.2}x the 1-view case), take_flush {flush:>6.0} ns",
+                change / per_op[0].1
+            );
+        }
+        let r = per_op[2].1 / per_op[0].1;
+        println!("  ratio 512/1 views: {r:.2} (target <= 8)");
+    }
+}
+
+fn memory() {
+    println!();
+    println!("== frames for fresh views");
+    let mut mem = SimMemory::new();
+    let host = P2m::new(&mut mem, CAPS).unwrap();
+    let before = mem.outstanding();
+    let mut alt = Altp2m::new(&mut mem, 1, 64).unwrap();
+    alt.enable(&mut mem, &host).unwrap();
+    let lists = mem.outstanding() - before;
+    for _ in 1..512 {
+        alt.create_view(&mut mem, &host, P2mAccess::Rwx).unwrap();
+    }
+    let total = mem.outstanding() - before;
+    println!(
+        "512 views (view 0 is the host p2m, 511 created): {total} frames = {} table frames + {lists} list frames ({} KiB)",
+        total - lists,
+        total * 4
+    );
+    alt.destroy(&mut mem);
+    host.destroy(&mut mem);
+    assert_eq!(mem.outstanding(), 0);
+}
+
+fn main() {
+    lazy_copy();
+    host_change();
+    memory();
+}

@@ -30,6 +30,17 @@ pub struct MultiError {
     pub error: Error,
 }
 
+/// The multi forms: `f` for each item in order, stopping at the first error.
+fn each<T: Copy>(
+    items: &[(Gfn, T)],
+    mut f: impl FnMut(Gfn, T) -> Result<(), Error>,
+) -> Result<(), MultiError> {
+    for (done, &(gfn, value)) in items.iter().enumerate() {
+        f(gfn, value).map_err(|error| MultiError { done, error })?;
+    }
+    Ok(())
+}
+
 impl Altp2m {
     /// The view's effective entry at `gfn`; `None` where neither the view
     /// nor the host maps it.
@@ -99,11 +110,9 @@ impl Altp2m {
         view: u16,
         items: &[(Gfn, P2mAccess)],
     ) -> Result<(), MultiError> {
-        for (done, &(gfn, access)) in items.iter().enumerate() {
+        each(items, |gfn, access| {
             self.set_mem_access(mem, host, view, gfn, access)
-                .map_err(|error| MultiError { done, error })?;
-        }
-        Ok(())
+        })
     }
 
     /// The access at `gfn`: the view's entry's, or the default access where
@@ -138,11 +147,9 @@ impl Altp2m {
         view: u16,
         items: &[(Gfn, bool)],
     ) -> Result<(), MultiError> {
-        for (done, &(gfn, sve)) in items.iter().enumerate() {
+        each(items, |gfn, sve| {
             self.set_suppress_ve(mem, host, view, gfn, sve)
-                .map_err(|error| MultiError { done, error })?;
-        }
-        Ok(())
+        })
     }
 
     pub fn get_suppress_ve<M: EptMemory + ?Sized>(

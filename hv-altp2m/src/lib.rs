@@ -39,7 +39,7 @@
 //! leaves host and views as they were. `#![no_std]` + `alloc`, no `unsafe`.
 //!
 //! Tests: `cargo test -p hv-altp2m` (bounded property cases). Long run:
-//! `PROPTEST_CASES=2000 cargo test -p hv-altp2m --release --test prop`.
+//! `PROPTEST_CASES=5000 cargo test -p hv-altp2m --release --test prop`.
 //! Figures: `cargo bench -p hv-altp2m`. See `README.md`.
 #![no_std]
 #![forbid(unsafe_code)]

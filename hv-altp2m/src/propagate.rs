@@ -26,7 +26,7 @@ use hv_ept::{EntryInfo, EptMemory, Gfn, Leaf, Mfn, Order, P2m, P2mType, aligned_
 
 use crate::Altp2m;
 use crate::droplog::{DropLog, DropReason, Dropped};
-use crate::remap::{alias_type, remove};
+use crate::remap::{By, alias_type, remove};
 use crate::set::View;
 
 /// Leaves or remaps handled per batch: views change between batches, so a
@@ -278,7 +278,7 @@ impl Altp2m {
                 self.reconcile_leaves(mem, host, i, s, e);
             }
         }
-        self.reconcile_sources(mem, host, s, e, false);
+        self.reconcile_aliases(mem, host, By::Source, s, e, false);
     }
 
     /// After a lazy type change over `[s, e]` (or everywhere): rewrites the
@@ -291,27 +291,8 @@ impl Altp2m {
         s: u64,
         e: u64,
     ) {
-        for i in self.remapping.iter() {
-            let Some(mut r) = self.reconcile(i) else {
-                continue;
-            };
-            let mut from = s;
-            loop {
-                let mut batch = [(0, 0); BATCH];
-                let n = r.view.remaps.by_alias(from, e, &mut batch);
-                for &(alias, source) in &batch[..n] {
-                    r.alias(mem, host, source, alias, true);
-                }
-                if n < BATCH {
-                    break;
-                }
-                from = batch[n - 1].0 + 1;
-            }
-            if r.view.remaps.is_empty() {
-                self.remapping.remove(i);
-            }
-        }
-        self.reconcile_sources(mem, host, s, e, true);
+        self.reconcile_aliases(mem, host, By::Alias, s, e, true);
+        self.reconcile_aliases(mem, host, By::Source, s, e, true);
     }
 
     fn reconcile_leaves<M: EptMemory + ?Sized>(
@@ -352,12 +333,14 @@ impl Altp2m {
         }
     }
 
-    /// Checks every alias whose source lies in `[s, e]`, in the views whose
-    /// `[min_remapped_gfn, max_remapped_gfn]` meets it.
-    fn reconcile_sources<M: EptMemory + ?Sized>(
+    /// Checks every alias placed in `[s, e]` (`By::Alias`) or whose source
+    /// lies there (`By::Source`; only in views whose `[min_remapped_gfn,
+    /// max_remapped_gfn]` meets it) against its source.
+    fn reconcile_aliases<M: EptMemory + ?Sized>(
         &mut self,
         mem: &mut M,
         host: &P2m,
+        by: By,
         s: u64,
         e: u64,
         rewrite: bool,
@@ -366,21 +349,25 @@ impl Altp2m {
             let Some(mut r) = self.reconcile(i) else {
                 continue;
             };
-            if !r.view.remaps.sources_overlap(s, e) {
+            if by == By::Source && !r.view.remaps.sources_overlap(s, e) {
                 continue;
             }
             let mut from = (s, 0);
             loop {
                 let mut batch = [(0, 0); BATCH];
-                let n = r.view.remaps.by_source(from, e, &mut batch);
-                for &(source, alias) in &batch[..n] {
+                let n = r.view.remaps.batch(by, from, e, &mut batch);
+                for &(key, other) in &batch[..n] {
+                    let (alias, source) = match by {
+                        By::Alias => (key, other),
+                        By::Source => (other, key),
+                    };
                     r.alias(mem, host, source, alias, rewrite);
                 }
                 if n < BATCH {
                     break;
                 }
-                let (ls, la) = batch[n - 1];
-                from = (ls, la + 1);
+                let (key, other) = batch[n - 1];
+                from = (key, other + 1);
             }
             if r.view.remaps.is_empty() {
                 self.remapping.remove(i);

@@ -119,19 +119,37 @@ impl Remaps {
             .is_some_and(|(lo, hi)| lo <= end && start <= hi)
     }
 
-    /// Copies into `out` the (source, alias) pairs from `from` on whose source
-    /// is at most `end`; returns how many. Callers that change the remaps
-    /// work in such batches.
-    pub(crate) fn by_source(&self, from: (u64, u64), end: u64, out: &mut [(u64, u64)]) -> usize {
-        let i = self.by_source.partition_point(|&p| p < from);
-        batch(self.by_source[i..].iter().copied(), end, out)
-    }
-
-    /// As [`Remaps::by_source`], for (alias, source) pairs by alias.
-    pub(crate) fn by_alias(&self, from: u64, end: u64, out: &mut [(u64, u64)]) -> usize {
-        let i = self.by_alias.partition_point(|r| r.alias < from);
-        let pairs = self.by_alias[i..].iter().map(|r| (r.alias, r.source));
-        batch(pairs, end, out)
+    /// Copies into `out` the remaps from `from` on, as (key, other) pairs in
+    /// the order of `by` ((alias, source) or (source, alias)), while the key
+    /// is at most `end`; returns how many. Callers that change the remaps work
+    /// in such batches, going on from (last key, last other + 1).
+    pub(crate) fn batch(
+        &self,
+        by: By,
+        from: (u64, u64),
+        end: u64,
+        out: &mut [(u64, u64)],
+    ) -> usize {
+        let mut n = 0;
+        let mut fill = |pairs: &mut dyn Iterator<Item = (u64, u64)>| {
+            for (slot, p) in out.iter_mut().zip(pairs.take_while(|p| p.0 <= end)) {
+                *slot = p;
+                n += 1;
+            }
+        };
+        match by {
+            By::Alias => {
+                let i = self
+                    .by_alias
+                    .partition_point(|r| (r.alias, r.source) < from);
+                fill(&mut self.by_alias[i..].iter().map(|r| (r.alias, r.source)));
+            }
+            By::Source => {
+                let i = self.by_source.partition_point(|&p| p < from);
+                fill(&mut self.by_source[i..].iter().copied());
+            }
+        }
+        n
     }
 
     pub(crate) fn iter(&self) -> impl Iterator<Item = (Gfn, Gfn)> + '_ {
@@ -139,14 +157,11 @@ impl Remaps {
     }
 }
 
-/// Fills `out` with the pairs of a sorted sequence up to key `end`.
-fn batch(sorted: impl Iterator<Item = (u64, u64)>, end: u64, out: &mut [(u64, u64)]) -> usize {
-    let mut n = 0;
-    for (slot, p) in out.iter_mut().zip(sorted.take_while(|p| p.0 <= end)) {
-        *slot = p;
-        n += 1;
-    }
-    n
+/// Which end of a remap a batch is sorted and bounded by.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum By {
+    Alias,
+    Source,
 }
 
 /// Types a remap source may have: RAM.
@@ -270,10 +285,14 @@ mod tests {
         assert_eq!(r.source_of(10), Some(300), "re-pointed");
         assert_eq!(r.min_max_remapped_gfn(), Some((100, 300)));
         let mut out = [(0, 0); 8];
-        let n = r.by_source((100, 0), 250, &mut out);
+        let n = r.batch(By::Source, (100, 0), 250, &mut out);
         assert_eq!(&out[..n], [(100, 11), (200, 5)]);
-        let n = r.by_alias(6, u64::MAX, &mut out);
+        let n = r.batch(By::Source, (100, 11), 250, &mut out);
+        assert_eq!(&out[..n], [(100, 11), (200, 5)]);
+        let n = r.batch(By::Alias, (6, 0), u64::MAX, &mut out);
         assert_eq!(&out[..n], [(10, 300), (11, 100)]);
+        let n = r.batch(By::Alias, (10, 301), u64::MAX, &mut out);
+        assert_eq!(&out[..n], [(11, 100)]);
         assert!(r.sources_overlap(150, 250) && !r.sources_overlap(301, 400));
         assert_eq!(r.remove(10), Some(300));
         assert_eq!(r.min_max_remapped_gfn(), Some((100, 200)), "bounds shrink");

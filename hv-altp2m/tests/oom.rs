@@ -83,46 +83,55 @@ fn lazy_copies() {
     );
 }
 
+type Op = fn(&mut World) -> Result<(), Error>;
+
 #[test]
 fn access_sve_and_remaps_splitting_superpages() {
-    // Inside the 1G page view 1 holds: a PD and a PT.
-    assert_eq!(
-        at_every_allocation_failure(scene, |w| {
-            w.alt
-                .set_mem_access(&mut w.mem, &mut w.host, 1, Gfn(G1 + 7), P2mAccess::R)
-        }),
-        2
-    );
-    assert_eq!(
-        at_every_allocation_failure(scene, |w| {
-            w.alt
-                .set_suppress_ve(&mut w.mem, &mut w.host, 1, Gfn(M2 + 7), false)
-        }),
-        1
-    );
-    // A copy into the empty view.
-    assert_eq!(
-        at_every_allocation_failure(scene, |w| {
-            w.alt
-                .set_mem_access(&mut w.mem, &mut w.host, 2, Gfn(0x44), P2mAccess::Rx)
-        }),
-        3
-    );
-    // View 0: splits in the host.
-    assert_eq!(
-        at_every_allocation_failure(scene, |w| {
-            w.alt
-                .set_mem_access(&mut w.mem, &mut w.host, 0, Gfn(G1 + 3), P2mAccess::R)
-        }),
-        2
-    );
-    assert_eq!(
-        at_every_allocation_failure(scene, |w| {
-            w.alt
-                .change_gfn(&mut w.mem, &w.host, 1, Gfn(G1 + 9), Some(Gfn(0x10)))
-        }),
-        2
-    );
+    let cases: [(&str, Op, u64); 5] = [
+        (
+            "inside the 1G page view 1 holds: a PD and a PT",
+            |w| {
+                w.alt
+                    .set_mem_access(&mut w.mem, &mut w.host, 1, Gfn(G1 + 7), P2mAccess::R)
+            },
+            2,
+        ),
+        (
+            "inside its 2M page",
+            |w| {
+                w.alt
+                    .set_suppress_ve(&mut w.mem, &mut w.host, 1, Gfn(M2 + 7), false)
+            },
+            1,
+        ),
+        (
+            "a copy into the empty view",
+            |w| {
+                w.alt
+                    .set_mem_access(&mut w.mem, &mut w.host, 2, Gfn(0x44), P2mAccess::Rx)
+            },
+            3,
+        ),
+        (
+            "view 0: splits in the host",
+            |w| {
+                w.alt
+                    .set_mem_access(&mut w.mem, &mut w.host, 0, Gfn(G1 + 3), P2mAccess::R)
+            },
+            2,
+        ),
+        (
+            "a remap inside the 1G page",
+            |w| {
+                w.alt
+                    .change_gfn(&mut w.mem, &w.host, 1, Gfn(G1 + 9), Some(Gfn(0x10)))
+            },
+            2,
+        ),
+    ];
+    for (what, op, points) in cases {
+        assert_eq!(at_every_allocation_failure(scene, op), points, "{what}");
+    }
 }
 
 #[test]

@@ -614,29 +614,17 @@ impl Run {
                 fail,
             } => {
                 let g = gfn_of(at);
-                self.arm(fail);
-                let w = &mut self.w;
-                let r = w
-                    .alt
-                    .set_mem_access(&mut w.mem, &mut w.host, view, Gfn(g), access);
-                if self.hit(fail) {
-                    assert_eq!(r, Err(Error::NoMemory));
-                    return;
-                }
-                if !self.m.active(view) {
-                    assert_eq!(r, Err(Error::BadView));
-                    return;
-                }
-                let Some(e) = self.m.eff(view, g) else {
-                    assert_eq!(r, Err(Error::NotMapped));
-                    return;
+                let call = |w: &mut World| {
+                    w.alt
+                        .set_mem_access(&mut w.mem, &mut w.host, view, Gfn(g), access)
                 };
-                r.unwrap();
-                if view == 0 {
-                    self.m.host[index_of(g)] = Some((e.mfn, e.ty, access));
-                } else if let Some(v) = self.m.views[view as usize].as_mut() {
-                    v.ex.insert(g, (access, e.sve));
-                }
+                self.per_gfn(view, g, fail, call, |m, e| {
+                    if view == 0 {
+                        m.host[index_of(g)] = Some((e.mfn, e.ty, access));
+                    } else if let Some(v) = m.views[view as usize].as_mut() {
+                        v.ex.insert(g, (access, e.sve));
+                    }
+                });
             }
             Op::SetSve {
                 view,
@@ -645,27 +633,15 @@ impl Run {
                 fail,
             } => {
                 let g = gfn_of(at);
-                self.arm(fail);
-                let w = &mut self.w;
-                let r = w
-                    .alt
-                    .set_suppress_ve(&mut w.mem, &mut w.host, view, Gfn(g), sve);
-                if self.hit(fail) {
-                    assert_eq!(r, Err(Error::NoMemory));
-                    return;
-                }
-                if !self.m.active(view) {
-                    assert_eq!(r, Err(Error::BadView));
-                    return;
-                }
-                let Some(e) = self.m.eff(view, g) else {
-                    assert_eq!(r, Err(Error::NotMapped));
-                    return;
+                let call = |w: &mut World| {
+                    w.alt
+                        .set_suppress_ve(&mut w.mem, &mut w.host, view, Gfn(g), sve)
                 };
-                r.unwrap();
-                if let Some(v) = self.m.views[view as usize].as_mut() {
-                    v.ex.insert(g, (e.access, sve));
-                }
+                self.per_gfn(view, g, fail, call, |m, e| {
+                    if let Some(v) = m.views[view as usize].as_mut() {
+                        v.ex.insert(g, (e.access, sve));
+                    }
+                });
             }
             Op::ChangeGfn {
                 view,
@@ -716,6 +692,35 @@ impl Run {
                 }
             }
         }
+    }
+
+    /// `set_mem_access`/`set_suppress_ve`: the call (with `fail` armed) must
+    /// be refused as the model says, else succeed; `apply` updates the model
+    /// from the effective entry before the call.
+    fn per_gfn(
+        &mut self,
+        view: u16,
+        g: u64,
+        fail: Option<u64>,
+        call: impl FnOnce(&mut World) -> Result<(), Error>,
+        apply: impl FnOnce(&mut Model, Eff),
+    ) {
+        self.arm(fail);
+        let r = call(&mut self.w);
+        if self.hit(fail) {
+            assert_eq!(r, Err(Error::NoMemory));
+            return;
+        }
+        if !self.m.active(view) {
+            assert_eq!(r, Err(Error::BadView));
+            return;
+        }
+        let Some(e) = self.m.eff(view, g) else {
+            assert_eq!(r, Err(Error::NotMapped));
+            return;
+        };
+        r.unwrap();
+        apply(&mut self.m, e);
     }
 
     fn host_set(
