@@ -271,10 +271,13 @@ impl Altp2m {
         let mut holders = self.occupancy.candidates(s, e).intersection(&self.active);
         holders.remove(0);
         for i in holders.iter() {
-            let below = self.views[i]
-                .as_ref()
-                .is_some_and(|v| s <= v.p2m.max_mapped_pfn().0);
-            if below {
+            // The bound, then a walk that stops at the first mapping: most
+            // candidates from a coarse index hold nothing in the range.
+            let holds = self.views[i].as_ref().is_some_and(|v| {
+                s <= v.p2m.max_mapped_pfn().0
+                    && v.p2m.any_present(mem, Gfn(s), Gfn(e)).unwrap_or(true)
+            });
+            if holds {
                 self.reconcile_leaves(mem, host, i, s, e);
             }
         }

@@ -1,6 +1,6 @@
 //! Property test: random sequences of every operation (host mappings and
 //! removals, retypes, log-dirty ranges, global log-dirty, cleans, view
-//! creation/destruction/reset, visibility, hypervisor switches, VMFUNC
+//! creation/destruction/reset, disable/enable, visibility, hypervisor switches, VMFUNC
 //! switches through the CPU-visible list, set_mem_access, set_suppress_ve,
 //! change_gfn and its revert), with out-of-frames injected into the
 //! operations that allocate, and guest accesses from random vCPUs driven
@@ -110,6 +110,8 @@ enum Op {
         view: u16,
         on: bool,
     },
+    /// disable then enable: every view gone, every vCPU on view 0.
+    Restart,
     Switch {
         vcpu: usize,
         view: u16,
@@ -191,6 +193,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => slot.clone().prop_map(|slot| Op::Destroy { slot }),
         1 => slot.clone().prop_map(|slot| Op::Reset { slot }),
         1 => (view.clone(), prop::bool::weighted(0.7)).prop_map(|(view, on)| Op::Visible { view, on }),
+        1 => Just(Op::Restart),
         3 => (0..VCPUS, view.clone(), prop::bool::weighted(0.2)).prop_map(|(vcpu, view, all)| Op::Switch { vcpu, view, all }),
         2 => (0..VCPUS, 0..5usize).prop_map(|(vcpu, index)| Op::Vmfunc { vcpu, index }),
         12 => (0..VCPUS, at(), access_kind, fail())
@@ -568,6 +571,15 @@ impl Run {
                         v.visible = on;
                     }
                 }
+            }
+            Op::Restart => {
+                let w = &mut self.w;
+                w.alt.disable(&mut w.mem).unwrap();
+                w.alt.enable(&mut w.mem, &w.host).unwrap();
+                w.load_eptps();
+                self.m.views = [None, None, None, None];
+                self.m.vcpu = [0; VCPUS];
+                self.m.view0_visible = true;
             }
             Op::Switch { vcpu, view, all } => {
                 let r = if all {
