@@ -20,8 +20,9 @@ pub enum DropReason {
     /// The host changed the mapping (frame, or type other than a log-dirty
     /// transition) under the view's entry.
     MappingChanged,
-    /// A remap (alias) whose source gfn no longer maps the same RAM frame in
-    /// the host: the alias is gone and the gfn copies lazily from the host.
+    /// A remap (alias) whose source gfn no longer maps the same frame with
+    /// the same type in the host (a log-dirty transition aside): the alias is
+    /// gone and the gfn copies lazily from the host again.
     SourceChanged,
     /// No table frame to split a superpage precisely, so the whole mapping
     /// around the change was dropped instead.

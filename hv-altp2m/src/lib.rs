@@ -21,8 +21,9 @@
 //!   transition updates the view's type and keeps its access; another frame,
 //!   another type or no mapping drops the view's entry there (it copies
 //!   lazily again). An alias follows its source only: it is dropped when the
-//!   source stops mapping the same RAM frame, and kept whatever the host does
-//!   at the alias's own gfn. Only what was dropped is affected (never the
+//!   source stops mapping the same frame with the same type (a log-dirty
+//!   transition keeps it), and kept whatever the host does at the alias's own
+//!   gfn. Only what was dropped is affected (never the
 //!   whole view, as in Xen), and divergence lost is logged
 //!   ([`Altp2m::drain_dropped`]).
 //! - **TLB**: [`Altp2m::take_flush`] names the EPTPs (host = view 0) that

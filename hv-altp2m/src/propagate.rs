@@ -13,8 +13,9 @@
 //!
 //! An alias keeps following its source, whatever the host does at the
 //! alias's own gfn. Aliases whose source lies in `[s, e]` are checked
-//! against it: same RAM frame keeps them (their type follows), anything else
-//! drops them, so no view reaches a frame the host no longer maps there.
+//! against it by the same rule (same frame and type, or a log-dirty
+//! transition, keeps them; anything else drops them), so no view reaches a
+//! frame the host no longer maps there.
 //!
 //! Propagation never fails: where a superpage split runs out of frames, the
 //! whole superpage is dropped instead (a removal at a leaf's own level needs
