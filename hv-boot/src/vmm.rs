@@ -79,6 +79,27 @@ impl Platform for KernelPlatform {
         println!("guest: {line}");
     }
 
+    fn monitor_event(&mut self, line: &str) {
+        println!("monitor: {line}");
+    }
+
+    fn invept(&mut self, eptp: Option<u64>) {
+        match eptp {
+            Some(eptp) => hv_core::vm::invept_single(eptp),
+            None => hv_core::vm::invept_all(),
+        }
+    }
+
+    fn show_text(&mut self, cells: &[u8]) {
+        /// The VGA text buffer (80x25 cells), identity-mapped like all low memory.
+        const VGA_TEXT: usize = 0xb8000;
+        let len = cells.len().min(80 * 25 * 2);
+        // SAFETY: the legacy VGA text buffer is device memory no allocator
+        // hands out (the low megabyte is reserved); writing it only changes
+        // what the screen shows.
+        unsafe { core::ptr::copy_nonoverlapping(cells.as_ptr(), VGA_TEXT as *mut u8, len) };
+    }
+
     fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
         let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
         [r.eax, r.ebx, r.ecx, r.edx]
@@ -121,6 +142,7 @@ pub fn run_guest(caps: &VmxCaps, boot: &BootInfo, options: &Options) -> u8 {
         image,
         cmdline: &module.cmdline,
         force_multiboot1: options.guest_multiboot1,
+        altp2m_mode: options.altp2m_mode,
     };
     let free_before = memory::free_frames();
     let checksum_before = memory::isolation_checksum();
@@ -132,12 +154,14 @@ pub fn run_guest(caps: &VmxCaps, boot: &BootInfo, options: &Options) -> u8 {
         }
     };
     info!(
-        "vmm: guest of {} MiB ({} frames), {:?} entry {:#x}, boot information at {:#x}, command line '{}'",
+        "vmm: guest of {} MiB ({} frames), {:?} entry {:#x}, boot information at {:#x}, altp2m mode {:?}, \
+         command line '{}'",
         options.guest_memory_mib,
         vm.guest.ram_frames(),
         vm.guest.protocol,
         vm.guest.entry,
         vm.guest.boot_info,
+        options.altp2m_mode,
         module.cmdline
     );
     println!("vmx: launching the guest (tsc {})", platform::rdtsc());

@@ -8,7 +8,11 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
 
+use hv_abi::Altp2mMode;
+use hv_altp2m::Altp2m;
 use hv_ept::{DirtyBitmap, EptCaps, Gfn, Mfn, Order, P2m, P2mAccess, P2mType};
+
+use crate::display::Display;
 
 use crate::exit_reason::NUM_REASONS;
 use crate::loader::{self, ImageError, MapEntry, Protocol};
@@ -30,7 +34,34 @@ pub struct GuestConfig<'a> {
     pub cmdline: &'a str,
     /// Start an image that has both headers as Multiboot 1.
     pub force_multiboot1: bool,
+    /// What the guest may call of the altp2m interface.
+    pub altp2m_mode: Altp2mMode,
 }
+
+/// What the CPU lets the hypervisor offer this guest beyond the base set.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Features {
+    /// VMFUNC EPTP switching. Only with `ve` too: the view a vCPU switched
+    /// to is read back from the EPTP-index field, which comes with #VE.
+    pub vmfunc: bool,
+    /// EPT-violation #VE.
+    pub ve: bool,
+    /// The VMX-preemption timer (the display refresh tick).
+    pub tick: bool,
+}
+
+/// A single step in view 0 the hypervisor takes for the guest: an access a
+/// view denied (or a hidden breakpoint) runs once in the host p2m, then the
+/// vCPU returns to `view`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Step {
+    pub view: u16,
+    /// The guest's own RFLAGS.TF, restored after the step.
+    pub trap_flag: bool,
+}
+
+/// Drop-log entries kept between two drains.
+const DROP_LOG: usize = 256;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum GuestError {
@@ -140,6 +171,19 @@ pub struct Guest {
     /// Guest-physical address of the Multiboot information.
     pub boot_info: u64,
     pub entry: u32,
+    /// The guest's views. Every host p2m change goes through it.
+    pub altp2m: Altp2m,
+    pub altp2m_mode: Altp2mMode,
+    pub features: Features,
+    /// The #VE information page of the (one) vCPU and its frame, when
+    /// notification is on.
+    pub ve_page: Option<(Gfn, Mfn)>,
+    pub step: Option<Step>,
+    pub display: Option<Display>,
+    /// Frames the guest gave back (balloon), sorted: not freed again at teardown.
+    released: Vec<u64>,
+    /// Hypercalls refused by the altp2m mode that were already logged.
+    pub refusals_logged: u128,
 }
 
 /// IA32_APIC_BASE at reset: the xAPIC at 0xFEE00000, enabled, boot processor.
@@ -152,6 +196,7 @@ impl Guest {
         config: &GuestConfig<'_>,
         caps: EptCaps,
         cr_fixed: crate::cr::Fixed,
+        features: Features,
         platform: &mut impl Platform,
     ) -> Result<Self, GuestError> {
         if config.memory_mib < 2 || config.memory_mib > 1 << 20 {
@@ -165,6 +210,13 @@ impl Guest {
         let plan = loader::plan(config.image, &ram_ranges, config.force_multiboot1)
             .map_err(GuestError::Image)?;
         let p2m = P2m::new(platform, caps)?;
+        let altp2m = match Altp2m::new(platform, 1, DROP_LOG) {
+            Ok(altp2m) => altp2m,
+            Err(_) => {
+                p2m.destroy(platform);
+                return Err(GuestError::NoMemory);
+            }
+        };
         let mut guest = Guest {
             p2m,
             ram: Vec::new(),
@@ -196,6 +248,14 @@ impl Guest {
             protocol: plan.protocol,
             boot_info: 0,
             entry: plan.entry,
+            altp2m,
+            altp2m_mode: config.altp2m_mode,
+            features,
+            ve_page: None,
+            step: None,
+            display: None,
+            released: Vec::new(),
+            refusals_logged: 0,
         };
         let built = guest
             .populate(&ram_ranges, platform)
@@ -283,12 +343,58 @@ impl Guest {
         Ok(())
     }
 
-    /// Gives every frame back: RAM and EPT tables.
+    /// Gives every frame back: the display copy, the views, RAM and EPT tables.
     pub fn destroy(self, platform: &mut impl Platform) {
+        if let Some(display) = self.display {
+            display.destroy(platform);
+        }
+        self.altp2m.destroy(platform);
         for chunk in &self.ram {
-            platform.free_frames(chunk.mfn, chunk.frames);
+            for mfn in chunk.mfn.0..chunk.mfn.0 + chunk.frames {
+                if self.released.binary_search(&mfn).is_err() {
+                    platform.free_frames(Mfn(mfn), 1);
+                }
+            }
         }
         self.p2m.destroy(platform);
+    }
+
+    /// The frame behind `gfn` if it is writable guest RAM, for structures the
+    /// hypervisor keeps pointing at (the #VE page) or gives away (balloon).
+    pub fn ram_page(&self, platform: &impl Platform, gfn: Gfn) -> Option<Mfn> {
+        self.ram_frame(platform, gfn.0.checked_mul(PAGE)?, true)
+            .ok()
+            .map(|(mfn, _)| mfn)
+    }
+
+    /// Takes a page from the guest (balloon): it leaves the host p2m and every
+    /// view, cached translations are flushed, and its frame goes back to the
+    /// hypervisor.
+    pub fn release_page(
+        &mut self,
+        platform: &mut impl Platform,
+        gfn: Gfn,
+    ) -> Result<(), hv_altp2m::Error> {
+        let mfn = self
+            .ram_page(platform, gfn)
+            .ok_or(hv_altp2m::Error::NotMapped)?;
+        if !self
+            .ram
+            .iter()
+            .any(|c| (c.mfn.0..c.mfn.0 + c.frames).contains(&mfn.0))
+        {
+            return Err(hv_altp2m::Error::NotMapped);
+        }
+        self.released
+            .try_reserve(1)
+            .map_err(|_| hv_altp2m::Error::NoMemory)?;
+        self.altp2m
+            .host_remove(platform, &mut self.p2m, gfn, Order::PAGE_4K)?;
+        crate::views::flush(self, platform);
+        platform.free_frames(mfn, 1);
+        let at = self.released.binary_search(&mfn.0).unwrap_or_else(|at| at);
+        self.released.insert(at, mfn.0);
+        Ok(())
     }
 
     /// Frames of guest RAM.

@@ -1,7 +1,7 @@
 //! What the VMX layer needs from the machine, in one trait: frames (for guest
 //! RAM, VMCSs, bitmaps and EPT tables), byte access to physical memory,
-//! where a guest's console lines go, and the two instructions exit handlers
-//! execute for the guest (CPUID, XSETBV). The kernel implements it over its frame
+//! where a guest's console lines go and its display is shown, and the
+//! instructions exit handlers execute for the guest (CPUID, XSETBV, INVEPT). The kernel implements it over its frame
 //! allocator and direct map; host tests over a simulated memory.
 
 use hv_ept::{EptMemory, Mfn};
@@ -30,8 +30,19 @@ pub trait Platform: EptMemory {
     /// A complete line the guest wrote to its console.
     fn guest_console_line(&mut self, line: &str);
 
+    /// A monitor event (altp2m access violation, breakpoint, dropped view
+    /// entry...), one structured line.
+    fn monitor_event(&mut self, line: &str);
+
     /// CPUID on the real CPU: EAX, EBX, ECX, EDX.
     fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4];
+
+    /// INVEPT: single-context for `Some(eptp)`, all contexts for `None`.
+    fn invept(&mut self, eptp: Option<u64>);
+
+    /// Shows a text screen (80x25 cells of character and attribute bytes):
+    /// the VGA text buffer on a PC.
+    fn show_text(&mut self, cells: &[u8]);
 
     /// XSETBV on the real CPU (the guest's extended-state mask stays loaded:
     /// the hypervisor itself uses no extended state).

@@ -19,7 +19,11 @@ pub struct SimPlatform {
     /// Fail allocations once this many frames are out.
     pub limit: Option<usize>,
     pub console: Vec<String>,
+    pub events: Vec<String>,
     pub xcr0: Option<u64>,
+    /// INVEPTs done: `Some(eptp)` single-context, `None` all contexts.
+    pub inveptions: Vec<Option<u64>>,
+    pub screen: Vec<u8>,
 }
 
 impl SimPlatform {
@@ -108,6 +112,10 @@ impl Platform for SimPlatform {
         self.console.push(line.into());
     }
 
+    fn monitor_event(&mut self, line: &str) {
+        self.events.push(line.into());
+    }
+
     fn cpuid(&self, leaf: u32, _subleaf: u32) -> [u32; 4] {
         match leaf {
             // x87, SSE, AVX.
@@ -118,5 +126,13 @@ impl Platform for SimPlatform {
 
     fn xsetbv(&mut self, _index: u32, value: u64) {
         self.xcr0 = Some(value);
+    }
+
+    fn invept(&mut self, eptp: Option<u64>) {
+        self.inveptions.push(eptp);
+    }
+
+    fn show_text(&mut self, cells: &[u8]) {
+        self.screen = cells.to_vec();
     }
 }

@@ -11,19 +11,17 @@ use crate::caps::VmxCaps;
 use crate::cr;
 use crate::exit_reason::{self, ENTRY_FAILURE_BIT, NUM_REASONS};
 use crate::exits::{self, ExitCtx, Flow, GuestEnd, PASS_READ, PASS_WRITE, StopReason};
-use crate::guest::{Guest, GuestConfig, GuestError};
+use crate::guest::{Features, Guest, GuestConfig, GuestError};
 use crate::platform::Platform;
-use crate::state;
 use crate::vcpu::{self, Entry, GuestRegisters};
 use crate::vmcs::{
     Controls, CurrentVmcs, MissingFeature, Vmcs, Wants, dump_guest_state, msr_bitmap,
 };
 use crate::vmx::{self, VmxError};
+use crate::{state, views};
 
 /// The VPID of guest vCPUs (the hypervisor runs with VPID 0).
 const GUEST_VPID: u64 = 1;
-/// Exceptions that always exit: machine checks.
-const EXCEPTION_BITMAP: u64 = 1 << 18;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VmError {
@@ -72,6 +70,16 @@ impl Vm {
         wants: Wants,
         platform: &mut impl Platform,
     ) -> Result<Self, VmError> {
+        let features = Features {
+            vmfunc: caps.eptp_switching() && caps.ept_violation_ve(),
+            ve: caps.ept_violation_ve(),
+            tick: caps.preemption_timer(),
+        };
+        let wants = Wants {
+            preemption_timer: wants.preemption_timer || features.tick,
+            vm_functions: wants.vm_functions || features.vmfunc,
+            virtualization_exceptions: wants.virtualization_exceptions || features.ve,
+        };
         let controls = Controls::compute(caps, wants).map_err(VmError::Missing)?;
         let ept_caps = EptCaps::from_msr(caps.msrs.ept_vpid_cap, physical_address_bits(platform));
         let m = &caps.msrs;
@@ -81,7 +89,8 @@ impl Vm {
             cr4_fixed0: m.cr4_fixed0,
             cr4_fixed1: m.cr4_fixed1,
         };
-        let guest = Guest::create(config, ept_caps, fixed, platform).map_err(VmError::Guest)?;
+        let guest =
+            Guest::create(config, ept_caps, fixed, features, platform).map_err(VmError::Guest)?;
         let frames = (platform.alloc_frames(1, 1), platform.alloc_frames(2, 1));
         let (Some(msr_frame), Some(io_frames)) = frames else {
             if let Some(f) = frames.0 {
@@ -151,7 +160,6 @@ impl Vm {
         );
         vmcs.write(control::VMEXIT_CONTROLS, u64::from(c.exit));
         vmcs.write(control::VMENTRY_CONTROLS, u64::from(c.entry));
-        vmcs.write(control::EXCEPTION_BITMAP, EXCEPTION_BITMAP);
         vmcs.write(control::PAGE_FAULT_ERR_CODE_MASK, 0);
         vmcs.write(control::PAGE_FAULT_ERR_CODE_MATCH, 0);
         vmcs.write(control::CR3_TARGET_COUNT, 0);
@@ -182,15 +190,14 @@ impl Vm {
                 u64::from(period),
             );
         }
+        views::apply(vmcs, &self.guest);
     }
 
     /// Runs the guest until it exits or is stopped.
     pub fn run(&mut self, platform: &mut impl Platform) -> GuestEnd {
         let mut vmcs = CurrentVmcs;
         loop {
-            if self.guest.p2m.take_flush_needed() {
-                invept_single(self.eptp);
-            }
+            views::flush(&mut self.guest, platform);
             // SAFETY: VMX is on and this VM's VMCS is current and complete
             // (`create`), with the host RIP of `vcpu::exit_entry_address`.
             let entry = unsafe { vcpu::enter(&mut self.regs, self.launched) };
@@ -200,12 +207,29 @@ impl Vm {
             self.launched = true;
             let reason = vmcs.read(ro::EXIT_REASON) as u32;
             let basic = (reason & 0xffff) as u16;
+            log::trace!(
+                "vmx: exit {} ({}) at rip {:#x}",
+                basic,
+                exit_reason::name(basic),
+                vmcs.read(x86::vmx::vmcs::guest::RIP)
+            );
             if let Some(count) = self.guest.counters.get_mut(usize::from(basic)) {
                 *count += 1;
             }
             if reason & ENTRY_FAILURE_BIT != 0 {
                 let why = format!("exit reason {} ({})", basic, exit_reason::name(basic));
                 return self.report_entry_failure(why, &vmcs, platform);
+            }
+            if views::sync(&vmcs, &mut self.guest).is_err() {
+                let mut ctx = ExitCtx {
+                    vmcs: &mut vmcs,
+                    regs: &mut self.regs,
+                    guest: &mut self.guest,
+                    platform,
+                };
+                return ctx.report_stop(StopReason::Internal(
+                    "the vCPU runs on a view altp2m never allowed",
+                ));
             }
             let mut ctx = ExitCtx {
                 vmcs: &mut vmcs,
@@ -264,7 +288,8 @@ impl Vm {
     pub fn destroy(self, platform: &mut impl Platform) {
         // SAFETY: VMCLEAR of this VM's own region, which is no longer entered.
         let _ = unsafe { x86::bits64::vmx::vmclear(self.vmcs_region.hpa()) };
-        invept_single(self.eptp);
+        // Views and host: every EPTP this guest ever used.
+        platform.invept(None);
         platform.free_frames(self.vmcs_region, 1);
         platform.free_frames(self.msr_bitmap, 1);
         platform.free_frames(self.io_bitmaps, 2);
@@ -280,6 +305,17 @@ pub fn invept_single(eptp: u64) {
     // descriptor is a valid 16-byte memory operand.
     unsafe {
         core::arch::asm!("invept {}, [{}]", in(reg) 1u64, in(reg) descriptor.as_ptr(), options(nostack));
+    }
+}
+
+/// INVEPT all-context (x86 0.52 has no INVEPT wrapper).
+pub fn invept_all() {
+    let descriptor: [u64; 2] = [0, 0];
+    // SAFETY: INVEPT only drops cached translations; type 2 (all contexts)
+    // is supported wherever single-context is on the CPUs we run on, and the
+    // controls check single-context; an unsupported type fails without effect.
+    unsafe {
+        core::arch::asm!("invept {}, [{}]", in(reg) 2u64, in(reg) descriptor.as_ptr(), options(nostack));
     }
 }
 

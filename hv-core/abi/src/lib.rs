@@ -90,12 +90,23 @@ pub mod call {
 
     /// RDI = first gfn, RSI = pages (at most 64): the hypervisor tracks this
     /// range as the guest's framebuffer (log-dirty) and keeps a display copy.
+    /// RSI = 0 stops tracking.
     pub const DISPLAY_SET: u64 = 0x50;
     /// Copies the framebuffer's dirty pages to the display copy. Returns the
     /// number of pages copied.
     pub const DISPLAY_REFRESH: u64 = 0x51;
     /// Returns the FNV-1a checksum (low 63 bits) of the display copy.
     pub const DISPLAY_CHECKSUM: u64 = 0x52;
+}
+
+/// The display checksum (`DISPLAY_CHECKSUM`): FNV-1a over the bytes, low 63
+/// bits (so it is a non-negative hypercall result). Guests compute the same
+/// over their framebuffer to compare.
+pub fn display_checksum(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    let hash = bytes.into_iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    hash & (u64::MAX >> 1)
 }
 
 /// What the guest itself may call of the altp2m interface (Xen's

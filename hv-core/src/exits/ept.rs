@@ -1,21 +1,30 @@
-//! EPT violations and misconfigurations on the host p2m.
+//! EPT violations and misconfigurations, in the view the vCPU runs on
+//! (view 0 is the host p2m). The views decide what a violation is:
 //!
-//! A write to a log-dirty page is the log-dirty fault: the page is marked
-//! dirty and made writable. A misconfiguration is a pending lazy type change
-//! and is resolved. Anything else is the guest touching guest-physical
-//! memory that is not its own: the hypervisor reports it and injects #GP,
-//! so the guest can handle it; a guest that keeps doing it is stopped.
-//! Qualification layout: SDM Vol. 3C table "Exit Qualification for EPT
-//! Violations".
+//! - a hole in a view the host maps: lazy copy; a write to a log-dirty
+//!   page: logged and made writable everywhere; an `rx2rw`/`n2rwx` entry:
+//!   converted. The guest resumes.
+//! - an access the view's entry denies (a monitor's restriction the CPU did
+//!   not turn into #VE): a monitor event, then the instruction runs once in
+//!   view 0 (single-stepped) and the vCPU returns to its view. In view 0
+//!   itself there is nowhere to step to: the guest gets #GP.
+//! - nothing mapped at all: the guest touched memory that is not its own.
+//!   The hypervisor reports it and injects #GP; a guest that keeps doing it
+//!   is stopped.
+//!
+//! Qualification layout: SDM Vol. 3C table "Exit Qualification for EPT Violations".
 
-use hv_ept::{Gfn, P2mType};
+use alloc::format;
+
+use hv_altp2m::Outcome;
+use hv_ept::walk::AccessKind;
 use x86::vmx::vmcs::ro;
 
 use super::{ExitCtx, Flow, StopReason};
 use crate::platform::Platform;
+use crate::views::{self, access_name, kind_name};
 use crate::vmcs::Vmcs;
 
-const READ: u64 = 1 << 0;
 const WRITE: u64 = 1 << 1;
 const FETCH: u64 = 1 << 2;
 /// IDT-vectoring information valid: the exit happened while delivering an event.
@@ -23,37 +32,82 @@ const VECTORING_VALID: u64 = 1 << 31;
 /// A guest that strays this often is broken beyond help.
 pub const MAX_STRAY_ACCESSES: u64 = 100_000;
 
-pub fn access_name(qualification: u64) -> &'static str {
-    match qualification & (READ | WRITE | FETCH) {
-        WRITE | 3 => "write",
-        FETCH | 5 => "fetch",
-        _ => "read",
+fn kind(qualification: u64) -> AccessKind {
+    if qualification & WRITE != 0 {
+        AccessKind::Write
+    } else if qualification & FETCH != 0 {
+        AccessKind::Fetch
+    } else {
+        AccessKind::Read
     }
 }
 
 pub fn violation<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> Flow {
     let q = ctx.qualification();
     let gpa = ctx.vmcs.read(ro::GUEST_PHYSICAL_ADDR_FULL);
-    let gfn = Gfn(gpa >> 12);
-    let info = ctx.guest.p2m.get_entry(ctx.platform, gfn);
-    if let Ok(info) = info
-        && q & WRITE != 0
-        && info.ty == P2mType::RamLogdirty
-    {
-        return match ctx
-            .guest
-            .p2m
-            .logdirty_write_fault(ctx.platform, &mut ctx.guest.dirty, gfn)
-        {
-            Ok(_) => Flow::Resume,
-            Err(_) => ctx.stop(StopReason::Internal("out of memory for the dirty log")),
-        };
+    let kind = kind(q);
+    let g = &mut *ctx.guest;
+    let outcome = g
+        .altp2m
+        .handle_violation(ctx.platform, &mut g.p2m, &mut g.dirty, 0, gpa, kind);
+    match outcome {
+        Ok(Outcome::LazyCopied { .. } | Outcome::LogDirty { .. } | Outcome::Retry) => Flow::Resume,
+        Ok(Outcome::Converted {
+            view,
+            gfn,
+            from,
+            to,
+        }) => {
+            let line = format!(
+                "access view={view} gfn={:#x} access={} rip={:#x} action=converted {}->{}",
+                gfn.0,
+                kind_name(kind),
+                ctx.rip(),
+                access_name(from),
+                access_name(to)
+            );
+            ctx.platform.monitor_event(&line);
+            Flow::Resume
+        }
+        Ok(Outcome::Violation(v)) => {
+            let stepped = v.view != 0 && views::start_step(ctx.vmcs, ctx.guest, v.view).is_ok();
+            let line = format!(
+                "access view={} gfn={:#x} access={} entry={} rip={:#x} action={}",
+                v.view,
+                v.gfn.0,
+                kind_name(kind),
+                access_name(v.access),
+                ctx.rip(),
+                if stepped { "step-in-view-0" } else { "gp" }
+            );
+            ctx.platform.monitor_event(&line);
+            if stepped {
+                Flow::Resume
+            } else {
+                ctx.general_protection()
+            }
+        }
+        Ok(Outcome::NotMapped { .. }) | Err(hv_altp2m::Error::GfnOutOfRange) => {
+            stray(ctx, gpa, kind)
+        }
+        Err(hv_altp2m::Error::NoMemory) => ctx.stop(StopReason::Internal(
+            "out of memory handling an EPT violation",
+        )),
+        Err(_) => ctx.stop(StopReason::Internal("altp2m state does not match the vCPU")),
     }
+}
+
+/// An access to guest-physical memory that is not the guest's.
+fn stray<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>, gpa: u64, kind: AccessKind) -> Flow {
     ctx.guest.stray_accesses += 1;
-    let rip = ctx.rip();
+    let what = match kind {
+        AccessKind::Read => "read",
+        AccessKind::Write => "write",
+        AccessKind::Fetch => "fetch",
+    };
     log::warn!(
-        "guest: EPT violation: {} of {gpa:#x} at rip {rip:#x}: not guest memory (#GP injected)",
-        access_name(q)
+        "guest: EPT violation: {what} of {gpa:#x} at rip {:#x}: not guest memory (#GP injected)",
+        ctx.rip()
     );
     if ctx.vmcs.read(ro::IDT_VECTORING_INFO) & VECTORING_VALID != 0 {
         return ctx.stop(StopReason::Unsupported(
@@ -68,11 +122,8 @@ pub fn violation<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> Flow {
 
 pub fn misconfig<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> Flow {
     let gpa = ctx.vmcs.read(ro::GUEST_PHYSICAL_ADDR_FULL);
-    match ctx
-        .guest
-        .p2m
-        .resolve_misconfig(ctx.platform, Gfn(gpa >> 12))
-    {
+    let g = &mut *ctx.guest;
+    match g.altp2m.resolve_misconfig(ctx.platform, &mut g.p2m, 0, gpa) {
         Ok(true) => Flow::Resume,
         Ok(false) => ctx.stop(StopReason::Internal(
             "EPT misconfiguration without a pending type change",

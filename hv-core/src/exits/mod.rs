@@ -101,6 +101,11 @@ pub enum Flow {
 impl<V: Vmcs, P: Platform> ExitCtx<'_, V, P> {
     /// Stops the guest, printing why and the guest state.
     pub fn stop(&mut self, why: StopReason) -> Flow {
+        Flow::Stop(self.report_stop(why))
+    }
+
+    /// [`ExitCtx::stop`], for callers outside exit dispatch.
+    pub fn report_stop(&mut self, why: StopReason) -> GuestEnd {
         self.guest.console.flush(self.platform);
         log::error!("guest stopped: {why}");
         let mut state = String::new();
@@ -114,7 +119,7 @@ impl<V: Vmcs, P: Platform> ExitCtx<'_, V, P> {
         for line in state.lines() {
             log::error!("{line}");
         }
-        Flow::Stop(GuestEnd::Stopped(why))
+        GuestEnd::Stopped(why)
     }
 
     pub fn rip(&self) -> u64 {
@@ -154,8 +159,11 @@ pub fn handle<V: Vmcs, P: Platform>(basic: u16, ctx: &mut ExitCtx<'_, V, P>) -> 
         reason::IO_INSTRUCTION => io::handle(ctx),
         reason::RDMSR => msr::read(ctx),
         reason::WRMSR => msr::write(ctx),
-        // MONITOR/MWAIT are hidden from CPUID; VMX instructions are not offered.
-        reason::MWAIT | reason::MONITOR | 19..=27 | 50 | 53 => ctx.invalid_opcode(),
+        // MONITOR/MWAIT are hidden from CPUID; VMX instructions are not
+        // offered; a VMFUNC exits only for an invalid or hidden view.
+        reason::MWAIT | reason::MONITOR | reason::VMFUNC | 19..=27 | 50 | 53 => {
+            ctx.invalid_opcode()
+        }
         reason::EPT_VIOLATION => ept::violation(ctx),
         reason::EPT_MISCONFIG => ept::misconfig(ctx),
         reason::PREEMPTION_TIMER => preemption_timer::handle(ctx),

@@ -9,13 +9,18 @@ use x86::vmx::vmcs::{control, guest as g, ro};
 
 use super::*;
 use crate::cr::tests::BOCHS;
-use crate::guest::{Guest, GuestConfig, GuestError};
+use crate::guest::{Features, Guest, GuestConfig, GuestError};
 use crate::loader::tests::elf;
 use crate::testing::SimPlatform;
 use crate::vcpu::GuestRegisters;
 use crate::vmcs::tests::FakeVmcs;
 
 const IMAGE_AT: u64 = 0x20_0000;
+const FEATURES: Features = Features {
+    vmfunc: true,
+    ve: true,
+    tick: true,
+};
 
 fn image() -> Vec<u8> {
     elf(IMAGE_AT, 0x2000, 0x4000, IMAGE_AT + 0x40, None, true)
@@ -27,12 +32,13 @@ fn config(image: &[u8]) -> GuestConfig<'_> {
         image,
         cmdline: "scenario=test",
         force_multiboot1: false,
+        altp2m_mode: hv_abi::Altp2mMode::Mixed,
     }
 }
 
 fn new_guest(platform: &mut SimPlatform) -> Guest {
     let image = image();
-    Guest::create(&config(&image), EptCaps::ALL, BOCHS, platform).unwrap()
+    Guest::create(&config(&image), EptCaps::ALL, BOCHS, FEATURES, platform).unwrap()
 }
 
 struct Machine {
@@ -130,7 +136,13 @@ fn guest_creation_out_of_memory_at_every_point_leaks_nothing() {
     for limit in 0..40 {
         let mut platform = SimPlatform::new();
         platform.limit = Some(limit);
-        let result = Guest::create(&config(&image), EptCaps::ALL, BOCHS, &mut platform);
+        let result = Guest::create(
+            &config(&image),
+            EptCaps::ALL,
+            BOCHS,
+            FEATURES,
+            &mut platform,
+        );
         match result {
             Err(GuestError::NoMemory) => assert_eq!(platform.outstanding(), 0, "limit {limit}"),
             Ok(guest) => {
@@ -149,12 +161,19 @@ fn a_bad_image_is_refused_before_any_memory_is_taken() {
         &config(b"\x7fELF garbage"),
         EptCaps::ALL,
         BOCHS,
+        FEATURES,
         &mut platform,
     );
     assert!(matches!(result, Err(GuestError::Image(_))));
     assert_eq!(platform.outstanding(), 0);
     let outside = elf(0x7f_f000, 0x2000, 0x2000, 0x7f_f000, None, true);
-    let result = Guest::create(&config(&outside), EptCaps::ALL, BOCHS, &mut platform);
+    let result = Guest::create(
+        &config(&outside),
+        EptCaps::ALL,
+        BOCHS,
+        FEATURES,
+        &mut platform,
+    );
     assert!(matches!(
         result,
         Err(GuestError::Image(
@@ -282,8 +301,11 @@ fn a_write_to_a_log_dirty_page_marks_it_and_makes_it_writable() {
         m.guest.p2m.get_entry(&m.platform, gfn).unwrap().ty,
         P2mType::RamLogdirty
     );
+    // As the CPU does: the marked entry first gives a misconfiguration; once
+    // resolved, the write to the (now read-only) log-dirty page a violation.
     m.vmcs
         .write(ro::GUEST_PHYSICAL_ADDR_FULL, gfn.0 << 12 | 0x10);
+    assert!(stopped(m.exit(crate::exit_reason::EPT_MISCONFIG)).is_none());
     m.vmcs.write(ro::EXIT_QUALIFICATION, 0b10 | 0b101 << 3);
     assert!(stopped(m.exit(crate::exit_reason::EPT_VIOLATION)).is_none());
     assert!(m.guest.dirty.is_dirty(gfn));

@@ -4,12 +4,16 @@
 //! with status 0 if all passed, 1 otherwise (or the status `exit=N` asks for).
 //!
 //! Scenarios: `memmap cpuid msr io hypercall` (the default set, checks of
-//! what the hypervisor offers), `cpuid-bench` (a figure), `isolation`
-//! (sweeps guest-physical addresses outside its RAM), `triple-fault` and
-//! `unhandled` (end the guest the hard way).
+//! what the hypervisor offers), `isolation` (sweeps guest-physical addresses
+//! outside its RAM), `triple-fault` and `unhandled` (end the guest the hard
+//! way); altp2m: `altp2m` (every call, good and bad arguments),
+//! `mode-external`, `mode-limited`, `vmfunc`, `ve`, `hidden-breakpoint`,
+//! `balloon`, `display`, `display-late`; figures: `cpuid-bench`,
+//! `vmfunc-bench`, `lazy-copy-bench`, `display-bench`.
 #![no_std]
 #![no_main]
 
+mod altp2m;
 mod console;
 mod probe;
 mod scenarios;
@@ -70,8 +74,15 @@ pub fn exit(status: u8) -> ! {
     }
 }
 
+/// #VE, the virtualization exception.
+const VE: u64 = 20;
+
 extern "C" fn exception(frame: &mut ExceptionFrame) {
     if probe::recover(frame) {
+        return;
+    }
+    if frame.vector == VE {
+        altp2m::on_ve();
         return;
     }
     let cr2 = x86_64::registers::control::Cr2::read_raw();

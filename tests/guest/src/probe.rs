@@ -14,7 +14,8 @@ unsafe extern "C" {
     fn probe_write(address: u64, value: u64);
     fn probe_rdmsr(msr: u32) -> u64;
     fn probe_wrmsr(msr: u32, value: u64);
-    static probe_table: [[u64; 2]; 4];
+    fn probe_vmfunc(index: u32);
+    static probe_table: [[u64; 2]; 5];
 }
 
 core::arch::global_asm!(
@@ -45,12 +46,18 @@ probe_wrmsr:
     shr rdx, 32
 7:  wrmsr
 8:  ret
+    .global probe_vmfunc
+probe_vmfunc:
+    xor eax, eax
+    mov ecx, edi
+9:  vmfunc
+10: ret
 
     .section .rodata.probe, "a"
     .balign 8
     .global probe_table
 probe_table:
-    .quad 1b, 2b, 3b, 4b, 5b, 6b, 7b, 8b
+    .quad 1b, 2b, 3b, 4b, 5b, 6b, 7b, 8b, 9b, 10b
 "#
 );
 
@@ -95,6 +102,15 @@ pub fn rdmsr(msr: u32) -> Result<u64, u8> {
     FAULT.store(0, Ordering::Relaxed);
     // SAFETY: a #GP from a missing MSR is recovered.
     outcome(unsafe { probe_rdmsr(msr) })
+}
+
+/// VMFUNC leaf 0 (EPTP switching) to view `index`.
+pub fn vmfunc(index: u32) -> Result<(), u8> {
+    FAULT.store(0, Ordering::Relaxed);
+    // SAFETY: a #UD (invalid or hidden view) is recovered; a valid switch only
+    // changes which EPT view translates the guest's memory.
+    unsafe { probe_vmfunc(index) };
+    outcome(())
 }
 
 pub fn wrmsr(msr: u32, value: u64) -> Result<(), u8> {

@@ -6,9 +6,9 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use hv_abi::{call, error};
 use hv_boot::bootinfo::{BootInfo, RegionKind};
 
-use crate::{console, println, probe, rdtsc};
+use crate::{altp2m, console, println, probe, rdtsc};
 
-type Outcome = Result<(), &'static str>;
+pub type Outcome = Result<(), &'static str>;
 
 const DEFAULT: &str = "memmap cpuid msr io hypercall";
 
@@ -36,11 +36,23 @@ pub fn run_all(boot: &BootInfo) -> u8 {
             "cpuid" => cpuid(),
             "msr" => msr(),
             "io" => io(),
-            "hypercall" => hypercall(),
+            "hypercall" => hypercall_scenario(),
             "cpuid-bench" => cpuid_bench(),
             "isolation" => isolation(boot),
             "triple-fault" => triple_fault(),
             "unhandled" => unhandled(),
+            "altp2m" => altp2m::calls(),
+            "mode-external" => altp2m::refused(false),
+            "mode-limited" => altp2m::refused(true),
+            "vmfunc" => altp2m::vmfunc(),
+            "ve" => altp2m::ve(),
+            "hidden-breakpoint" => altp2m::hidden_breakpoint(),
+            "balloon" => altp2m::balloon(),
+            "display" => altp2m::display(false),
+            "display-late" => altp2m::display(true),
+            "vmfunc-bench" => altp2m::vmfunc_bench(),
+            "lazy-copy-bench" => altp2m::lazy_copy_bench(),
+            "display-bench" => altp2m::display_bench(),
             _ => Err("no such scenario"),
         };
         match outcome {
@@ -58,7 +70,7 @@ pub fn run_all(boot: &BootInfo) -> u8 {
     status_override.unwrap_or(u8::from(failed > 0))
 }
 
-fn check(ok: bool, why: &'static str) -> Outcome {
+pub fn check(ok: bool, why: &'static str) -> Outcome {
     if ok { Ok(()) } else { Err(why) }
 }
 
@@ -159,25 +171,38 @@ fn io() -> Outcome {
     )
 }
 
-/// VMCALL with up to three arguments.
-pub fn hypercall3(number: u64, a0: u64, a1: u64, a2: u64) -> i64 {
+/// VMCALL with up to four arguments (RDI, RSI, RDX, R10).
+pub fn hypercall(number: u64, args: &[u64]) -> i64 {
+    let arg = |i: usize| args.get(i).copied().unwrap_or(0);
     let result: u64;
     // SAFETY: VMCALL exits to the hypervisor, which only changes RAX.
     unsafe {
-        core::arch::asm!("vmcall", inlateout("rax") number => result, in("rdi") a0, in("rsi") a1, in("rdx") a2)
+        core::arch::asm!(
+            "vmcall",
+            inlateout("rax") number => result,
+            in("rdi") arg(0),
+            in("rsi") arg(1),
+            in("rdx") arg(2),
+            in("r10") arg(3),
+        )
     };
     result as i64
 }
 
 static COUNTS: [AtomicU64; 80] = [const { AtomicU64::new(0) }; 80];
 
-fn hypercall() -> Outcome {
+/// The hypervisor's VM-exit counters, by basic exit reason (one VMCALL).
+pub fn counts() -> [u64; 80] {
+    hypercall(call::EXIT_COUNTS, &[COUNTS.as_ptr() as u64, 80]);
+    core::array::from_fn(|i| COUNTS[i].load(Ordering::Relaxed))
+}
+
+fn hypercall_scenario() -> Outcome {
     check(
-        hypercall3(call::VERSION, 0, 0, 0) == hv_abi::VERSION as i64,
+        hypercall(call::VERSION, &[]) == hv_abi::VERSION as i64,
         "wrong interface version",
     )?;
-    let buffer = COUNTS.as_ptr() as u64;
-    let n = hypercall3(call::EXIT_COUNTS, buffer, 80, 0);
+    let n = hypercall(call::EXIT_COUNTS, &[COUNTS.as_ptr() as u64, 80]);
     check(n == 80, "EXIT_COUNTS did not fill the buffer")?;
     let cpuid = COUNTS[10].load(Ordering::Relaxed);
     let io = COUNTS[30].load(Ordering::Relaxed);
@@ -187,15 +212,15 @@ fn hypercall() -> Outcome {
     );
     check(io > 0, "no I/O exits counted")?;
     check(
-        hypercall3(call::EXIT_COUNTS, 0xa_0000, 80, 0) == error::EFAULT,
+        hypercall(call::EXIT_COUNTS, &[0xa_0000, 80]) == error::EFAULT,
         "a buffer in the legacy hole was accepted",
     )?;
     check(
-        hypercall3(call::EXIT_COUNTS, 1 << 40, 80, 0) == error::EFAULT,
+        hypercall(call::EXIT_COUNTS, &[1 << 40, 80]) == error::EFAULT,
         "a buffer beyond RAM was accepted",
     )?;
     check(
-        hypercall3(0xdead, 0, 0, 0) == error::ENOSYS,
+        hypercall(0xdead, &[]) == error::ENOSYS,
         "an unknown call did not return ENOSYS",
     )
 }

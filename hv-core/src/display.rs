@@ -1,0 +1,168 @@
+//! The display model of the seed scenario: the hypervisor tracks a guest
+//! framebuffer with log-dirty and keeps its own copy of it, refreshed from
+//! the dirty pages on every tick (VMX-preemption timer) and on the guest's
+//! request; the first page is mirrored to the machine's text screen. If a
+//! type change failed to reach a view the guest writes through, the copy
+//! would freeze: the guest compares checksums to prove it does not.
+
+use hv_ept::{Gfn, Mfn, P2mType};
+
+use crate::abi::error;
+use crate::guest::{Guest, PAGE};
+use crate::platform::Platform;
+
+/// Largest framebuffer tracked, in pages.
+pub const MAX_PAGES: u64 = 64;
+/// 80 x 25 text cells of character and attribute.
+const TEXT_BYTES: usize = 80 * 25 * 2;
+/// Tick period in preemption-timer units (TSC >> rate): a few per second
+/// in Bochs, which counts emulated instructions.
+pub const TICK_PERIOD: u32 = 20_000_000;
+
+pub struct Display {
+    pub first: Gfn,
+    pub pages: u64,
+    /// The hypervisor's copy: `pages` contiguous frames.
+    copy: Mfn,
+    pub refreshes: u64,
+    pub pages_copied: u64,
+}
+
+impl Display {
+    fn last(&self) -> Gfn {
+        Gfn(self.first.0 + self.pages - 1)
+    }
+
+    pub fn destroy(self, platform: &mut impl Platform) {
+        platform.free_frames(self.copy, self.pages);
+    }
+
+    /// Checksum of the copy, as `hv_abi::display_checksum` defines it.
+    pub fn checksum(&self, platform: &impl Platform) -> u64 {
+        let pages = (0..self.pages).flat_map(|i| {
+            let mut page = [0u8; PAGE as usize];
+            platform.read_phys(self.copy.hpa() + i * PAGE, &mut page);
+            page
+        });
+        crate::abi::display_checksum(pages)
+    }
+}
+
+/// Copies guest page `gfn` into page `index` of the display copy.
+fn copy_page(guest: &Guest, platform: &mut impl Platform, copy: Mfn, index: u64, gfn: Gfn) {
+    let mut page = [0u8; PAGE as usize];
+    if guest.read(platform, gfn.0 * PAGE, &mut page).is_ok() {
+        platform.write_phys(copy.hpa() + index * PAGE, &page);
+    }
+}
+
+/// `DISPLAY_SET`: starts tracking `pages` pages from `first`, or with
+/// `pages` = 0 stops tracking. Errors are hypercall results.
+pub fn set(
+    guest: &mut Guest,
+    platform: &mut impl Platform,
+    first: Gfn,
+    pages: u64,
+) -> Result<(), i64> {
+    if pages == 0 {
+        return stop(guest, platform);
+    }
+    if guest.display.is_some() {
+        return Err(error::EBUSY);
+    }
+    if !(1..=MAX_PAGES).contains(&pages) {
+        return Err(error::EINVAL);
+    }
+    let last = first.0.checked_add(pages - 1).ok_or(error::EINVAL)?;
+    if (first.0..=last).any(|g| guest.ram_page(platform, Gfn(g)).is_none()) {
+        return Err(error::EFAULT);
+    }
+    let copy = platform.alloc_frames(pages, 1).ok_or(error::ENOMEM)?;
+    for i in 0..pages {
+        copy_page(guest, platform, copy, i, Gfn(first.0 + i));
+    }
+    let tracked = guest.altp2m.host_change_type_range(
+        platform,
+        &mut guest.p2m,
+        first,
+        Gfn(last),
+        P2mType::RamRw,
+        P2mType::RamLogdirty,
+    );
+    if let Err(e) = tracked {
+        platform.free_frames(copy, pages);
+        return Err(crate::hypercall::errno(e));
+    }
+    guest.display = Some(Display {
+        first,
+        pages,
+        copy,
+        refreshes: 0,
+        pages_copied: pages,
+    });
+    if guest.features.tick {
+        guest.tick_period = Some(TICK_PERIOD);
+    }
+    log::info!("display: tracking {pages} pages from gfn {:#x}", first.0);
+    Ok(())
+}
+
+/// Stops tracking: the framebuffer is plain RAM again, the copy is freed.
+fn stop(guest: &mut Guest, platform: &mut impl Platform) -> Result<(), i64> {
+    let display = guest.display.as_ref().ok_or(error::ENOENT)?;
+    let (first, last) = (display.first, display.last());
+    guest
+        .altp2m
+        .host_change_type_range(
+            platform,
+            &mut guest.p2m,
+            first,
+            last,
+            P2mType::RamLogdirty,
+            P2mType::RamRw,
+        )
+        .map_err(crate::hypercall::errno)?;
+    guest.dirty.fetch_and_clear(first, last, |_| {});
+    if let Some(display) = guest.display.take() {
+        display.destroy(platform);
+    }
+    guest.tick_period = None;
+    log::info!("display: tracking stopped");
+    Ok(())
+}
+
+/// Copies the framebuffer's dirty pages into the display copy, re-arms
+/// tracking, mirrors the first page to the text screen. Returns the number
+/// of pages copied.
+pub fn refresh(guest: &mut Guest, platform: &mut impl Platform) -> Result<u64, hv_altp2m::Error> {
+    let Some(display) = guest.display.as_ref() else {
+        return Ok(0);
+    };
+    let (first, last, copy) = (display.first, display.last(), display.copy);
+    let mut dirty = [0u64; MAX_PAGES as usize];
+    let mut count = 0;
+    guest.altp2m.clean_dirty(
+        platform,
+        &mut guest.p2m,
+        &mut guest.dirty,
+        first,
+        last,
+        |gfn| {
+            if let Some(slot) = dirty.get_mut(count) {
+                *slot = gfn.0;
+                count += 1;
+            }
+        },
+    )?;
+    for &gfn in &dirty[..count] {
+        copy_page(guest, platform, copy, gfn - first.0, Gfn(gfn));
+    }
+    let mut text = [0u8; TEXT_BYTES];
+    platform.read_phys(copy.hpa(), &mut text);
+    platform.show_text(&text);
+    if let Some(display) = guest.display.as_mut() {
+        display.refreshes += 1;
+        display.pages_copied += count as u64;
+    }
+    Ok(count as u64)
+}

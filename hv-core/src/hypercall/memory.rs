@@ -1,0 +1,139 @@
+//! Hypercalls about the guest's memory: exit counters, log-dirty tracking,
+//! the balloon, and the display model.
+
+use hv_ept::{Gfn, P2mType};
+
+use super::{Args, errno};
+use crate::abi::error;
+use crate::exit_reason::NUM_REASONS;
+use crate::exits::ExitCtx;
+use crate::platform::Platform;
+use crate::vmcs::Vmcs;
+use crate::{display, views};
+
+/// Most pages one `LOGDIRTY_FETCH` covers (a 4 KiB bitmap).
+const FETCH_MAX: u64 = 32768;
+/// Most pages one `LOGDIRTY_TRACK` covers.
+const TRACK_MAX: u64 = 1 << 24;
+
+pub fn exit_counts<V: Vmcs, P: Platform>(
+    ctx: &mut ExitCtx<'_, V, P>,
+    a: &Args,
+) -> Result<i64, i64> {
+    let count = ctx
+        .guest
+        .counters
+        .len()
+        .min(usize::try_from(a.get(1)).unwrap_or(usize::MAX));
+    let mut bytes = [0u8; NUM_REASONS * 8];
+    for (i, counter) in ctx.guest.counters[..count].iter().enumerate() {
+        bytes[i * 8..i * 8 + 8].copy_from_slice(&counter.to_le_bytes());
+    }
+    ctx.guest
+        .write(ctx.platform, a.get(0), &bytes[..count * 8])
+        .map_err(|_| error::EFAULT)?;
+    Ok(count as i64)
+}
+
+/// `[first, first + pages)` as an inclusive gfn range, if `pages` is in `1..=max`.
+fn range(first: u64, pages: u64, max: u64) -> Result<(Gfn, Gfn), i64> {
+    if pages == 0 || pages > max {
+        return Err(error::EINVAL);
+    }
+    let last = first.checked_add(pages - 1).ok_or(error::EINVAL)?;
+    Ok((Gfn(first), Gfn(last)))
+}
+
+pub fn logdirty_track<V: Vmcs, P: Platform>(
+    ctx: &mut ExitCtx<'_, V, P>,
+    a: &Args,
+) -> Result<i64, i64> {
+    let (first, last) = range(a.get(0), a.get(1), TRACK_MAX)?;
+    let g = &mut *ctx.guest;
+    g.altp2m
+        .host_change_type_range(
+            ctx.platform,
+            &mut g.p2m,
+            first,
+            last,
+            P2mType::RamRw,
+            P2mType::RamLogdirty,
+        )
+        .map(|()| 0)
+        .map_err(errno)
+}
+
+pub fn logdirty_fetch<V: Vmcs, P: Platform>(
+    ctx: &mut ExitCtx<'_, V, P>,
+    a: &Args,
+) -> Result<i64, i64> {
+    let (first, last) = range(a.get(0), a.get(1), FETCH_MAX)?;
+    let bytes = a.get(1).div_ceil(8) as usize;
+    let at = a.get(2);
+    let mut bitmap = [0u8; (FETCH_MAX / 8) as usize];
+    let g = &mut *ctx.guest;
+    // Check the buffer before clearing anything, so no dirty bit is lost.
+    g.write(ctx.platform, at, &bitmap[..bytes])
+        .map_err(|_| error::EFAULT)?;
+    let mut dirty = 0;
+    g.altp2m
+        .clean_dirty(ctx.platform, &mut g.p2m, &mut g.dirty, first, last, |gfn| {
+            let i = (gfn.0 - first.0) as usize;
+            bitmap[i / 8] |= 1 << (i % 8);
+            dirty += 1;
+        })
+        .map_err(errno)?;
+    g.write(ctx.platform, at, &bitmap[..bytes])
+        .map_err(|_| error::EFAULT)?;
+    Ok(dirty)
+}
+
+pub fn balloon_release<V: Vmcs, P: Platform>(
+    ctx: &mut ExitCtx<'_, V, P>,
+    a: &Args,
+) -> Result<i64, i64> {
+    let gfn = Gfn(a.get(0));
+    let g = &mut *ctx.guest;
+    if g.display
+        .as_ref()
+        .is_some_and(|d| (d.first.0..d.first.0 + d.pages).contains(&gfn.0))
+    {
+        return Err(error::EBUSY);
+    }
+    if g.ve_page.is_some_and(|(page, _)| page == gfn) {
+        // The CPU must never write #VE information into a frame the guest gave up.
+        g.ve_page = None;
+        views::apply(ctx.vmcs, g);
+    }
+    g.release_page(ctx.platform, gfn).map_err(errno)?;
+    Ok(0)
+}
+
+pub fn display_set<V: Vmcs, P: Platform>(
+    ctx: &mut ExitCtx<'_, V, P>,
+    a: &Args,
+) -> Result<i64, i64> {
+    display::set(ctx.guest, ctx.platform, Gfn(a.get(0)), a.get(1))?;
+    if let Some(period) = ctx.guest.tick_period {
+        ctx.vmcs.write(
+            x86::vmx::vmcs::guest::VMX_PREEMPTION_TIMER_VALUE,
+            u64::from(period),
+        );
+    }
+    views::apply(ctx.vmcs, ctx.guest);
+    Ok(0)
+}
+
+pub fn display_refresh<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> Result<i64, i64> {
+    if ctx.guest.display.is_none() {
+        return Err(error::ENOENT);
+    }
+    display::refresh(ctx.guest, ctx.platform)
+        .map(|n| n as i64)
+        .map_err(errno)
+}
+
+pub fn display_checksum<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> Result<i64, i64> {
+    let display = ctx.guest.display.as_ref().ok_or(error::ENOENT)?;
+    Ok(display.checksum(ctx.platform) as i64)
+}

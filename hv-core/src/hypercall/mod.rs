@@ -1,0 +1,113 @@
+//! Hypercalls: the VMCALL exit hands the call here. Every argument is
+//! checked; a guest address must be its RAM; nothing a guest passes can
+//! reach hypervisor memory or panic. The ABI is `hv_abi` (docs/hypercalls.md).
+
+mod altp2m;
+mod memory;
+
+use hv_altp2m::Error;
+use hv_ept::P2mAccess;
+
+use crate::abi::{access, call, error};
+use crate::exits::ExitCtx;
+use crate::platform::Platform;
+use crate::vmcs::Vmcs;
+
+/// The hypercall's arguments: RDI, RSI, RDX, R10.
+pub struct Args([u64; 4]);
+
+impl Args {
+    pub fn get(&self, i: usize) -> u64 {
+        self.0[i]
+    }
+
+    /// Argument `i` as a view index.
+    pub fn view(&self, i: usize) -> Result<u16, i64> {
+        u16::try_from(self.0[i]).map_err(|_| error::EINVAL)
+    }
+
+    /// Argument `i` as a flag: 0 or 1.
+    pub fn flag(&self, i: usize) -> Result<bool, i64> {
+        match self.0[i] {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(error::EINVAL),
+        }
+    }
+
+    /// Argument `i` as an access value.
+    pub fn access(&self, i: usize) -> Result<P2mAccess, i64> {
+        p2m_access(self.0[i]).ok_or(error::EINVAL)
+    }
+}
+
+pub fn p2m_access(value: u64) -> Option<P2mAccess> {
+    Some(match value {
+        access::N => P2mAccess::N,
+        access::R => P2mAccess::R,
+        access::W => P2mAccess::W,
+        access::RW => P2mAccess::Rw,
+        access::X => P2mAccess::X,
+        access::RX => P2mAccess::Rx,
+        access::WX => P2mAccess::Wx,
+        access::RWX => P2mAccess::Rwx,
+        access::RX2RW => P2mAccess::Rx2rw,
+        access::N2RWX => P2mAccess::N2rwx,
+        _ => return None,
+    })
+}
+
+pub fn abi_access(value: P2mAccess) -> u64 {
+    match value {
+        P2mAccess::N => access::N,
+        P2mAccess::R => access::R,
+        P2mAccess::W => access::W,
+        P2mAccess::Rw => access::RW,
+        P2mAccess::X => access::X,
+        P2mAccess::Rx => access::RX,
+        P2mAccess::Wx => access::WX,
+        P2mAccess::Rwx => access::RWX,
+        P2mAccess::Rx2rw => access::RX2RW,
+        P2mAccess::N2rwx => access::N2RWX,
+    }
+}
+
+/// The hypercall error for an altp2m refusal.
+pub fn errno(e: Error) -> i64 {
+    match e {
+        Error::NoMemory => error::ENOMEM,
+        Error::NotMapped => error::ENOENT,
+        Error::Busy => error::EBUSY,
+        _ => error::EINVAL,
+    }
+}
+
+/// Runs the call in RAX; returns its result for RAX.
+pub fn dispatch<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> i64 {
+    let number = ctx.regs.rax;
+    let args = Args([ctx.regs.rdi, ctx.regs.rsi, ctx.regs.rdx, ctx.regs.r10]);
+    if !ctx.guest.altp2m_mode.guest_may_call(number) {
+        let bit = 1u128 << (number % 128);
+        if ctx.guest.refusals_logged & bit == 0 {
+            ctx.guest.refusals_logged |= bit;
+            log::warn!(
+                "hypercall {number:#x} refused: altp2m mode {:?} does not let the guest call it",
+                ctx.guest.altp2m_mode
+            );
+        }
+        return error::EPERM;
+    }
+    let result = match number {
+        call::VERSION => Ok(crate::abi::VERSION as i64),
+        call::EXIT_COUNTS => memory::exit_counts(ctx, &args),
+        call::ALTP2M_GET_STATE..=call::ALTP2M_SET_VISIBILITY => altp2m::call(ctx, number, &args),
+        call::LOGDIRTY_TRACK => memory::logdirty_track(ctx, &args),
+        call::LOGDIRTY_FETCH => memory::logdirty_fetch(ctx, &args),
+        call::BALLOON_RELEASE => memory::balloon_release(ctx, &args),
+        call::DISPLAY_SET => memory::display_set(ctx, &args),
+        call::DISPLAY_REFRESH => memory::display_refresh(ctx),
+        call::DISPLAY_CHECKSUM => memory::display_checksum(ctx),
+        _ => Err(error::ENOSYS),
+    };
+    result.unwrap_or_else(|e| e)
+}

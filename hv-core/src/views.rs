@@ -1,0 +1,218 @@
+//! The kernel's side of altp2m: keeping the VMCS in step with the guest's
+//! views (EPTP, EPTP index, VMFUNC and #VE controls, the exceptions a
+//! monitor needs), learning which view the guest switched to with VMFUNC,
+//! the INVEPTs the views ask for, the single step in view 0 with which the
+//! hypervisor lets a denied access or a hidden breakpoint through, and the
+//! monitor's event lines.
+
+use alloc::format;
+use alloc::string::String;
+
+use hv_altp2m::Dropped;
+use hv_ept::walk::AccessKind;
+use hv_ept::{Gfn, P2mAccess};
+use x86::vmx::vmcs::{control, guest};
+
+use crate::guest::{Guest, Step};
+use crate::platform::Platform;
+use crate::vmcs::Vmcs;
+
+/// VM-function control bit 0: EPTP switching.
+const VMFUNC_EPTP_SWITCHING: u64 = 1;
+/// Secondary control: EPT-violation #VE.
+const SECONDARY_VE: u64 = 1 << 18;
+/// Pin-based control: activate the VMX-preemption timer.
+const PIN_PREEMPTION_TIMER: u64 = 1 << 6;
+/// VM-exit control: save the VMX-preemption timer value.
+const EXIT_SAVE_PREEMPTION_TIMER: u64 = 1 << 22;
+const RFLAGS_TF: u64 = 1 << 8;
+pub const VECTOR_DB: u64 = 1;
+pub const VECTOR_BP: u64 = 3;
+const VECTOR_MC: u64 = 18;
+
+/// Writes every VMCS field that depends on the guest's altp2m state. Cheap
+/// enough to call after any change to it.
+pub fn apply(vmcs: &mut impl Vmcs, guest: &Guest) {
+    let eptp = guest
+        .altp2m
+        .vcpu_eptp(&guest.p2m, 0)
+        .unwrap_or_else(|_| guest.p2m.eptp());
+    vmcs.write(control::EPTP_FULL, eptp);
+    let on = guest.altp2m.is_enabled();
+    if guest.features.ve {
+        let view = guest.altp2m.vcpu_view(0).unwrap_or(0);
+        vmcs.write(control::EPTP_INDEX, u64::from(view));
+    }
+    if guest.features.vmfunc {
+        vmcs.write(
+            control::EPTP_LIST_ADDR_FULL,
+            guest.altp2m.visible_list().hpa(),
+        );
+        vmcs.write(
+            control::VM_FUNCTION_CONTROLS_FULL,
+            if on { VMFUNC_EPTP_SWITCHING } else { 0 },
+        );
+    }
+    if guest.features.ve {
+        let secondary = vmcs.read(control::SECONDARY_PROCBASED_EXEC_CONTROLS);
+        match (on, guest.ve_page) {
+            (true, Some((_, mfn))) => {
+                vmcs.write(control::VIRT_EXCEPTION_INFO_ADDR_FULL, mfn.hpa());
+                vmcs.write(
+                    control::SECONDARY_PROCBASED_EXEC_CONTROLS,
+                    secondary | SECONDARY_VE,
+                );
+            }
+            _ => vmcs.write(
+                control::SECONDARY_PROCBASED_EXEC_CONTROLS,
+                secondary & !SECONDARY_VE,
+            ),
+        }
+    }
+    let mut exceptions = 1 << VECTOR_MC;
+    if on {
+        exceptions |= 1 << VECTOR_BP;
+    }
+    if guest.step.is_some() {
+        exceptions |= 1 << VECTOR_DB;
+    }
+    vmcs.write(control::EXCEPTION_BITMAP, exceptions);
+    if guest.features.tick {
+        // The timer runs only while there is a display to refresh; "save the
+        // timer value" must be off whenever the timer is (SDM Vol. 3C,
+        // checks on VM-execution control fields).
+        let pin = vmcs.read(control::PINBASED_EXEC_CONTROLS);
+        let exit = vmcs.read(control::VMEXIT_CONTROLS);
+        let (pin, exit) = if guest.display.is_some() {
+            (
+                pin | PIN_PREEMPTION_TIMER,
+                exit | EXIT_SAVE_PREEMPTION_TIMER,
+            )
+        } else {
+            (
+                pin & !PIN_PREEMPTION_TIMER,
+                exit & !EXIT_SAVE_PREEMPTION_TIMER,
+            )
+        };
+        vmcs.write(control::PINBASED_EXEC_CONTROLS, pin);
+        vmcs.write(control::VMEXIT_CONTROLS, exit);
+    }
+}
+
+/// After a VM exit: the guest may have switched views with VMFUNC; the
+/// EPTP-index field says where it is now. An index the altp2m state cannot
+/// have produced means corrupt state: `Err`.
+pub fn sync(vmcs: &impl Vmcs, guest: &mut Guest) -> Result<(), hv_altp2m::Error> {
+    if !(guest.features.vmfunc && guest.altp2m.is_enabled()) {
+        return Ok(());
+    }
+    let index = vmcs.read(control::EPTP_INDEX);
+    guest.altp2m.sync_vcpu_view(0, index)
+}
+
+/// Does the INVEPTs the host p2m and the views ask for, and reports the
+/// view entries host changes dropped. Before every VM entry.
+pub fn flush(guest: &mut Guest, platform: &mut impl Platform) {
+    let request = guest.altp2m.take_flush(&mut guest.p2m);
+    if request.all_contexts {
+        platform.invept(None);
+    } else {
+        for view in request.views.iter() {
+            if let Ok(eptp) = guest.altp2m.eptp(&guest.p2m, view as u16) {
+                platform.invept(Some(eptp));
+            }
+        }
+    }
+    if guest.altp2m.has_dropped() {
+        let lost = guest.altp2m.drain_dropped(|d| report_drop(platform, d));
+        if lost > 0 {
+            log::warn!("monitor: {lost} dropped view entries were not logged (log full)");
+        }
+    }
+}
+
+fn report_drop(platform: &mut impl Platform, d: Dropped) {
+    let source = d
+        .remap_source
+        .map_or(String::new(), |s| format!(" remap-of={:#x}", s.0));
+    let line = format!(
+        "dropped view={} gfn={:#x} pages={} access={} reason={:?}{source}",
+        d.view,
+        d.gfn.0,
+        d.pages,
+        access_name(d.access),
+        d.reason
+    );
+    platform.monitor_event(&line);
+}
+
+pub fn access_name(access: P2mAccess) -> &'static str {
+    match access {
+        P2mAccess::N => "n",
+        P2mAccess::R => "r",
+        P2mAccess::W => "w",
+        P2mAccess::X => "x",
+        P2mAccess::Rx => "rx",
+        P2mAccess::Wx => "wx",
+        P2mAccess::Rw => "rw",
+        P2mAccess::Rwx => "rwx",
+        P2mAccess::Rx2rw => "rx2rw",
+        P2mAccess::N2rwx => "n2rwx",
+    }
+}
+
+pub fn kind_name(kind: AccessKind) -> &'static str {
+    match kind {
+        AccessKind::Read => "r",
+        AccessKind::Write => "w",
+        AccessKind::Fetch => "x",
+    }
+}
+
+/// Lets the instruction at the guest's RIP run once in view 0 (the host
+/// p2m, which holds no view's restrictions or remaps), single-stepped with
+/// RFLAGS.TF; [`finish_step`] returns the vCPU to `view` on the #DB.
+pub fn start_step(
+    vmcs: &mut impl Vmcs,
+    guest: &mut Guest,
+    view: u16,
+) -> Result<(), hv_altp2m::Error> {
+    guest.altp2m.switch_vcpu(0, 0)?;
+    let rflags = vmcs.read(guest::RFLAGS);
+    guest.step = Some(Step {
+        view,
+        trap_flag: rflags & RFLAGS_TF != 0,
+    });
+    vmcs.write(guest::RFLAGS, rflags | RFLAGS_TF);
+    apply(vmcs, guest);
+    Ok(())
+}
+
+/// The single step is done: back to the view, TF as the guest had it.
+/// Returns false if no step was in progress (the #DB is the guest's).
+pub fn finish_step(vmcs: &mut impl Vmcs, guest: &mut Guest) -> bool {
+    let Some(step) = guest.step.take() else {
+        return false;
+    };
+    // The view may have been destroyed meanwhile (by a hypercall in the
+    // stepped instruction): then the vCPU stays on view 0.
+    let _ = guest.altp2m.switch_vcpu(0, step.view);
+    let rflags = vmcs.read(guest::RFLAGS);
+    let tf = if step.trap_flag { RFLAGS_TF } else { 0 };
+    vmcs.write(guest::RFLAGS, rflags & !RFLAGS_TF | tf);
+    apply(vmcs, guest);
+    true
+}
+
+/// Whether the code at guest-physical `gpa` lies on a page the vCPU's view
+/// remaps (a hidden breakpoint's shadow page): its view and gfn.
+pub fn remapped_code(guest: &Guest, gpa: u64) -> Option<(u16, Gfn)> {
+    let view = guest.altp2m.vcpu_view(0).ok()?;
+    let gfn = Gfn(gpa >> 12);
+    guest
+        .altp2m
+        .remap_source(view, gfn)
+        .ok()
+        .flatten()
+        .map(|_| (view, gfn))
+}

@@ -1,0 +1,114 @@
+//! altp2m in the running hypervisor, driven by the test guest in Bochs
+//! (corei7_skylake_x: EPT, VMFUNC EPTP switching, #VE).
+
+use hv_tests::{Boot, Engine, Run, exit};
+
+fn run(hv_cmdline: &str, scenarios: &str) -> Run {
+    Boot::new(Engine::Bochs)
+        .cmdline(hv_cmdline)
+        .guest(scenarios)
+        .run()
+}
+
+fn passed(run: &Run, scenarios: &[&str]) {
+    run.expect_exit(exit::OK)
+        .expect_line(&format!(
+            "guest: result: {} passed, 0 failed",
+            scenarios.len()
+        ))
+        .expect_line("vmm: guest torn down, all frames returned")
+        .expect_line("isolation: hypervisor image and page tables unchanged");
+    for s in scenarios {
+        run.expect_line(&format!("guest: PASS {s}"));
+    }
+}
+
+#[test]
+fn every_altp2m_hypercall_with_good_and_bad_arguments() {
+    let run = run("", "altp2m");
+    passed(&run, &["altp2m"]);
+    run.clean_up();
+}
+
+#[test]
+fn modes_decide_what_the_guest_may_call() {
+    let external = run("altp2m=external", "mode-external");
+    passed(&external, &["mode-external"]);
+    external
+        .expect_line("altp2m mode External")
+        .expect_line("refused: altp2m mode External");
+    let limited = run("altp2m=limited", "mode-limited");
+    passed(&limited, &["mode-limited"]);
+    limited.expect_line("refused: altp2m mode Limited");
+    // A refused call is logged once, however often the guest repeats it.
+    let create_refusals = limited
+        .serial
+        .lines()
+        .filter(|l| l.contains("hypercall 0x14 refused"))
+        .count();
+    assert_eq!(create_refusals, 1, "{}", limited.report());
+    external.clean_up();
+    limited.clean_up();
+}
+
+#[test]
+fn vmfunc_switches_views_without_exits_and_refuses_invalid_or_hidden_slots() {
+    let run = run("", "vmfunc");
+    passed(&run, &["vmfunc"]);
+    run.expect_line("vmfunc: 101 switches cost 1 VM exits");
+    run.clean_up();
+}
+
+#[test]
+fn ve_reaches_the_guest_with_gfn_qualification_and_view_and_can_be_rearmed() {
+    let run = run("", "ve");
+    passed(&run, &["ve"]);
+    run.expect_line("ve: 2 #VEs; last: gpa 0x405010, qualification 0x1aa, view 1")
+        // Not re-armed: the next violation exits and the monitor steps it.
+        .expect_line("monitor: access view=1 gfn=0x405 access=w entry=rx");
+    run.clean_up();
+}
+
+#[test]
+fn a_hidden_breakpoint_is_hit_on_execution_and_invisible_to_reads() {
+    let run = run("", "hidden-breakpoint");
+    passed(&run, &["hidden-breakpoint"]);
+    run.expect_line(
+        "hidden-breakpoint: read 0xb8 through the execute view, the call returned 42 and 42",
+    )
+    .expect_line("monitor: access view=1 gfn=0x600 access=r entry=x")
+    .expect_line("monitor: breakpoint view=1 gfn=0x600 rip=0x600000 action=step-in-view-0");
+    run.clean_up();
+}
+
+#[test]
+fn a_ballooned_page_is_unreachable_through_every_alias_and_other_divergence_stays() {
+    let run = run("", "balloon");
+    passed(&run, &["balloon"]);
+    run.expect_line(
+        "monitor: dropped view=1 gfn=0x501 pages=1 access=rwx reason=SourceChanged remap-of=0x500",
+    )
+    .expect_line(
+        "monitor: dropped view=2 gfn=0x502 pages=1 access=rwx reason=SourceChanged remap-of=0x500",
+    )
+    .expect_line("EPT violation: read of 0x500000")
+    .expect_line("balloon: after release: a sees G1 0x51, b sees G2 0x52 and G4 0x55");
+    run.clean_up();
+}
+
+#[test]
+fn the_display_does_not_freeze_when_the_view_was_created_early_or_late() {
+    let run = run("", "display display-late");
+    passed(&run, &["display", "display-late"]);
+    run.expect_line("display: tracking 16 pages from gfn 0x800")
+        .expect_line("guest: display: the periodic tick refreshed the display")
+        .expect_no_line("frozen display");
+    // Every frame after the first had its dirty pages copied.
+    let copied = run
+        .serial
+        .lines()
+        .filter(|l| l.contains("display: frame") && !l.contains(": 0 pages copied"))
+        .count();
+    assert!(copied >= 8, "{}", run.report());
+    run.clean_up();
+}
