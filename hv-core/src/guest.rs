@@ -375,6 +375,7 @@ impl Guest {
         platform: &mut impl Platform,
         gfn: Gfn,
     ) -> Result<(), hv_altp2m::Error> {
+        gfn.check().map_err(|_| hv_altp2m::Error::GfnOutOfRange)?;
         let mfn = self
             .ram_page(platform, gfn)
             .ok_or(hv_altp2m::Error::NotMapped)?;

@@ -34,6 +34,10 @@ impl SimPlatform {
         }
     }
 
+    pub fn is_allocated(&self, mfn: u64) -> bool {
+        self.frames.contains_key(&mfn)
+    }
+
     /// Frames currently allocated.
     pub fn outstanding(&self) -> usize {
         self.frames.len()

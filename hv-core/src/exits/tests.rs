@@ -419,3 +419,283 @@ fn xsetbv_checks_the_value() {
     m.exit(crate::exit_reason::XSETBV);
     assert_eq!(m.injected(), 0x8000_0b0d);
 }
+
+// altp2m, log-dirty, balloon and display through the exit handlers.
+
+use crate::abi::{access, call, error};
+
+impl Machine {
+    /// Makes hypercall `number` and returns RAX.
+    fn call(&mut self, number: u64, args: &[u64]) -> i64 {
+        let arg = |i: usize| args.get(i).copied().unwrap_or(0);
+        self.regs = GuestRegisters {
+            rax: number,
+            rdi: arg(0),
+            rsi: arg(1),
+            rdx: arg(2),
+            r10: arg(3),
+            ..Default::default()
+        };
+        assert!(stopped(self.exit(crate::exit_reason::VMCALL)).is_none());
+        self.regs.rax as i64
+    }
+
+    /// An EPT exit at `gpa` as the CPU would give it: first the
+    /// misconfiguration of a pending type change, if any, then the violation.
+    fn touch(&mut self, gpa: u64, write: bool) -> Flow {
+        self.vmcs.write(ro::GUEST_PHYSICAL_ADDR_FULL, gpa);
+        if self
+            .guest
+            .p2m
+            .get_entry(&self.platform, Gfn(gpa >> 12))
+            .is_ok_and(|e| e.recalc)
+        {
+            assert!(stopped(self.exit(crate::exit_reason::EPT_MISCONFIG)).is_none());
+        }
+        self.vmcs
+            .write(ro::EXIT_QUALIFICATION, if write { 0b010 } else { 0b001 });
+        self.exit(crate::exit_reason::EPT_VIOLATION)
+    }
+}
+
+#[test]
+fn switching_views_by_hypercall_updates_eptp_and_index() {
+    let mut m = Machine::new();
+    let host_eptp = m.guest.p2m.eptp();
+    assert_eq!(
+        m.call(call::ALTP2M_CREATE_VIEW, &[access::RWX]),
+        error::EINVAL,
+        "altp2m off"
+    );
+    assert_eq!(m.call(call::ALTP2M_SET_STATE, &[1]), 0);
+    assert_eq!(
+        m.call(call::ALTP2M_CREATE_VIEW, &[access::W]),
+        error::EINVAL,
+        "write without read"
+    );
+    assert_eq!(
+        m.call(call::ALTP2M_CREATE_VIEW, &[42]),
+        error::EINVAL,
+        "no such access value"
+    );
+    let v = m.call(call::ALTP2M_CREATE_VIEW, &[access::RWX]);
+    assert_eq!(v, 1);
+    assert_eq!(m.call(call::ALTP2M_SWITCH_VIEW, &[1 << 20]), error::EINVAL);
+    assert_eq!(m.call(call::ALTP2M_SWITCH_VIEW, &[v as u64]), 0);
+    let view_eptp = m.guest.altp2m.eptp(&m.guest.p2m, 1).unwrap();
+    assert_ne!(view_eptp, host_eptp);
+    assert_eq!(m.vmcs.read(control::EPTP_FULL), view_eptp);
+    assert_eq!(m.vmcs.read(control::EPTP_INDEX), 1);
+    assert_eq!(
+        m.vmcs.read(control::VM_FUNCTION_CONTROLS_FULL),
+        1,
+        "EPTP switching on"
+    );
+    assert_eq!(
+        m.vmcs.read(control::EPTP_LIST_ADDR_FULL),
+        m.guest.altp2m.visible_list().hpa()
+    );
+    assert_ne!(
+        m.vmcs.read(control::EXCEPTION_BITMAP) & 1 << 3,
+        0,
+        "#BP intercepted for hidden breakpoints"
+    );
+    assert_eq!(m.call(call::ALTP2M_DESTROY_VIEW, &[1]), error::EBUSY);
+    assert_eq!(m.call(call::ALTP2M_SET_STATE, &[0]), 0);
+    assert_eq!(
+        m.vmcs.read(control::EPTP_FULL),
+        host_eptp,
+        "back on the host p2m"
+    );
+    assert_eq!(m.vmcs.read(control::VM_FUNCTION_CONTROLS_FULL), 0);
+    m.guest.destroy(&mut m.platform);
+    assert_eq!(m.platform.outstanding(), 0, "views and lists freed");
+}
+
+#[test]
+fn a_vmfunc_switch_is_picked_up_from_the_eptp_index() {
+    let mut m = Machine::new();
+    m.call(call::ALTP2M_SET_STATE, &[1]);
+    let v = m.call(call::ALTP2M_CREATE_VIEW, &[access::RWX]) as u64;
+    m.vmcs.write(control::EPTP_INDEX, v);
+    crate::views::sync(&m.vmcs, &mut m.guest).unwrap();
+    assert_eq!(m.guest.altp2m.vcpu_view(0), Ok(v as u16));
+    m.vmcs.write(control::EPTP_INDEX, 77);
+    assert!(
+        crate::views::sync(&m.vmcs, &mut m.guest).is_err(),
+        "a view that does not exist"
+    );
+}
+
+#[test]
+fn the_mode_refuses_altp2m_calls_and_logs_each_once() {
+    let mut m = Machine::new();
+    m.guest.altp2m_mode = hv_abi::Altp2mMode::Limited;
+    assert_eq!(m.call(call::ALTP2M_SET_STATE, &[1]), error::EPERM);
+    assert_eq!(m.call(call::ALTP2M_SET_STATE, &[1]), error::EPERM);
+    assert_eq!(m.guest.refusals_logged.count_ones(), 1);
+    assert_eq!(
+        m.call(call::ALTP2M_VCPU_ENABLE_NOTIFY, &[0x300]),
+        0,
+        "notify is the guest's in limited mode"
+    );
+    assert_eq!(m.call(call::VERSION, &[]), crate::abi::VERSION as i64);
+}
+
+#[test]
+fn a_denied_access_in_a_view_is_reported_and_stepped_in_view_0() {
+    let mut m = Machine::new();
+    m.call(call::ALTP2M_SET_STATE, &[1]);
+    let v = m.call(call::ALTP2M_CREATE_VIEW, &[access::RWX]) as u64;
+    assert_eq!(
+        m.call(call::ALTP2M_SET_MEM_ACCESS, &[v, 0x300, access::RX]),
+        0
+    );
+    m.call(call::ALTP2M_SWITCH_VIEW, &[v]);
+    m.vmcs.write(g::RFLAGS, 0x2);
+    assert!(stopped(m.touch(0x30_0008, true)).is_none());
+    assert_eq!(m.platform.events.len(), 1);
+    assert!(
+        m.platform.events[0].starts_with("access view=1 gfn=0x300 access=w entry=rx"),
+        "{:?}",
+        m.platform.events
+    );
+    assert_eq!(
+        m.guest.altp2m.vcpu_view(0),
+        Ok(0),
+        "the instruction runs in view 0"
+    );
+    assert_eq!(m.vmcs.read(g::RFLAGS) & 1 << 8, 1 << 8, "single-stepped");
+    assert_ne!(
+        m.vmcs.read(control::EXCEPTION_BITMAP) & 1 << 1,
+        0,
+        "#DB intercepted"
+    );
+    // The #DB of the step: back to the view, TF as the guest had it, nothing injected.
+    m.vmcs
+        .write(ro::VMEXIT_INTERRUPTION_INFO, 1 << 31 | 3 << 8 | 1);
+    assert!(stopped(m.exit(crate::exit_reason::EXCEPTION_OR_NMI)).is_none());
+    assert_eq!(m.guest.altp2m.vcpu_view(0), Ok(v as u16));
+    assert_eq!(m.vmcs.read(g::RFLAGS) & 1 << 8, 0);
+    assert_eq!(m.injected(), 0);
+    assert_eq!(m.vmcs.read(control::EXCEPTION_BITMAP) & 1 << 1, 0);
+}
+
+#[test]
+fn a_guests_own_breakpoint_is_delivered_to_it() {
+    let mut m = Machine::new();
+    m.call(call::ALTP2M_SET_STATE, &[1]);
+    m.vmcs.write(g::RIP, 0x30_0000);
+    m.vmcs.write(ro::VMEXIT_INSTRUCTION_LEN, 1);
+    m.vmcs
+        .write(ro::VMEXIT_INTERRUPTION_INFO, 1 << 31 | 6 << 8 | 3);
+    assert!(stopped(m.exit(crate::exit_reason::EXCEPTION_OR_NMI)).is_none());
+    assert_eq!(
+        m.injected(),
+        1 << 31 | 6 << 8 | 3,
+        "INT3 re-delivered as a software exception"
+    );
+    assert_eq!(m.vmcs.read(control::VMENTRY_INSTRUCTION_LEN), 1);
+    assert!(m.platform.events.is_empty());
+}
+
+#[test]
+fn a_ballooned_page_leaves_every_view_and_its_frame_is_freed_once() {
+    let mut m = Machine::new();
+    m.call(call::ALTP2M_SET_STATE, &[1]);
+    let v = m.call(call::ALTP2M_CREATE_VIEW, &[access::RWX]) as u64;
+    assert_eq!(m.call(call::ALTP2M_CHANGE_GFN, &[v, 0x301, 0x300]), 0);
+    let frame = m.guest.p2m.get_entry(&m.platform, Gfn(0x300)).unwrap().mfn.unwrap();
+    assert_eq!(m.call(call::BALLOON_RELEASE, &[0x300]), 0);
+    assert!(!m.platform.is_allocated(frame.0), "the frame went back");
+    assert_eq!(m.call(call::BALLOON_RELEASE, &[0x300]), error::ENOENT);
+    assert!(
+        m.platform.inveptions.iter().any(Option::is_some),
+        "the views' EPTPs were flushed"
+    );
+    assert!(
+        m.platform
+            .events
+            .iter()
+            .any(|e| e.contains("dropped view=1 gfn=0x301")),
+        "{:?}",
+        m.platform.events
+    );
+    let mut byte = [0u8];
+    assert!(
+        m.guest.read(&m.platform, 0x30_0000, &mut byte).is_err(),
+        "no longer guest RAM"
+    );
+    m.guest.destroy(&mut m.platform);
+    assert_eq!(
+        m.platform.outstanding(),
+        0,
+        "teardown frees the rest, not that frame again"
+    );
+}
+
+#[test]
+fn the_display_copies_exactly_the_pages_written_and_matches_the_framebuffer() {
+    let mut m = Machine::new();
+    let fb = 0x400u64;
+    assert_eq!(m.call(call::DISPLAY_SET, &[fb, 65]), error::EINVAL);
+    assert_eq!(
+        m.call(call::DISPLAY_SET, &[0x9e, 4]),
+        error::EFAULT,
+        "over the legacy hole"
+    );
+    assert_eq!(m.call(call::DISPLAY_SET, &[fb, 4]), 0);
+    assert_ne!(
+        m.vmcs.read(control::PINBASED_EXEC_CONTROLS) & 1 << 6,
+        0,
+        "the tick runs"
+    );
+    assert_eq!(m.call(call::DISPLAY_REFRESH, &[]), 0, "nothing written yet");
+    // The guest writes page 2: the CPU faults, the hypervisor logs it.
+    assert!(stopped(m.touch((fb + 2) << 12, true)).is_none());
+    m.guest
+        .write(&mut m.platform, (fb + 2) << 12, b"frame")
+        .unwrap();
+    assert_eq!(m.call(call::DISPLAY_REFRESH, &[]), 1);
+    let mut fb_bytes = std::vec![0u8; 4 * 4096];
+    m.guest.read(&m.platform, fb << 12, &mut fb_bytes).unwrap();
+    let want = crate::abi::display_checksum(fb_bytes.iter().copied());
+    assert_eq!(m.call(call::DISPLAY_CHECKSUM, &[]) as u64, want);
+    assert_eq!(
+        m.platform.screen.len(),
+        80 * 25 * 2,
+        "page 0 mirrored to the text screen"
+    );
+    assert_eq!(m.call(call::DISPLAY_SET, &[0, 0]), 0);
+    assert_eq!(
+        m.vmcs.read(control::PINBASED_EXEC_CONTROLS) & 1 << 6,
+        0,
+        "no display, no tick"
+    );
+    assert_eq!(
+        m.guest.p2m.get_entry(&m.platform, Gfn(fb)).unwrap().ty,
+        P2mType::RamRw
+    );
+    m.guest.destroy(&mut m.platform);
+    assert_eq!(m.platform.outstanding(), 0);
+}
+
+#[test]
+fn log_dirty_fetch_checks_its_buffer_before_clearing_anything() {
+    let mut m = Machine::new();
+    assert_eq!(m.call(call::LOGDIRTY_TRACK, &[0x500, 8]), 0);
+    assert!(stopped(m.touch(0x50_3000, true)).is_none());
+    assert_eq!(
+        m.call(call::LOGDIRTY_FETCH, &[0x500, 8, 0xa_0000]),
+        error::EFAULT
+    );
+    assert_eq!(
+        m.call(call::LOGDIRTY_FETCH, &[0x500, 8, 0x60_0000]),
+        1,
+        "the dirty page survived the bad call"
+    );
+    let mut bitmap = [0u8];
+    m.guest.read(&m.platform, 0x60_0000, &mut bitmap).unwrap();
+    assert_eq!(bitmap[0], 1 << 3);
+    assert_eq!(m.call(call::LOGDIRTY_FETCH, &[0x500, 8, 0x60_0000]), 0);
+}

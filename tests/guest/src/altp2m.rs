@@ -801,3 +801,113 @@ pub fn display_bench() -> Outcome {
     )?;
     disable()
 }
+
+/// Log-dirty, balloon and display calls with good and bad arguments.
+pub fn memory_calls() -> Outcome {
+    use error::*;
+    const PAGES: u64 = 0x40_8000;
+    static BITMAP: AtomicU64 = AtomicU64::new(0);
+    let bitmap = &BITMAP as *const AtomicU64 as u64;
+    let first = gfn(PAGES);
+    let fetch = || hypercall(call::LOGDIRTY_FETCH, &[first, 4, bitmap]);
+    ok(
+        hypercall(call::LOGDIRTY_TRACK, &[first, 4]),
+        "LOGDIRTY_TRACK",
+    )?;
+    fetch();
+    write_u8(PAGES, 1);
+    write_u8(PAGES + 0x2000, 1);
+    expect(fetch(), 2, "two pages written, two dirty")?;
+    check(
+        BITMAP.load(Ordering::Relaxed) == 0b0101,
+        "the bitmap does not name pages 0 and 2",
+    )?;
+    expect(fetch(), 0, "a fetch clears")?;
+    write_u8(PAGES + 0x1000, 2);
+    expect(fetch(), 1, "tracking re-armed after the fetch")?;
+    check(
+        BITMAP.load(Ordering::Relaxed) == 0b0010,
+        "the bitmap does not name page 1",
+    )?;
+    expect(
+        hypercall(call::LOGDIRTY_TRACK, &[first, 0]),
+        EINVAL,
+        "tracking 0 pages",
+    )?;
+    expect(
+        hypercall(call::LOGDIRTY_TRACK, &[first, 1 << 30]),
+        EINVAL,
+        "tracking 2^30 pages",
+    )?;
+    expect(
+        hypercall(call::LOGDIRTY_TRACK, &[u64::MAX, 2]),
+        EINVAL,
+        "a range past the end",
+    )?;
+    expect(
+        hypercall(call::LOGDIRTY_FETCH, &[first, 4, 0xa_0000]),
+        EFAULT,
+        "a bitmap in the hole",
+    )?;
+    expect(
+        hypercall(call::LOGDIRTY_FETCH, &[first, 40_000, bitmap]),
+        EINVAL,
+        "fetching 40000 pages",
+    )?;
+    expect(
+        hypercall(call::BALLOON_RELEASE, &[gfn(0xa_0000)]),
+        ENOENT,
+        "ballooning the hole",
+    )?;
+    expect(
+        hypercall(call::BALLOON_RELEASE, &[gfn(1 << 36)]),
+        ENOENT,
+        "ballooning beyond RAM",
+    )?;
+    expect(
+        hypercall(call::BALLOON_RELEASE, &[1 << 40]),
+        EINVAL,
+        "ballooning beyond 48 bits",
+    )?;
+    expect(
+        hypercall(call::DISPLAY_REFRESH, &[]),
+        ENOENT,
+        "refresh without a display",
+    )?;
+    expect(
+        hypercall(call::DISPLAY_CHECKSUM, &[]),
+        ENOENT,
+        "checksum without a display",
+    )?;
+    expect(
+        hypercall(call::DISPLAY_SET, &[0, 0]),
+        ENOENT,
+        "stopping a display that is not there",
+    )?;
+    expect(
+        hypercall(call::DISPLAY_SET, &[gfn(FB), 65]),
+        EINVAL,
+        "65 pages",
+    )?;
+    expect(
+        hypercall(call::DISPLAY_SET, &[gfn(0x9_e000), 4]),
+        EFAULT,
+        "a framebuffer over the hole",
+    )?;
+    ok(hypercall(call::DISPLAY_SET, &[gfn(FB), 4]), "DISPLAY_SET")?;
+    expect(
+        hypercall(call::DISPLAY_SET, &[gfn(FB), 4]),
+        EBUSY,
+        "a second display",
+    )?;
+    expect(
+        hypercall(call::BALLOON_RELEASE, &[gfn(FB) + 1]),
+        EBUSY,
+        "ballooning the framebuffer",
+    )?;
+    ok(
+        hypercall(call::DISPLAY_SET, &[0, 0]),
+        "stopping the display",
+    )
+    .map(|_| ())
+}

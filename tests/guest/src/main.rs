@@ -8,7 +8,8 @@
 //! outside its RAM), `triple-fault` and `unhandled` (end the guest the hard
 //! way); altp2m: `altp2m` (every call, good and bad arguments),
 //! `mode-external`, `mode-limited`, `vmfunc`, `ve`, `hidden-breakpoint`,
-//! `balloon`, `display`, `display-late`; figures: `cpuid-bench`,
+//! `balloon`, `display`, `display-late`, `memory-calls` (log-dirty, balloon
+//! and display calls with good and bad arguments); figures: `cpuid-bench`,
 //! `vmfunc-bench`, `lazy-copy-bench`, `display-bench`.
 #![no_std]
 #![no_main]

@@ -50,6 +50,7 @@ pub fn run_all(boot: &BootInfo) -> u8 {
             "balloon" => altp2m::balloon(),
             "display" => altp2m::display(false),
             "display-late" => altp2m::display(true),
+            "memory-calls" => altp2m::memory_calls(),
             "vmfunc-bench" => altp2m::vmfunc_bench(),
             "lazy-copy-bench" => altp2m::lazy_copy_bench(),
             "display-bench" => altp2m::display_bench(),
