@@ -50,6 +50,19 @@ impl Altp2m {
         f
     }
 
+    /// Whether [`Altp2m::take_flush`] would ask for anything. Cheap while
+    /// altp2m is off (no active view to look at), so the kernel can skip
+    /// the flush step on its hottest paths.
+    pub fn flush_pending(&self, host: &P2m) -> bool {
+        self.flush_all
+            || host.flush_needed()
+            || (self.enabled
+                && self
+                    .active
+                    .iter()
+                    .any(|i| self.views[i].as_ref().is_some_and(|v| v.p2m.flush_needed())))
+    }
+
     /// Hands every logged [`crate::Dropped`] entry to `f` and empties the
     /// log; returns how many were lost because the log was full.
     pub fn drain_dropped(&mut self, f: impl FnMut(crate::Dropped)) -> u64 {

@@ -113,6 +113,9 @@ pub fn sync(vmcs: &impl Vmcs, guest: &mut Guest) -> Result<(), hv_altp2m::Error>
 /// Does the INVEPTs the host p2m and the views ask for, and reports the
 /// view entries host changes dropped. Before every VM entry.
 pub fn flush(guest: &mut Guest, platform: &mut impl Platform) {
+    if !guest.altp2m.flush_pending(&guest.p2m) && !guest.altp2m.has_dropped() {
+        return;
+    }
     let request = guest.altp2m.take_flush(&mut guest.p2m);
     if request.all_contexts {
         platform.invept(None);

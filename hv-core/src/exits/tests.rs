@@ -605,7 +605,13 @@ fn a_ballooned_page_leaves_every_view_and_its_frame_is_freed_once() {
     m.call(call::ALTP2M_SET_STATE, &[1]);
     let v = m.call(call::ALTP2M_CREATE_VIEW, &[access::RWX]) as u64;
     assert_eq!(m.call(call::ALTP2M_CHANGE_GFN, &[v, 0x301, 0x300]), 0);
-    let frame = m.guest.p2m.get_entry(&m.platform, Gfn(0x300)).unwrap().mfn.unwrap();
+    let frame = m
+        .guest
+        .p2m
+        .get_entry(&m.platform, Gfn(0x300))
+        .unwrap()
+        .mfn
+        .unwrap();
     assert_eq!(m.call(call::BALLOON_RELEASE, &[0x300]), 0);
     assert!(!m.platform.is_allocated(frame.0), "the frame went back");
     assert_eq!(m.call(call::BALLOON_RELEASE, &[0x300]), error::ENOENT);
