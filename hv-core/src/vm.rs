@@ -10,7 +10,7 @@ use x86::vmx::vmcs::{control, ro};
 use crate::caps::VmxCaps;
 use crate::cr;
 use crate::exit_reason::{self, ENTRY_FAILURE_BIT, NUM_REASONS};
-use crate::exits::{self, ExitCtx, Flow, GuestEnd, PASS_READ, PASS_WRITE, StopReason};
+use crate::exits::{self, ExitCtx, Flow, GuestEnd, PASS_READ_ONLY, PASS_WRITE, StopReason};
 use crate::guest::{Features, Guest, GuestConfig, GuestError};
 use crate::platform::Platform;
 use crate::vcpu::{self, Entry, GuestRegisters};
@@ -102,7 +102,10 @@ impl Vm {
             guest.destroy(platform);
             return Err(VmError::Guest(GuestError::NoMemory));
         };
-        platform.write_phys(msr_frame.hpa(), &msr_bitmap(PASS_READ, PASS_WRITE));
+        platform.write_phys(
+            msr_frame.hpa(),
+            &msr_bitmap(PASS_WRITE.iter().chain(PASS_READ_ONLY), PASS_WRITE),
+        );
         let all_ones = [0xffu8; 4096];
         platform.write_phys(io_frames.hpa(), &all_ones);
         platform.write_phys(io_frames.hpa() + 4096, &all_ones);

@@ -206,7 +206,10 @@ impl Controls {
 /// The MSR bitmap (SDM Vol. 3C "MSR-Bitmap Address"): every MSR exits except
 /// those in `pass_read`/`pass_write`. Four 1 KiB parts: reads of
 /// 0..0x1FFF, reads of 0xC0000000..0xC0001FFF, then the same for writes.
-pub fn msr_bitmap(pass_read: &[u32], pass_write: &[u32]) -> [u8; 4096] {
+pub fn msr_bitmap<'a>(
+    pass_read: impl IntoIterator<Item = &'a u32>,
+    pass_write: &[u32],
+) -> [u8; 4096] {
     let mut bitmap = [0xffu8; 4096];
     let mut clear = |msr: u32, write: bool| {
         let base = match msr {
@@ -217,7 +220,7 @@ pub fn msr_bitmap(pass_read: &[u32], pass_write: &[u32]) -> [u8; 4096] {
         let bit = (msr & 0x1fff) as usize;
         bitmap[base + bit / 8] &= !(1 << (bit % 8));
     };
-    pass_read.iter().for_each(|&m| clear(m, false));
+    pass_read.into_iter().for_each(|&m| clear(m, false));
     pass_write.iter().for_each(|&m| clear(m, true));
     bitmap
 }

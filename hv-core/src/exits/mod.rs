@@ -28,7 +28,7 @@ use crate::platform::Platform;
 use crate::vcpu::{GuestRegisters, inject_exception, vector};
 use crate::vmcs::{Vmcs, dump_guest_state};
 
-pub use msr::{PASS_READ, PASS_WRITE};
+pub use msr::{PASS_READ_ONLY, PASS_WRITE};
 
 /// Everything a handler may look at or change.
 pub struct ExitCtx<'a, V: Vmcs, P: Platform> {
