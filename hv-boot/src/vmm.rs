@@ -84,9 +84,18 @@ impl Platform for KernelPlatform {
     }
 
     fn invept(&mut self, eptp: Option<u64>) {
-        match eptp {
-            Some(eptp) => hv_core::vm::invept_single(eptp),
-            None => hv_core::vm::invept_all(),
+        let done = match eptp {
+            Some(eptp) => hv_core::vm::invept(1, eptp),
+            None => hv_core::vm::invept(2, 0),
+        };
+        if !done {
+            error!("vmx: INVEPT {eptp:x?} refused by the CPU");
+        }
+    }
+
+    fn invvpid(&mut self, vpid: u16) {
+        if !hv_core::vm::invvpid_single(vpid) {
+            error!("vmx: INVVPID {vpid} refused by the CPU");
         }
     }
 
@@ -106,7 +115,8 @@ impl Platform for KernelPlatform {
     }
 
     fn xsetbv(&mut self, index: u32, value: u64) {
-        // SAFETY: the value was checked against CPUID.0xD by the handler, and
+        // SAFETY: the XSETBV handler only passes values that are valid XCR0
+        // settings on this CPU (its rules and CPUID.0xD), and
         // `platform::enable_xsave` set CR4.OSXSAVE at boot.
         unsafe {
             core::arch::asm!("xsetbv", in("ecx") index, in("eax") value as u32, in("edx") (value >> 32) as u32)
@@ -118,7 +128,9 @@ impl Platform for KernelPlatform {
 pub const GUEST_STOPPED: u8 = 4;
 
 /// Boots the guest in the first module, runs it to its end and tears it
-/// down. Returns the run's status.
+/// down, VMX operation included. Returns the run's status. Every frame the
+/// guest and VMX took must be back at the end, and the hypervisor's code and
+/// page tables unchanged: both are checked and reported.
 pub fn run_guest(caps: &VmxCaps, boot: &BootInfo, options: &Options) -> u8 {
     let Some(module) = boot.modules.first() else {
         info!("vmm: no guest module given; nothing to run");
@@ -132,11 +144,6 @@ pub fn run_guest(caps: &VmxCaps, boot: &BootInfo, options: &Options) -> u8 {
             (module.end - module.start) as usize,
         )
     };
-    let mut platform = KernelPlatform;
-    if let Err(e) = hv_core::vmx::enable(caps, &mut platform) {
-        error!("vmx: cannot enter VMX operation: {e}");
-        return exit::BOOT_FAILED;
-    }
     let config = GuestConfig {
         memory_mib: options.guest_memory_mib,
         image,
@@ -144,46 +151,20 @@ pub fn run_guest(caps: &VmxCaps, boot: &BootInfo, options: &Options) -> u8 {
         force_multiboot1: options.guest_multiboot1,
         altp2m_mode: options.altp2m_mode,
     };
+    let mut platform = KernelPlatform;
     let free_before = memory::free_frames();
     let checksum_before = memory::isolation_checksum();
-    let mut vm = match Vm::create(caps, &config, Wants::default(), &mut platform) {
-        Ok(vm) => vm,
+    let vmx = match hv_core::vmx::enable(caps, &mut platform) {
+        Ok(vmx) => vmx,
         Err(e) => {
-            error!("vmm: guest refused: {e}");
-            return GUEST_STOPPED;
+            error!("vmx: cannot enter VMX operation: {e}");
+            return exit::BOOT_FAILED;
         }
     };
-    info!(
-        "vmm: guest of {} MiB ({} frames), {:?} entry {:#x}, boot information at {:#x}, altp2m mode {:?}, \
-         command line '{}'",
-        options.guest_memory_mib,
-        vm.guest.ram_frames(),
-        vm.guest.protocol,
-        vm.guest.entry,
-        vm.guest.boot_info,
-        options.altp2m_mode,
-        module.cmdline
-    );
-    println!("vmx: launching the guest (tsc {})", platform::rdtsc());
-    let end = vm.run(&mut platform);
-    let status = match &end {
-        GuestEnd::Exited(status) => {
-            info!("vmm: guest exited with status {status}");
-            *status
-        }
-        GuestEnd::Stopped(why) => {
-            error!("vmm: guest stopped: {why}");
-            GUEST_STOPPED
-        }
-    };
-    report_exits(vm.counters());
-    if vm.guest.stray_accesses > 0 {
-        warn!(
-            "vmm: the guest touched memory outside its RAM {} times",
-            vm.guest.stray_accesses
-        );
+    let status = run_vm(caps, &config, options, &mut platform);
+    if let Err(e) = hv_core::vmx::disable(vmx, &mut platform) {
+        error!("vmx: {e}");
     }
-    vm.destroy(&mut platform);
     let free_after = memory::free_frames();
     if free_after == free_before {
         info!("vmm: guest torn down, all frames returned ({free_after} free)");
@@ -200,6 +181,53 @@ pub fn run_guest(caps: &VmxCaps, boot: &BootInfo, options: &Options) -> u8 {
             "isolation: hypervisor memory changed: checksum {checksum_before:#x} -> {checksum_after:#x}"
         );
     }
+    status
+}
+
+/// Creates, runs and destroys the VM; returns the run's status.
+fn run_vm(
+    caps: &VmxCaps,
+    config: &GuestConfig<'_>,
+    options: &Options,
+    platform: &mut KernelPlatform,
+) -> u8 {
+    let mut vm = match Vm::create(caps, config, Wants::default(), platform) {
+        Ok(vm) => vm,
+        Err(e) => {
+            error!("vmm: guest refused: {e}");
+            return GUEST_STOPPED;
+        }
+    };
+    info!(
+        "vmm: guest of {} MiB ({} frames), {:?} entry {:#x}, boot information at {:#x}, altp2m mode {:?}, \
+         command line '{}'",
+        options.guest_memory_mib,
+        vm.guest.ram_frames(),
+        vm.guest.protocol,
+        vm.guest.entry,
+        vm.guest.boot_info,
+        options.altp2m_mode,
+        config.cmdline
+    );
+    println!("vmx: launching the guest (tsc {})", platform::rdtsc());
+    let status = match vm.run(platform) {
+        GuestEnd::Exited(status) => {
+            info!("vmm: guest exited with status {status}");
+            status
+        }
+        GuestEnd::Stopped(why) => {
+            error!("vmm: guest stopped: {why}");
+            GUEST_STOPPED
+        }
+    };
+    report_exits(vm.counters());
+    if vm.guest.stray_accesses > 0 {
+        warn!(
+            "vmm: the guest touched memory outside its RAM {} times",
+            vm.guest.stray_accesses
+        );
+    }
+    vm.destroy(platform);
     status
 }
 

@@ -89,6 +89,8 @@ pub enum Refused {
     Vmx,
     /// A CR4 bit the CPU does not allow in VMX non-root operation.
     Unsupported,
+    /// Clearing CR0.PG while executing 64-bit code.
+    LongModeCode,
 }
 
 /// Checks a guest MOV to CR0 and carries it out, including entering or
@@ -107,6 +109,10 @@ pub fn mov_to_cr0(vmcs: &mut impl Vmcs, fixed: &Fixed, value: u64) -> Result<(),
     let efer = vmcs.read(guest::IA32_EFER_FULL);
     let paging_on = old & CR0_PG == 0 && value & CR0_PG != 0;
     let paging_off = old & CR0_PG != 0 && value & CR0_PG == 0;
+    if paging_off && crate::vcpu::in_64bit_mode(vmcs) {
+        // Leaving long mode is only allowed from compatibility mode.
+        return Err(Refused::LongModeCode);
+    }
     if paging_on && efer & EFER_LME != 0 {
         if guest_cr4(vmcs) & CR4_PAE == 0 {
             return Err(Refused::LongModeWithoutPae);

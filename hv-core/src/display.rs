@@ -79,6 +79,9 @@ pub fn set(
     }
     let copy = platform.alloc_frames(pages, 1).ok_or(error::ENOMEM)?;
     for i in 0..pages {
+        platform.zero_frame(Mfn(copy.0 + i));
+    }
+    for i in 0..pages {
         copy_page(guest, platform, copy, i, Gfn(first.0 + i));
     }
     let tracked = guest.altp2m.host_change_type_range(

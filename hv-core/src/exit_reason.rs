@@ -19,6 +19,7 @@ pub const WRMSR: u16 = 32;
 pub const ENTRY_FAILURE_GUEST_STATE: u16 = 33;
 pub const ENTRY_FAILURE_MSR_LOADING: u16 = 34;
 pub const MWAIT: u16 = 36;
+pub const MONITOR_TRAP_FLAG: u16 = 37;
 pub const MONITOR: u16 = 39;
 pub const ENTRY_FAILURE_MACHINE_CHECK: u16 = 41;
 pub const EPT_VIOLATION: u16 = 48;

@@ -48,6 +48,12 @@ pub struct Features {
     pub ve: bool,
     /// The VMX-preemption timer (the display refresh tick).
     pub tick: bool,
+    /// The monitor trap flag: single steps without touching RFLAGS.TF.
+    pub mtf: bool,
+    /// Guest translations are tagged with `vcpu::GUEST_VPID`.
+    pub vpid: bool,
+    /// The wait-for-SIPI activity state (IA32_VMX_MISC bit 8), for INIT.
+    pub wait_for_sipi: bool,
 }
 
 /// A single step in view 0 the hypervisor takes for the guest: an access a
@@ -56,7 +62,9 @@ pub struct Features {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Step {
     pub view: u16,
-    /// The guest's own RFLAGS.TF, restored after the step.
+    /// Stepped with the monitor trap flag; otherwise with RFLAGS.TF, and
+    /// `trap_flag` is the guest's own TF, restored after the step.
+    pub mtf: bool,
     pub trap_flag: bool,
 }
 
@@ -184,6 +192,9 @@ pub struct Guest {
     released: Vec<u64>,
     /// Hypercalls refused by the altp2m mode that were already logged.
     pub refusals_logged: u128,
+    /// The guest's task-priority register as MOV CR8 sees it (the physical
+    /// APIC's TPR is never touched).
+    pub tpr: u8,
 }
 
 /// IA32_APIC_BASE at reset: the xAPIC at 0xFEE00000, enabled, boot processor.
@@ -256,6 +267,7 @@ impl Guest {
             display: None,
             released: Vec::new(),
             refusals_logged: 0,
+            tpr: 0,
         };
         let built = guest
             .populate(&ram_ranges, platform)
@@ -280,6 +292,8 @@ impl Guest {
         for &(start, end) in ranges {
             let (mut gfn, end) = (start / PAGE, end / PAGE);
             while gfn < end {
+                // Room to record the chunk first: a frame is never held unrecorded.
+                self.ram.try_reserve(1).map_err(|_| GuestError::NoMemory)?;
                 let big = gfn % BIG == 0 && gfn + BIG <= end && self.p2m.caps().pages_2m;
                 let chunk = if big {
                     platform.alloc_frames(BIG, BIG).map(|mfn| (mfn, BIG))
@@ -290,7 +304,6 @@ impl Guest {
                     Some(chunk) => chunk,
                     None => (platform.alloc_frames(1, 1).ok_or(GuestError::NoMemory)?, 1),
                 };
-                self.ram.try_reserve(1).map_err(|_| GuestError::NoMemory)?;
                 self.ram.push(RamChunk { mfn, frames });
                 for i in 0..frames {
                     platform.zero_frame(Mfn(mfn.0 + i));
@@ -328,14 +341,23 @@ impl Guest {
             // RAM starts zeroed, so the rest of the piece (bss) already is.
         }
         let info_at = plan.end().next_multiple_of(PAGE);
+        // EBX holds the address, and Multiboot 1 pointers are 32-bit: the
+        // whole structure must lie below 4 GiB.
+        let too_high = GuestError::BadConfig("the boot information would lie above 4 GiB");
+        let limit = |len: usize| {
+            info_at
+                .checked_add(len as u64)
+                .filter(|&end| end <= 1 << 32)
+        };
         let info = match plan.protocol {
             Protocol::Multiboot2 => loader::multiboot2_info(config.cmdline, &self.memory_map),
             Protocol::Multiboot1 => {
-                let base = u32::try_from(info_at)
-                    .map_err(|_| GuestError::BadConfig("image ends above 4 GiB"))?;
-                loader::multiboot1_info(base, config.cmdline, &self.memory_map)
+                let len = loader::multiboot1_info_len(config.cmdline, &self.memory_map);
+                limit(len).ok_or(too_high.clone())?;
+                loader::multiboot1_info(info_at as u32, config.cmdline, &self.memory_map)
             }
         };
+        limit(info.len()).ok_or(too_high)?;
         self.write(platform, info_at, &info).map_err(|_| {
             GuestError::BadConfig("no room for the boot information after the image")
         })?;

@@ -400,7 +400,13 @@ pub fn multiboot2_info(cmdline: &str, map: &[MapEntry]) -> Vec<u8> {
     out
 }
 
-/// Multiboot 1 boot information placed at guest-physical `base`: the info
+/// Bytes [`multiboot1_info`] produces for this command line and map.
+pub fn multiboot1_info_len(cmdline: &str, map: &[MapEntry]) -> usize {
+    88 + 24 * map.len() + cmdline.len() + 1 + 3
+}
+
+/// Multiboot 1 boot information placed at guest-physical `base`, which the
+/// caller keeps low enough that `base` + [`multiboot1_info_len`] fits in 32 bits: the info
 /// structure, then the memory map, the command line and the loader name
 /// (all pointers absolute). Written by hand: it is a fixed 88-byte record,
 /// and the `multiboot` crate can only build it through an allocator of its own.

@@ -40,6 +40,10 @@ pub trait Platform: EptMemory {
     /// INVEPT: single-context for `Some(eptp)`, all contexts for `None`.
     fn invept(&mut self, eptp: Option<u64>);
 
+    /// INVVPID single-context: drops the guest's cached linear translations
+    /// (after an emulated paging-mode change or a processor reset).
+    fn invvpid(&mut self, vpid: u16);
+
     /// Shows a text screen (80x25 cells of character and attribute bytes):
     /// the VGA text buffer on a PC.
     fn show_text(&mut self, cells: &[u8]);

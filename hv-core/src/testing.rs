@@ -23,6 +23,7 @@ pub struct SimPlatform {
     pub xcr0: Option<u64>,
     /// INVEPTs done: `Some(eptp)` single-context, `None` all contexts.
     pub inveptions: Vec<Option<u64>>,
+    pub invvpids: Vec<u16>,
     pub screen: Vec<u8>,
 }
 
@@ -134,6 +135,10 @@ impl Platform for SimPlatform {
 
     fn invept(&mut self, eptp: Option<u64>) {
         self.inveptions.push(eptp);
+    }
+
+    fn invvpid(&mut self, vpid: u16) {
+        self.invvpids.push(vpid);
     }
 
     fn show_text(&mut self, cells: &[u8]) {

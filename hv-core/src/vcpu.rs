@@ -88,41 +88,113 @@ impl GuestRegisters {
 /// Interruption types for VM-entry event injection (SDM Vol. 3C
 /// "VM-Entry Controls for Event Injection").
 const TYPE_HARDWARE_EXCEPTION: u64 = 3;
+pub const TYPE_SOFTWARE_INTERRUPT: u64 = 4;
+pub const TYPE_PRIVILEGED_SOFTWARE_EXCEPTION: u64 = 5;
+pub const TYPE_SOFTWARE_EXCEPTION: u64 = 6;
 const DELIVER_ERROR_CODE: u64 = 1 << 11;
-const VALID: u64 = 1 << 31;
+pub const VALID: u64 = 1 << 31;
 
 /// Interruptibility: blocking by STI (bit 0) and by MOV SS (bit 1).
-const BLOCKING_STI_MOVSS: u64 = 0b11;
+pub const BLOCKING_STI_MOVSS: u64 = 0b11;
+/// Pending debug exceptions: single step (BS).
+pub const PENDING_BS: u64 = 1 << 14;
+const RFLAGS_TF: u64 = 1 << 8;
+const CR0_PE: u64 = 1;
+/// CS access rights: the L bit (64-bit code).
+const CS_LONG: u64 = 1 << 13;
 
-/// Moves the guest past the instruction that caused the exit.
+/// The VPID of guest vCPUs (the hypervisor runs with VPID 0).
+pub const GUEST_VPID: u16 = 1;
+
+/// Whether the guest executes 64-bit code (IA-32e mode and CS.L).
+pub fn in_64bit_mode(vmcs: &impl Vmcs) -> bool {
+    vmcs.read(control::VMENTRY_CONTROLS) & crate::cr::ENTRY_IA32E_MODE != 0
+        && vmcs.read(guest::CS_ACCESS_RIGHTS) & CS_LONG != 0
+}
+
+/// Moves the guest past the instruction that caused the exit, as the CPU
+/// would have: EIP wraps at 4 GiB outside 64-bit mode, an STI or MOV SS
+/// shadow ends, and a guest single-stepping with TF gets its #DB.
 pub fn advance_rip(vmcs: &mut impl Vmcs) {
     let rip = vmcs.read(guest::RIP);
     let len = vmcs.read(ro::VMEXIT_INSTRUCTION_LEN);
-    vmcs.write(guest::RIP, rip.wrapping_add(len));
-    // The emulated instruction completed: an STI or MOV SS shadow ends with it.
+    let mut next = rip.wrapping_add(len);
+    if !in_64bit_mode(vmcs) {
+        next &= 0xffff_ffff;
+    }
+    vmcs.write(guest::RIP, next);
     let state = vmcs.read(guest::INTERRUPTIBILITY_STATE);
     if state & BLOCKING_STI_MOVSS != 0 {
         vmcs.write(guest::INTERRUPTIBILITY_STATE, state & !BLOCKING_STI_MOVSS);
     }
+    if vmcs.read(guest::RFLAGS) & RFLAGS_TF != 0 {
+        let pending = vmcs.read(guest::PENDING_DBG_EXCEPTIONS);
+        vmcs.write(guest::PENDING_DBG_EXCEPTIONS, pending | PENDING_BS);
+    }
 }
 
-/// Exception vectors the hypervisor injects.
+/// Exception vectors the hypervisor injects or intercepts.
 pub mod vector {
     pub const DB: u8 = 1;
     pub const BP: u8 = 3;
     pub const UD: u8 = 6;
     pub const GP: u8 = 13;
-    pub const VE: u8 = 20;
+    pub const MC: u8 = 18;
 }
 
 /// Makes the next VM entry deliver hardware exception `vector` to the guest.
+/// In real mode no error code is pushed (SDM Vol. 3C 26.2.1.3: with
+/// unrestricted guest and CR0.PE = 0, "deliver error code" must be 0).
 pub fn inject_exception(vmcs: &mut impl Vmcs, vector: u8, error_code: Option<u32>) {
     let mut info = u64::from(vector) | TYPE_HARDWARE_EXCEPTION << 8 | VALID;
-    if let Some(code) = error_code {
+    if let Some(code) = error_code.filter(|_| vmcs.read(guest::CR0) & CR0_PE != 0) {
         info |= DELIVER_ERROR_CODE;
         vmcs.write(control::VMENTRY_EXCEPTION_ERR_CODE, u64::from(code));
     }
     vmcs.write(control::VMENTRY_INTERRUPTION_INFO_FIELD, info);
+}
+
+/// Makes the next VM entry deliver software exception `vector` (INT3,
+/// INTO) of an instruction `len` bytes long.
+pub fn inject_software_exception(vmcs: &mut impl Vmcs, vector: u8, len: u64) {
+    vmcs.write(control::VMENTRY_INSTRUCTION_LEN, len);
+    let info = u64::from(vector) | TYPE_SOFTWARE_EXCEPTION << 8 | VALID;
+    vmcs.write(control::VMENTRY_INTERRUPTION_INFO_FIELD, info);
+}
+
+/// Whether the next VM entry injects an event.
+pub fn injecting(vmcs: &impl Vmcs) -> bool {
+    vmcs.read(control::VMENTRY_INTERRUPTION_INFO_FIELD) & VALID != 0
+}
+
+/// If the exit interrupted the delivery of an event (IDT-vectoring
+/// information valid), delivers it again on the next entry (SDM Vol. 3C
+/// 27.2.4, "Information for VM Exits During Event Delivery"). Returns
+/// whether there was one.
+pub fn reinject_vectoring(vmcs: &mut impl Vmcs) -> bool {
+    let info = vmcs.read(ro::IDT_VECTORING_INFO);
+    if info & VALID == 0 || injecting(vmcs) {
+        return false;
+    }
+    if info & DELIVER_ERROR_CODE != 0 {
+        vmcs.write(
+            control::VMENTRY_EXCEPTION_ERR_CODE,
+            vmcs.read(ro::IDT_VECTORING_ERR_CODE),
+        );
+    }
+    let kind = (info >> 8) & 7;
+    if matches!(
+        kind,
+        TYPE_SOFTWARE_INTERRUPT | TYPE_PRIVILEGED_SOFTWARE_EXCEPTION | TYPE_SOFTWARE_EXCEPTION
+    ) {
+        vmcs.write(
+            control::VMENTRY_INSTRUCTION_LEN,
+            vmcs.read(ro::VMEXIT_INSTRUCTION_LEN),
+        );
+    }
+    // Bit 12 is undefined in the vectoring information; reserved at entry.
+    vmcs.write(control::VMENTRY_INTERRUPTION_INFO_FIELD, info & !(1 << 12));
+    true
 }
 
 /// The guest's current privilege level (DPL of SS, SDM Vol. 3A 5.5).
@@ -278,6 +350,7 @@ mod tests {
     #[test]
     fn gp_injection_carries_its_error_code() {
         let mut vmcs = FakeVmcs::default();
+        vmcs.write(guest::CR0, CR0_PE);
         inject_exception(&mut vmcs, vector::GP, Some(0));
         assert_eq!(
             vmcs.read(control::VMENTRY_INTERRUPTION_INFO_FIELD),
@@ -287,6 +360,47 @@ mod tests {
         assert_eq!(
             vmcs.read(control::VMENTRY_INTERRUPTION_INFO_FIELD),
             0x8000_0306
+        );
+    }
+
+    #[test]
+    fn real_mode_injection_has_no_error_code() {
+        let mut vmcs = FakeVmcs::default();
+        inject_exception(&mut vmcs, vector::GP, Some(0));
+        assert_eq!(
+            vmcs.read(control::VMENTRY_INTERRUPTION_INFO_FIELD),
+            0x8000_030d
+        );
+    }
+
+    #[test]
+    fn outside_64_bit_mode_eip_wraps_and_tf_gets_its_debug_trap() {
+        let mut vmcs = FakeVmcs::default();
+        vmcs.write(guest::RIP, 0xffff_fffe);
+        vmcs.write(ro::VMEXIT_INSTRUCTION_LEN, 3);
+        vmcs.write(guest::RFLAGS, 0x2 | RFLAGS_TF);
+        advance_rip(&mut vmcs);
+        assert_eq!(vmcs.read(guest::RIP), 1);
+        assert_eq!(vmcs.read(guest::PENDING_DBG_EXCEPTIONS), PENDING_BS);
+    }
+
+    #[test]
+    fn an_event_cut_short_by_an_exit_is_delivered_again() {
+        let mut vmcs = FakeVmcs::default();
+        vmcs.write(
+            ro::IDT_VECTORING_INFO,
+            VALID | 3 << 8 | DELIVER_ERROR_CODE | 14,
+        );
+        vmcs.write(ro::IDT_VECTORING_ERR_CODE, 2);
+        assert!(reinject_vectoring(&mut vmcs));
+        assert_eq!(
+            vmcs.read(control::VMENTRY_INTERRUPTION_INFO_FIELD),
+            VALID | 3 << 8 | DELIVER_ERROR_CODE | 14
+        );
+        assert_eq!(vmcs.read(control::VMENTRY_EXCEPTION_ERR_CODE), 2);
+        assert!(
+            !reinject_vectoring(&mut vmcs),
+            "an injection is already set up"
         );
     }
 

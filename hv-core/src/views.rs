@@ -15,6 +15,7 @@ use x86::vmx::vmcs::{control, guest};
 
 use crate::guest::{Guest, Step};
 use crate::platform::Platform;
+use crate::vcpu::{BLOCKING_STI_MOVSS, PENDING_BS};
 use crate::vmcs::Vmcs;
 
 /// VM-function control bit 0: EPTP switching.
@@ -26,9 +27,10 @@ const PIN_PREEMPTION_TIMER: u64 = 1 << 6;
 /// VM-exit control: save the VMX-preemption timer value.
 const EXIT_SAVE_PREEMPTION_TIMER: u64 = 1 << 22;
 const RFLAGS_TF: u64 = 1 << 8;
-pub const VECTOR_DB: u64 = 1;
-pub const VECTOR_BP: u64 = 3;
-const VECTOR_MC: u64 = 18;
+const VECTOR_BP: u64 = crate::vcpu::vector::BP as u64;
+const VECTOR_MC: u64 = crate::vcpu::vector::MC as u64;
+/// Primary processor-based control: monitor trap flag.
+const PRIMARY_MTF: u64 = 1 << 27;
 
 /// Writes every VMCS field that depends on the guest's altp2m state. Cheap
 /// enough to call after any change to it.
@@ -69,12 +71,23 @@ pub fn apply(vmcs: &mut impl Vmcs, guest: &Guest) {
             ),
         }
     }
-    let mut exceptions = 1 << VECTOR_MC;
-    if on {
-        exceptions |= 1 << VECTOR_BP;
-    }
-    if guest.step.is_some() {
-        exceptions |= 1 << VECTOR_DB;
+    let exceptions = match guest.step {
+        // Stepping with TF: any exception means the stepped instruction
+        // faulted, and its handler must not run in view 0 (#PF included:
+        // the page-fault mask and match are 0).
+        Some(Step { mtf: false, .. }) => u32::MAX as u64,
+        _ if on => 1 << VECTOR_MC | 1 << VECTOR_BP,
+        _ => 1 << VECTOR_MC,
+    };
+    if guest.features.mtf {
+        let primary = vmcs.read(control::PRIMARY_PROCBASED_EXEC_CONTROLS);
+        let mtf = matches!(guest.step, Some(Step { mtf: true, .. }));
+        let primary = if mtf {
+            primary | PRIMARY_MTF
+        } else {
+            primary & !PRIMARY_MTF
+        };
+        vmcs.write(control::PRIMARY_PROCBASED_EXEC_CONTROLS, primary);
     }
     vmcs.write(control::EXCEPTION_BITMAP, exceptions);
     if guest.features.tick {
@@ -173,36 +186,66 @@ pub fn kind_name(kind: AccessKind) -> &'static str {
 }
 
 /// Lets the instruction at the guest's RIP run once in view 0 (the host
-/// p2m, which holds no view's restrictions or remaps), single-stepped with
-/// RFLAGS.TF; [`finish_step`] returns the vCPU to `view` on the #DB.
+/// p2m, which holds no view's restrictions or remaps), then returns the
+/// vCPU to `view` ([`finish_step`]). With the monitor trap flag the step
+/// ends with an MTF exit after the instruction (or after delivery of the
+/// exception it raised). Without it, RFLAGS.TF single-steps, and every
+/// exception is intercepted so that a faulting instruction also ends the
+/// step; an emulated instruction ends it too (see `exits::handle`).
 pub fn start_step(
     vmcs: &mut impl Vmcs,
     guest: &mut Guest,
     view: u16,
 ) -> Result<(), hv_altp2m::Error> {
     guest.altp2m.switch_vcpu(0, 0)?;
-    let rflags = vmcs.read(guest::RFLAGS);
-    guest.step = Some(Step {
-        view,
-        trap_flag: rflags & RFLAGS_TF != 0,
-    });
-    vmcs.write(guest::RFLAGS, rflags | RFLAGS_TF);
+    if guest.features.mtf {
+        guest.step = Some(Step {
+            view,
+            mtf: true,
+            trap_flag: false,
+        });
+    } else {
+        let rflags = vmcs.read(guest::RFLAGS);
+        guest.step = Some(Step {
+            view,
+            mtf: false,
+            trap_flag: rflags & RFLAGS_TF != 0,
+        });
+        vmcs.write(guest::RFLAGS, rflags | RFLAGS_TF);
+        // TF under an STI/MOV SS shadow needs BS pending (SDM Vol. 3C 26.3.1.5).
+        if vmcs.read(guest::INTERRUPTIBILITY_STATE) & BLOCKING_STI_MOVSS != 0 {
+            let pending = vmcs.read(guest::PENDING_DBG_EXCEPTIONS);
+            vmcs.write(guest::PENDING_DBG_EXCEPTIONS, pending | PENDING_BS);
+        }
+    }
     apply(vmcs, guest);
     Ok(())
 }
 
-/// The single step is done: back to the view, TF as the guest had it.
-/// Returns false if no step was in progress (the #DB is the guest's).
+/// Ends the single step: back to the view (unless the stepped instruction
+/// itself switched views), and, when stepping with TF, TF as the guest had
+/// it and a pending single-step #DB only if the guest asked for one.
+/// Returns false if no step was in progress.
 pub fn finish_step(vmcs: &mut impl Vmcs, guest: &mut Guest) -> bool {
     let Some(step) = guest.step.take() else {
         return false;
     };
-    // The view may have been destroyed meanwhile (by a hypercall in the
-    // stepped instruction): then the vCPU stays on view 0.
-    let _ = guest.altp2m.switch_vcpu(0, step.view);
-    let rflags = vmcs.read(guest::RFLAGS);
-    let tf = if step.trap_flag { RFLAGS_TF } else { 0 };
-    vmcs.write(guest::RFLAGS, rflags & !RFLAGS_TF | tf);
+    if guest.altp2m.vcpu_view(0) == Ok(0) {
+        // The view may be gone (destroyed by the stepped instruction's
+        // hypercall): then the vCPU stays on view 0.
+        let _ = guest.altp2m.switch_vcpu(0, step.view);
+    }
+    if !step.mtf {
+        let rflags = vmcs.read(guest::RFLAGS) & !RFLAGS_TF;
+        let pending = vmcs.read(guest::PENDING_DBG_EXCEPTIONS) & !PENDING_BS;
+        let (tf, bs) = if step.trap_flag {
+            (RFLAGS_TF, PENDING_BS)
+        } else {
+            (0, 0)
+        };
+        vmcs.write(guest::RFLAGS, rflags | tf);
+        vmcs.write(guest::PENDING_DBG_EXCEPTIONS, pending | bs);
+    }
     apply(vmcs, guest);
     true
 }

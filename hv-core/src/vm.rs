@@ -13,15 +13,12 @@ use crate::exit_reason::{self, ENTRY_FAILURE_BIT, NUM_REASONS};
 use crate::exits::{self, ExitCtx, Flow, GuestEnd, PASS_READ_ONLY, PASS_WRITE, StopReason};
 use crate::guest::{Features, Guest, GuestConfig, GuestError};
 use crate::platform::Platform;
-use crate::vcpu::{self, Entry, GuestRegisters};
+use crate::vcpu::{self, Entry, GUEST_VPID, GuestRegisters};
 use crate::vmcs::{
     Controls, CurrentVmcs, MissingFeature, Vmcs, Wants, dump_guest_state, msr_bitmap,
 };
 use crate::vmx::{self, VmxError};
 use crate::{state, views};
-
-/// The VPID of guest vCPUs (the hypervisor runs with VPID 0).
-const GUEST_VPID: u64 = 1;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VmError {
@@ -70,10 +67,19 @@ impl Vm {
         wants: Wants,
         platform: &mut impl Platform,
     ) -> Result<Self, VmError> {
+        let save_timer = caps
+            .exit()
+            .allows(x86::vmx::vmcs::control::ExitControls::SAVE_VMX_PREEMPTION_TIMER.bits());
         let features = Features {
             vmfunc: caps.eptp_switching() && caps.ept_violation_ve(),
             ve: caps.ept_violation_ve(),
-            tick: caps.preemption_timer(),
+            // The tick needs the timer value saved across exits.
+            tick: caps.preemption_timer() && save_timer,
+            mtf: caps
+                .procbased()
+                .allows(x86::vmx::vmcs::control::PrimaryControls::MONITOR_TRAP_FLAG.bits()),
+            vpid: false,
+            wait_for_sipi: caps.msrs.misc & 1 << 8 != 0,
         };
         let wants = Wants {
             preemption_timer: wants.preemption_timer || features.tick,
@@ -81,6 +87,10 @@ impl Vm {
             virtualization_exceptions: wants.virtualization_exceptions || features.ve,
         };
         let controls = Controls::compute(caps, wants).map_err(VmError::Missing)?;
+        let features = Features {
+            vpid: controls.vpid,
+            ..features
+        };
         let ept_caps = EptCaps::from_msr(caps.msrs.ept_vpid_cap, physical_address_bits(platform));
         let m = &caps.msrs;
         let fixed = cr::Fixed {
@@ -134,7 +144,7 @@ impl Vm {
         }
         vm.write_vmcs(&controls, &mut CurrentVmcs);
         if controls.vpid {
-            invvpid_single(GUEST_VPID);
+            platform.invvpid(GUEST_VPID);
         }
         Ok(vm)
     }
@@ -174,7 +184,7 @@ impl Vm {
         vmcs.write(control::MSR_BITMAPS_ADDR_FULL, self.msr_bitmap.hpa());
         vmcs.write(control::EPTP_FULL, self.eptp);
         if c.vpid {
-            vmcs.write(control::VPID, GUEST_VPID);
+            vmcs.write(control::VPID, u64::from(GUEST_VPID));
         }
         vmx::write_host_state(vmcs, vcpu::exit_entry_address());
         let g = &self.guest;
@@ -300,34 +310,42 @@ impl Vm {
     }
 }
 
-/// INVEPT single-context for `eptp` (x86 0.52 has no INVEPT wrapper).
-pub fn invept_single(eptp: u64) {
+/// INVEPT of type `kind` (1: single context `eptp`, 2: all contexts);
+/// x86 0.52 has no wrapper. Returns false if the CPU refused it.
+pub fn invept(kind: u64, eptp: u64) -> bool {
     let descriptor: [u64; 2] = [eptp, 0];
-    // SAFETY: INVEPT only drops cached translations; type 1 (single-context)
-    // is supported (checked when the controls were computed), and the
-    // descriptor is a valid 16-byte memory operand.
+    let failed: u8;
+    // SAFETY: INVEPT only drops cached translations; both types are required
+    // by `Controls::compute`, and the descriptor is a 16-byte memory operand.
     unsafe {
-        core::arch::asm!("invept {}, [{}]", in(reg) 1u64, in(reg) descriptor.as_ptr(), options(nostack));
+        core::arch::asm!(
+            "invept {kind}, [{desc}]",
+            "setbe {failed}",
+            kind = in(reg) kind,
+            desc = in(reg) descriptor.as_ptr(),
+            failed = out(reg_byte) failed,
+            options(nostack),
+        );
     }
+    failed == 0
 }
 
-/// INVEPT all-context (x86 0.52 has no INVEPT wrapper).
-pub fn invept_all() {
-    let descriptor: [u64; 2] = [0, 0];
-    // SAFETY: INVEPT only drops cached translations; type 2 (all contexts)
-    // is supported wherever single-context is on the CPUs we run on, and the
-    // controls check single-context; an unsupported type fails without effect.
-    unsafe {
-        core::arch::asm!("invept {}, [{}]", in(reg) 2u64, in(reg) descriptor.as_ptr(), options(nostack));
-    }
-}
-
-/// INVVPID single-context for `vpid` (x86 0.52 has no INVVPID wrapper).
-pub fn invvpid_single(vpid: u64) {
-    let descriptor: [u64; 2] = [vpid, 0];
+/// INVVPID single-context for `vpid`; x86 0.52 has no wrapper. Returns
+/// false if the CPU refused it.
+pub fn invvpid_single(vpid: u16) -> bool {
+    let descriptor: [u64; 2] = [u64::from(vpid), 0];
+    let failed: u8;
     // SAFETY: INVVPID only drops cached translations; single-context is
-    // supported whenever VPID is used (`Controls::compute`).
+    // required whenever VPID is used (`Controls::compute`).
     unsafe {
-        core::arch::asm!("invvpid {}, [{}]", in(reg) 1u64, in(reg) descriptor.as_ptr(), options(nostack));
+        core::arch::asm!(
+            "invvpid {kind}, [{desc}]",
+            "setbe {failed}",
+            kind = in(reg) 1u64,
+            desc = in(reg) descriptor.as_ptr(),
+            failed = out(reg_byte) failed,
+            options(nostack),
+        );
     }
+    failed == 0
 }

@@ -114,8 +114,12 @@ impl Controls {
         if !caps.ept_cap(EptVpidCap::PAGE_WALK_4) || !caps.ept_cap(EptVpidCap::MEMTYPE_WB) {
             return Err(MissingFeature("4-level write-back EPT"));
         }
-        if !caps.ept_cap(EptVpidCap::INVEPT_SINGLE_CONTEXT) {
-            return Err(MissingFeature("single-context INVEPT"));
+        // Single-context after changes to one p2m; all-context once a view
+        // is gone and its EPTP can no longer be named.
+        if !caps.ept_cap(EptVpidCap::INVEPT_SINGLE_CONTEXT)
+            || !caps.ept_cap(EptVpidCap::INVEPT_ALL_CONTEXT)
+        {
+            return Err(MissingFeature("single- and all-context INVEPT"));
         }
 
         let mut pin = PinbasedControls::EXTERNAL_INTERRUPT_EXITING | PinbasedControls::NMI_EXITING;
@@ -128,7 +132,16 @@ impl Controls {
             pin |= PinbasedControls::VMX_PREEMPTION_TIMER;
         }
 
-        let primary = P::HLT_EXITING
+        // CR8 loads and stores exit so that MOV CR8 never reaches the
+        // physical APIC's TPR (SDM Vol. 3C 25.3).
+        need(
+            primary_allowed,
+            (P::CR8_LOAD_EXITING | P::CR8_STORE_EXITING).bits(),
+            "CR8-load/store exiting",
+        )?;
+        let primary = P::CR8_LOAD_EXITING
+            | P::CR8_STORE_EXITING
+            | P::HLT_EXITING
             | P::MWAIT_EXITING
             | P::MONITOR_EXITING
             | P::USE_IO_BITMAPS
@@ -136,12 +149,10 @@ impl Controls {
             | P::SECONDARY_CONTROLS;
 
         let mut secondary = S::ENABLE_EPT | S::UNRESTRICTED_GUEST;
-        // Guest instructions that fault (#UD) unless enabled, when the CPU has them.
-        for optional in [
-            S::ENABLE_RDTSCP,
-            S::ENABLE_INVPCID,
-            S::ENABLE_XSAVES_XRSTORS,
-        ] {
+        // Guest instructions that fault (#UD) unless enabled, when the CPU has
+        // them. XSAVES stays off: IA32_XSS is not emulated, and CPUID hides
+        // XSAVES (guests use XSAVE/XSAVEOPT).
+        for optional in [S::ENABLE_RDTSCP, S::ENABLE_INVPCID] {
             if secondary_allowed.allows(optional.bits()) {
                 secondary |= optional;
             }

@@ -107,6 +107,16 @@ pub fn enable(caps: &VmxCaps, platform: &mut impl Platform) -> Result<VmxOn, Vmx
     Ok(VmxOn { region })
 }
 
+/// Leaves VMX operation (VMXOFF) and frees the VMXON region. No VMCS of
+/// this CPU may be used afterwards.
+pub fn disable(on: VmxOn, platform: &mut impl Platform) -> Result<(), VmxError> {
+    // SAFETY: VMXOFF ends VMX root operation entered by `enable`; every VM
+    // was destroyed (VMCLEARed) before, and nothing enters a guest after.
+    unsafe { x86::bits64::vmx::vmxoff() }.map_err(|e| VmxError::Instruction("VMXOFF", e.into()))?;
+    platform.free_frames(on.region, 1);
+    Ok(())
+}
+
 /// The host half of a VMCS: this CPU's current control registers, segments,
 /// descriptor tables and EFER/PAT, and `exit_rip` as the VM-exit entry point.
 /// (Host RSP is written at each entry.)

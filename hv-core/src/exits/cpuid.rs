@@ -17,6 +17,7 @@ const LEAF1_ECX_X2APIC: u32 = 1 << 21;
 const LEAF1_ECX_OSXSAVE: u32 = 1 << 27;
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 const CR4_OSXSAVE: u64 = 1 << 18;
+const LEAF_D1_EAX_XSAVES: u32 = 1 << 3;
 
 /// What the guest sees for `leaf`/`subleaf`, given the real CPU's answer
 /// (`native`, only called for leaves outside the hypervisor range) and the
@@ -37,6 +38,11 @@ pub fn guest_cpuid(
         0x4000_0002..=0x4000_00ff => [0; 4],
         // MONITOR/MWAIT and the architectural PMU are not offered.
         0x5 | 0xa => [0; 4],
+        // XSAVES/XRSTORS are not enabled for guests (IA32_XSS is not emulated).
+        0xd if subleaf == 1 => {
+            let [eax, ebx, ecx, edx] = native(leaf, subleaf);
+            [eax & !LEAF_D1_EAX_XSAVES, ebx, ecx, edx]
+        }
         1 => {
             let [eax, ebx, mut ecx, edx] = native(leaf, subleaf);
             ecx &= !(LEAF1_ECX_MONITOR

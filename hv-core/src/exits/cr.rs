@@ -1,35 +1,59 @@
 //! Control-register accesses: guest MOV to CR0/CR4 (and LMSW/CLTS) that touch
-//! bits the hypervisor owns. Qualification layout: SDM Vol. 3C table
+//! bits the hypervisor owns, and MOV to/from CR8, which never reaches the
+//! physical local APIC's TPR. Qualification layout: SDM Vol. 3C table
 //! "Exit Qualification for Control-Register Accesses".
 
+use x86::vmx::vmcs::guest;
+
 use super::{ExitCtx, Flow, StopReason};
-use crate::cr::{self, Refused};
+use crate::cr::{self, CR0_PE, CR0_PG, CR4_PAE, EFER_LME, Refused};
 use crate::platform::Platform;
-use crate::vcpu::advance_rip;
+use crate::vcpu::{GUEST_VPID, advance_rip};
 use crate::vmcs::Vmcs;
 
 const MOV_TO_CR: u64 = 0;
+const MOV_FROM_CR: u64 = 1;
 const CLTS: u64 = 2;
 const LMSW: u64 = 3;
 const CR0_TS: u64 = 1 << 3;
+const CR0_WP: u64 = 1 << 16;
+/// Changing any of these flushes the guest's cached linear translations.
+const CR0_PAGING_BITS: u64 = CR0_PE | CR0_PG | CR0_WP;
+/// The PDPTE fields, in order (SDM Vol. 3C "Guest Non-Register State").
+const PDPTE_FIELDS: [u32; 4] = [
+    guest::PDPTE0_FULL,
+    guest::PDPTE1_FULL,
+    guest::PDPTE2_FULL,
+    guest::PDPTE3_FULL,
+];
 
 pub fn handle<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> Flow {
     let q = ctx.qualification();
     let (number, access, register) = (q & 0xf, (q >> 4) & 3, ((q >> 8) & 0xf) as u8);
     let fixed = ctx.guest.cr_fixed;
-    let result = match (access, number) {
-        (MOV_TO_CR, 0) => cr::mov_to_cr0(ctx.vmcs, &fixed, ctx.regs.get(register, &*ctx.vmcs)),
-        (MOV_TO_CR, 4) => cr::mov_to_cr4(ctx.vmcs, &fixed, ctx.regs.get(register, &*ctx.vmcs)),
-        (CLTS, _) => cr::mov_to_cr0(ctx.vmcs, &fixed, cr::guest_cr0(&*ctx.vmcs) & !CR0_TS),
-        (LMSW, _) => {
-            // LMSW loads CR0[3:0] but can set PE, never clear it.
-            let source = (q >> 16) & 0xf;
-            let old = cr::guest_cr0(&*ctx.vmcs);
-            cr::mov_to_cr0(
-                ctx.vmcs,
-                &fixed,
-                old & !0xe | source & 0xf | old & cr::CR0_PE,
-            )
+    let old_cr0 = cr::guest_cr0(&*ctx.vmcs);
+    let new_cr0 = match (access, number) {
+        (MOV_TO_CR, 0) => Some(ctx.regs.get(register, &*ctx.vmcs)),
+        (CLTS, _) => Some(old_cr0 & !CR0_TS),
+        // LMSW loads CR0[3:0] but can set PE, never clear it.
+        (LMSW, _) => Some(old_cr0 & !0xe | (q >> 16) & 0xf | old_cr0 & CR0_PE),
+        _ => None,
+    };
+    let result = match (access, number, new_cr0) {
+        (_, _, Some(value)) => write_cr0(ctx, value),
+        (MOV_TO_CR, 4, _) => cr::mov_to_cr4(ctx.vmcs, &fixed, ctx.regs.get(register, &*ctx.vmcs)),
+        (MOV_TO_CR, 8, _) => {
+            let value = ctx.regs.get(register, &*ctx.vmcs);
+            if value > 0xf {
+                Err(Refused::ReservedBits)
+            } else {
+                ctx.guest.tpr = value as u8;
+                Ok(())
+            }
+        }
+        (MOV_FROM_CR, 8, _) => {
+            ctx.regs.set(register, u64::from(ctx.guest.tpr), ctx.vmcs);
+            Ok(())
         }
         _ => {
             return ctx.stop(StopReason::Unsupported(
@@ -48,4 +72,46 @@ pub fn handle<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> Flow {
         }
         Err(_) => ctx.general_protection(),
     }
+}
+
+/// A guest write to CR0. Entering PAE paging outside long mode loads the
+/// PDPTEs from the guest's CR3, as the CPU would (with EPT, VM entry takes
+/// them from the VMCS: SDM Vol. 3C 26.3.2.4); a paging-mode change drops
+/// the guest's cached translations (SDM Vol. 3A 4.10.4.1).
+fn write_cr0<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>, value: u64) -> Result<(), Refused> {
+    let old = cr::guest_cr0(&*ctx.vmcs);
+    let pae = cr::guest_cr4(&*ctx.vmcs) & CR4_PAE != 0;
+    let long = ctx.vmcs.read(guest::IA32_EFER_FULL) & EFER_LME != 0;
+    let pdptes = if value & CR0_PG != 0 && old & CR0_PG == 0 && pae && !long {
+        Some(read_pdptes(ctx).ok_or(Refused::ReservedBits)?)
+    } else {
+        None
+    };
+    cr::mov_to_cr0(ctx.vmcs, &ctx.guest.cr_fixed, value)?;
+    if let Some(pdptes) = pdptes {
+        for (field, pdpte) in PDPTE_FIELDS.into_iter().zip(pdptes) {
+            ctx.vmcs.write(field, pdpte);
+        }
+    }
+    if (old ^ value) & CR0_PAGING_BITS != 0 && ctx.guest.features.vpid {
+        ctx.platform.invvpid(GUEST_VPID);
+    }
+    Ok(())
+}
+
+/// The four PAE PDPTEs at the guest's CR3, or `None` if they are not in
+/// guest RAM or a present one sets reserved bits (then MOV CR0 faults).
+fn read_pdptes<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> Option<[u64; 4]> {
+    let table = ctx.vmcs.read(guest::CR3) & 0xffff_ffe0;
+    let mut bytes = [0u8; 32];
+    ctx.guest.read(ctx.platform, table, &mut bytes).ok()?;
+    let paddr_bits = ctx.guest.p2m.caps().paddr_bits;
+    let reserved = 0b1_1110_0110 | !((1u64 << paddr_bits) - 1);
+    let pdptes: [u64; 4] = core::array::from_fn(|i| {
+        u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap_or_default())
+    });
+    pdptes
+        .iter()
+        .all(|e| e & 1 == 0 || e & reserved == 0)
+        .then_some(pdptes)
 }

@@ -22,6 +22,7 @@ use x86::vmx::vmcs::ro;
 
 use super::{ExitCtx, Flow, StopReason};
 use crate::platform::Platform;
+use crate::vcpu::reinject_vectoring;
 use crate::views::{self, access_name, kind_name};
 use crate::vmcs::Vmcs;
 
@@ -50,6 +51,21 @@ pub fn violation<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> Flow {
     let outcome = g
         .altp2m
         .handle_violation(ctx.platform, &mut g.p2m, &mut g.dirty, 0, gpa, kind);
+    let flow = violation_outcome(ctx, outcome, gpa, kind);
+    if matches!(flow, Flow::Resume) {
+        // The access may have been part of an event's delivery (a #VE or an
+        // exception pushing onto a page not yet copied): deliver it again.
+        reinject_vectoring(ctx.vmcs);
+    }
+    flow
+}
+
+fn violation_outcome<V: Vmcs, P: Platform>(
+    ctx: &mut ExitCtx<'_, V, P>,
+    outcome: Result<Outcome, hv_altp2m::Error>,
+    gpa: u64,
+    kind: AccessKind,
+) -> Flow {
     match outcome {
         Ok(Outcome::LazyCopied { .. } | Outcome::LogDirty { .. } | Outcome::Retry) => Flow::Resume,
         Ok(Outcome::Converted {
@@ -70,6 +86,15 @@ pub fn violation<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> Flow {
             Flow::Resume
         }
         Ok(Outcome::Violation(v)) => {
+            if ctx.vmcs.read(ro::IDT_VECTORING_INFO) & VECTORING_VALID != 0
+                && !ctx.guest.features.mtf
+            {
+                // Delivering an event with TF set would run its handler in
+                // view 0 unmonitored; only the monitor trap flag can step it.
+                return ctx.stop(StopReason::Unsupported(
+                    "an event whose delivery touches a page its view denies (needs the monitor trap flag)",
+                ));
+            }
             let stepped = v.view != 0 && views::start_step(ctx.vmcs, ctx.guest, v.view).is_ok();
             let line = format!(
                 "access view={} gfn={:#x} access={} entry={} rip={:#x} action={}",
@@ -124,7 +149,10 @@ pub fn misconfig<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> Flow {
     let gpa = ctx.vmcs.read(ro::GUEST_PHYSICAL_ADDR_FULL);
     let g = &mut *ctx.guest;
     match g.altp2m.resolve_misconfig(ctx.platform, &mut g.p2m, 0, gpa) {
-        Ok(true) => Flow::Resume,
+        Ok(true) => {
+            reinject_vectoring(ctx.vmcs);
+            Flow::Resume
+        }
         Ok(false) => ctx.stop(StopReason::Internal(
             "EPT misconfiguration without a pending type change",
         )),

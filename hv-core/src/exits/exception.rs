@@ -1,64 +1,87 @@
 //! Exceptions and NMIs the exception bitmap sends to the hypervisor: #MC
 //! always; with altp2m on, #BP (a hidden breakpoint in a view's shadow page
-//! is stepped over in view 0) and, during such a step, #DB (the step ended).
+//! is stepped over in view 0); while a single step with RFLAGS.TF runs,
+//! every exception (the step's #DB ends it; any other means the stepped
+//! instruction faulted: the step ends and the guest gets the exception in
+//! its view).
 
 use alloc::format;
 
-use x86::vmx::vmcs::{control, ro};
+use x86::vmx::vmcs::{guest, ro};
 
 use super::{ExitCtx, Flow, StopReason};
 use crate::guest_paging;
 use crate::platform::Platform;
-use crate::vcpu::inject_exception;
-use crate::views::{self, VECTOR_BP, VECTOR_DB};
+use crate::vcpu::{PENDING_BS, inject_exception, inject_software_exception, vector};
+use crate::views;
 use crate::vmcs::Vmcs;
 
 const TYPE_NMI: u64 = 2;
-/// Interruption type of INT3 (a software exception).
-const TYPE_SOFTWARE_EXCEPTION: u64 = 6;
-const MACHINE_CHECK: u64 = 18;
 const ERROR_CODE_VALID: u64 = 1 << 11;
-const VALID: u64 = 1 << 31;
+/// #DB exit qualification: breakpoint conditions B0-B3 met.
+const DEBUG_B0_B3: u64 = 0xf;
 
 pub fn handle<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> Flow {
     let info = ctx.vmcs.read(ro::VMEXIT_INTERRUPTION_INFO);
-    let vector = info & 0xff;
-    let kind = (info >> 8) & 7;
-    if kind == TYPE_NMI {
+    let vector = (info & 0xff) as u8;
+    if (info >> 8) & 7 == TYPE_NMI {
         // A host NMI (NMI exiting): nothing to forward it to yet.
         log::warn!("vmx: NMI while the guest ran (ignored)");
         return Flow::Resume;
     }
-    match vector {
-        MACHINE_CHECK => return ctx.stop(StopReason::MachineCheck),
-        VECTOR_DB if views::finish_step(ctx.vmcs, ctx.guest) => return Flow::Resume,
-        VECTOR_BP => {
-            let rip = ctx.rip();
-            let gpa = guest_paging::translate(&*ctx.vmcs, ctx.guest, ctx.platform, rip);
-            if let Some((view, gfn)) = gpa.and_then(|gpa| views::remapped_code(ctx.guest, gpa))
-                && views::start_step(ctx.vmcs, ctx.guest, view).is_ok()
-            {
-                let line = format!(
-                    "breakpoint view={view} gfn={:#x} rip={rip:#x} action=step-in-view-0",
-                    gfn.0
-                );
-                ctx.platform.monitor_event(&line);
-                return Flow::Resume;
-            }
-            // The guest's own INT3: deliver it as the software exception it is.
-            let len = ctx.vmcs.read(ro::VMEXIT_INSTRUCTION_LEN);
-            ctx.vmcs.write(control::VMENTRY_INSTRUCTION_LEN, len);
-            ctx.vmcs.write(
-                control::VMENTRY_INTERRUPTION_INFO_FIELD,
-                VECTOR_BP | TYPE_SOFTWARE_EXCEPTION << 8 | VALID,
-            );
-            return Flow::Resume;
-        }
-        _ => {}
+    if vector == vector::MC {
+        return ctx.stop(StopReason::MachineCheck);
     }
-    // An exception intercepted for a monitor but not consumed: the guest gets it.
+    let stepping = ctx.guest.step.is_some_and(|s| !s.mtf);
+    if stepping && vector == vector::DB {
+        // The step's single-step trap. Hardware breakpoints the instruction
+        // hit are still the guest's.
+        views::finish_step(ctx.vmcs, ctx.guest);
+        let hit = ctx.qualification() & DEBUG_B0_B3;
+        if hit != 0 {
+            let pending = ctx.vmcs.read(guest::PENDING_DBG_EXCEPTIONS);
+            ctx.vmcs.write(guest::PENDING_DBG_EXCEPTIONS, pending | hit);
+        }
+        return Flow::Resume;
+    }
+    if stepping {
+        // The stepped instruction faulted: its exception belongs to the view.
+        views::finish_step(ctx.vmcs, ctx.guest);
+        let pending = ctx.vmcs.read(guest::PENDING_DBG_EXCEPTIONS);
+        ctx.vmcs
+            .write(guest::PENDING_DBG_EXCEPTIONS, pending & !PENDING_BS);
+    } else if vector == vector::BP {
+        return breakpoint(ctx);
+    }
     let error_code = (info & ERROR_CODE_VALID != 0)
         .then(|| ctx.vmcs.read(ro::VMEXIT_INTERRUPTION_ERR_CODE) as u32);
-    inject_exception(ctx.vmcs, vector as u8, error_code);
+    if vector == vector::BP {
+        inject_software_exception(ctx.vmcs, vector, ctx.vmcs.read(ro::VMEXIT_INSTRUCTION_LEN));
+    } else {
+        inject_exception(ctx.vmcs, vector, error_code);
+    }
+    Flow::Resume
+}
+
+/// An INT3: a hidden breakpoint on a page the view remaps is stepped over
+/// in view 0; the guest's own breakpoint is delivered to it.
+fn breakpoint<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> Flow {
+    let rip = ctx.rip();
+    let gpa = guest_paging::translate(&*ctx.vmcs, ctx.guest, ctx.platform, rip);
+    if let Some((view, gfn)) = gpa.and_then(|gpa| views::remapped_code(ctx.guest, gpa))
+        && views::start_step(ctx.vmcs, ctx.guest, view).is_ok()
+    {
+        let line = format!(
+            "breakpoint view={view} gfn={:#x} rip={rip:#x} action=step-in-view-0",
+            gfn.0
+        );
+        ctx.platform.monitor_event(&line);
+        return Flow::Resume;
+    }
+    inject_software_exception(
+        ctx.vmcs,
+        vector::BP,
+        ctx.vmcs.read(ro::VMEXIT_INSTRUCTION_LEN),
+    );
     Flow::Resume
 }

@@ -25,7 +25,8 @@ use x86::vmx::vmcs::{guest, ro};
 use crate::exit_reason::{self as reason, name};
 use crate::guest::Guest;
 use crate::platform::Platform;
-use crate::vcpu::{GuestRegisters, inject_exception, vector};
+use crate::vcpu::{GuestRegisters, inject_exception, injecting, vector};
+use crate::views;
 use crate::vmcs::{Vmcs, dump_guest_state};
 
 pub use msr::{PASS_READ_ONLY, PASS_WRITE};
@@ -145,6 +146,18 @@ impl<V: Vmcs, P: Platform> ExitCtx<'_, V, P> {
 
 /// Handles one VM exit with basic reason `basic`.
 pub fn handle<V: Vmcs, P: Platform>(basic: u16, ctx: &mut ExitCtx<'_, V, P>) -> Flow {
+    let rip = ctx.rip();
+    let flow = dispatch(basic, ctx);
+    // A single step with TF gets no #DB when the stepped instruction was
+    // emulated (RIP moved) or an event is injected: end it here.
+    let stepping = ctx.guest.step.is_some_and(|s| !s.mtf);
+    if stepping && matches!(flow, Flow::Resume) && (ctx.rip() != rip || injecting(&*ctx.vmcs)) {
+        views::finish_step(ctx.vmcs, ctx.guest);
+    }
+    flow
+}
+
+fn dispatch<V: Vmcs, P: Platform>(basic: u16, ctx: &mut ExitCtx<'_, V, P>) -> Flow {
     match basic {
         reason::EXCEPTION_OR_NMI => exception::handle(ctx),
         // Host interrupts are acknowledged on exit; none is routed anywhere yet.
@@ -167,6 +180,10 @@ pub fn handle<V: Vmcs, P: Platform>(basic: u16, ctx: &mut ExitCtx<'_, V, P>) -> 
         reason::EPT_VIOLATION => ept::violation(ctx),
         reason::EPT_MISCONFIG => ept::misconfig(ctx),
         reason::PREEMPTION_TIMER => preemption_timer::handle(ctx),
+        reason::MONITOR_TRAP_FLAG => {
+            views::finish_step(ctx.vmcs, ctx.guest);
+            Flow::Resume
+        }
         reason::XSETBV => xsetbv::handle(ctx),
         other => {
             let why = StopReason::UnexpectedExit {

@@ -16,10 +16,14 @@ use crate::vcpu::GuestRegisters;
 use crate::vmcs::tests::FakeVmcs;
 
 const IMAGE_AT: u64 = 0x20_0000;
+/// Bochs's corei7_skylake_x: no monitor trap flag, so single steps use TF.
 const FEATURES: Features = Features {
     vmfunc: true,
     ve: true,
     tick: true,
+    mtf: false,
+    vpid: true,
+    wait_for_sipi: true,
 };
 
 fn image() -> Vec<u8> {
@@ -55,6 +59,11 @@ impl Machine {
         let mut vmcs = FakeVmcs::default();
         vmcs.write(g::RIP, 0x1000);
         vmcs.write(ro::VMEXIT_INSTRUCTION_LEN, 2);
+        // 64-bit mode, like the test guest: injected exceptions carry their
+        // error codes, registers are used whole.
+        vmcs.write(g::CR0, 0x8000_0031);
+        vmcs.write(control::VMENTRY_CONTROLS, crate::cr::ENTRY_IA32E_MODE);
+        vmcs.write(g::CS_ACCESS_RIGHTS, 0xa09b);
         Self {
             platform,
             guest,
@@ -64,6 +73,9 @@ impl Machine {
     }
 
     fn exit(&mut self, reason: u16) -> Flow {
+        // As every VM exit does: the valid bit of the injection field is clear.
+        let info = self.vmcs.read(control::VMENTRY_INTERRUPTION_INFO_FIELD);
+        self.vmcs.write(control::VMENTRY_INTERRUPTION_INFO_FIELD, info & !(1 << 31));
         let mut ctx = ExitCtx {
             vmcs: &mut self.vmcs,
             regs: &mut self.regs,
@@ -704,4 +716,117 @@ fn log_dirty_fetch_checks_its_buffer_before_clearing_anything() {
     m.guest.read(&m.platform, 0x60_0000, &mut bitmap).unwrap();
     assert_eq!(bitmap[0], 1 << 3);
     assert_eq!(m.call(call::LOGDIRTY_FETCH, &[0x500, 8, 0x60_0000]), 0);
+}
+
+#[test]
+fn outside_64_bit_mode_hypercalls_see_the_low_halves_of_registers() {
+    let mut m = Machine::new();
+    m.vmcs.write(control::VMENTRY_CONTROLS, 0);
+    m.vmcs.write(g::CS_ACCESS_RIGHTS, 0xc09b);
+    assert_eq!(
+        m.call(0xdead_0000_0000_0000 | call::VERSION, &[]),
+        crate::abi::VERSION as i64
+    );
+}
+
+#[test]
+fn mov_cr8_stays_in_the_guest_and_pae_paging_loads_pdptes() {
+    let mut m = Machine::new();
+    m.regs.rcx = 0x9;
+    m.vmcs.write(ro::EXIT_QUALIFICATION, 8 | 1 << 8);
+    m.exit(crate::exit_reason::CR_ACCESS);
+    assert_eq!(m.guest.tpr, 9);
+    m.vmcs.write(ro::EXIT_QUALIFICATION, 8 | 1 << 4 | 2 << 8);
+    m.exit(crate::exit_reason::CR_ACCESS);
+    assert_eq!(m.regs.rdx, 9, "MOV from CR8");
+    m.regs.rcx = 0x10;
+    m.vmcs.write(ro::EXIT_QUALIFICATION, 8 | 1 << 8);
+    m.exit(crate::exit_reason::CR_ACCESS);
+    assert_eq!(m.injected(), 0x8000_0b0d, "reserved TPR bits");
+    // Legacy PAE paging: the PDPTEs at CR3 go to the VMCS when paging starts.
+    m.vmcs.write(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
+    m.vmcs.write(control::VMENTRY_CONTROLS, 0);
+    m.vmcs.write(g::CS_ACCESS_RIGHTS, 0xc09b);
+    m.vmcs.write(g::IA32_EFER_FULL, 0);
+    crate::cr::write_cr0(&mut m.vmcs, &BOCHS, crate::cr::CR0_PE);
+    crate::cr::write_cr4(&mut m.vmcs, &BOCHS, crate::cr::CR4_PAE);
+    let pdptes: [u64; 4] = [0x30_1001, 0, 0x30_2001, 0];
+    let bytes: Vec<u8> = pdptes.iter().flat_map(|p| p.to_le_bytes()).collect();
+    m.guest.write(&mut m.platform, 0x30_0000, &bytes).unwrap();
+    m.vmcs.write(g::CR3, 0x30_0000);
+    m.regs.rax = crate::cr::CR0_PE | crate::cr::CR0_PG | 0x20;
+    m.vmcs.write(ro::EXIT_QUALIFICATION, 0);
+    m.exit(crate::exit_reason::CR_ACCESS);
+    assert_eq!(m.injected(), 0);
+    assert_eq!(m.vmcs.read(g::PDPTE0_FULL), 0x30_1001);
+    assert_eq!(m.vmcs.read(g::PDPTE2_FULL), 0x30_2001);
+    assert!(
+        m.platform.invvpids.contains(&crate::vcpu::GUEST_VPID),
+        "paging changed: VPID flushed"
+    );
+    // A present PDPTE with reserved bits makes the MOV fault and changes nothing.
+    crate::cr::write_cr0(&mut m.vmcs, &BOCHS, crate::cr::CR0_PE);
+    m.guest
+        .write(
+            &mut m.platform,
+            0x30_0000,
+            &(0x30_1001u64 | 1 << 5).to_le_bytes(),
+        )
+        .unwrap();
+    m.exit(crate::exit_reason::CR_ACCESS);
+    assert_eq!(m.injected(), 0x8000_0b0d);
+    assert_eq!(crate::cr::guest_cr0(&m.vmcs) & crate::cr::CR0_PG, 0);
+}
+
+#[test]
+fn clearing_paging_in_64_bit_code_faults() {
+    let mut m = Machine::new();
+    crate::cr::write_cr4(&mut m.vmcs, &BOCHS, crate::cr::CR4_PAE);
+    m.vmcs
+        .write(g::IA32_EFER_FULL, crate::cr::EFER_LME | crate::cr::EFER_LMA);
+    m.regs.rax = crate::cr::CR0_PE;
+    m.vmcs.write(ro::EXIT_QUALIFICATION, 0);
+    m.exit(crate::exit_reason::CR_ACCESS);
+    assert_eq!(m.injected(), 0x8000_0b0d);
+}
+
+#[test]
+fn a_fault_in_a_stepped_instruction_ends_the_step_and_reaches_the_view() {
+    let mut m = Machine::new();
+    m.call(call::ALTP2M_SET_STATE, &[1]);
+    let v = m.call(call::ALTP2M_CREATE_VIEW, &[access::RWX]) as u64;
+    m.call(call::ALTP2M_SET_MEM_ACCESS, &[v, 0x300, access::R]);
+    m.call(call::ALTP2M_SWITCH_VIEW, &[v]);
+    m.vmcs.write(g::RFLAGS, 0x2);
+    m.touch(0x30_0000, true);
+    assert_eq!(
+        m.vmcs.read(control::EXCEPTION_BITMAP),
+        u64::from(u32::MAX),
+        "every exception ends a TF step"
+    );
+    // The instruction raised #PF in view 0: back to the view, the guest gets it.
+    m.vmcs.write(
+        ro::VMEXIT_INTERRUPTION_INFO,
+        1 << 31 | 1 << 11 | 3 << 8 | 14,
+    );
+    m.vmcs.write(ro::VMEXIT_INTERRUPTION_ERR_CODE, 2);
+    m.exit(crate::exit_reason::EXCEPTION_OR_NMI);
+    assert_eq!(m.guest.altp2m.vcpu_view(0), Ok(v as u16));
+    assert_eq!(m.injected(), 1 << 31 | 1 << 11 | 3 << 8 | 14);
+    assert_eq!(m.vmcs.read(g::RFLAGS) & 1 << 8, 0);
+    // An emulated instruction ends a step too (no #DB would come).
+    m.touch(0x30_0000, true);
+    assert!(m.guest.step.is_some());
+    m.vmcs.write(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
+    m.call(call::VERSION, &[]);
+    assert!(
+        m.guest.step.is_none(),
+        "the VMCALL completed the stepped instruction"
+    );
+    assert_eq!(m.guest.altp2m.vcpu_view(0), Ok(v as u16));
+    assert_eq!(
+        m.vmcs.read(g::PENDING_DBG_EXCEPTIONS) & crate::vcpu::PENDING_BS,
+        0,
+        "no #DB the guest did not ask for"
+    );
 }

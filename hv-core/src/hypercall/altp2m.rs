@@ -52,6 +52,22 @@ fn run<V: Vmcs, P: Platform>(
             }
             let gfn = Gfn(a.get(0));
             let mfn = g.ram_page(mem, gfn).ok_or(error::EINVAL)?;
+            // The CPU writes #VE information by physical address, past any
+            // view's rights: the page must be one every view lets the guest
+            // write itself, not a remap and not a page a monitor protects.
+            let writable = |view: usize| {
+                g.altp2m
+                    .get_entry(mem, &g.p2m, view as u16, gfn)
+                    .is_ok_and(|e| {
+                        e.is_some_and(|e| {
+                            e.remap_source.is_none()
+                                && e.access.allowed().contains(hv_ept::Rights::W)
+                        })
+                    })
+            };
+            if !g.altp2m.active_views().iter().all(writable) {
+                return Err(error::EINVAL);
+            }
             g.ve_page = Some((gfn, mfn));
             Ok(0)
         }

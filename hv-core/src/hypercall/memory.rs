@@ -100,12 +100,18 @@ pub fn balloon_release<V: Vmcs, P: Platform>(
     {
         return Err(error::EBUSY);
     }
-    if g.ve_page.is_some_and(|(page, _)| page == gfn) {
-        // The CPU must never write #VE information into a frame the guest gave up.
+    // The CPU must never write #VE information into a frame the guest gave
+    // up: notification goes off first, and comes back if the release fails.
+    let ve_page = g.ve_page;
+    if ve_page.is_some_and(|(page, _)| page == gfn) {
         g.ve_page = None;
         views::apply(ctx.vmcs, g);
     }
-    g.release_page(ctx.platform, gfn).map_err(errno)?;
+    if let Err(e) = g.release_page(ctx.platform, gfn) {
+        g.ve_page = ve_page;
+        views::apply(ctx.vmcs, g);
+        return Err(errno(e));
+    }
     Ok(0)
 }
 

@@ -11,6 +11,7 @@ use hv_ept::P2mAccess;
 use crate::abi::{access, call, error};
 use crate::exits::ExitCtx;
 use crate::platform::Platform;
+use crate::vcpu::in_64bit_mode;
 use crate::vmcs::Vmcs;
 
 /// The hypercall's arguments: RDI, RSI, RDX, R10.
@@ -84,8 +85,14 @@ pub fn errno(e: Error) -> i64 {
 
 /// Runs the call in RAX; returns its result for RAX.
 pub fn dispatch<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> i64 {
-    let number = ctx.regs.rax;
-    let args = Args([ctx.regs.rdi, ctx.regs.rsi, ctx.regs.rdx, ctx.regs.r10]);
+    // Outside 64-bit mode only the low halves are the guest's (R10 has none).
+    let width = if in_64bit_mode(&*ctx.vmcs) {
+        u64::MAX
+    } else {
+        u64::from(u32::MAX)
+    };
+    let number = ctx.regs.rax & width;
+    let args = Args([ctx.regs.rdi, ctx.regs.rsi, ctx.regs.rdx, ctx.regs.r10].map(|r| r & width));
     if !ctx.guest.altp2m_mode.guest_may_call(number) {
         let bit = 1u128 << (number % 128);
         if ctx.guest.refusals_logged & bit == 0 {
