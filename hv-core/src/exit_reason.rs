@@ -16,18 +16,14 @@ pub const CR_ACCESS: u16 = 28;
 pub const IO_INSTRUCTION: u16 = 30;
 pub const RDMSR: u16 = 31;
 pub const WRMSR: u16 = 32;
-pub const ENTRY_FAILURE_GUEST_STATE: u16 = 33;
-pub const ENTRY_FAILURE_MSR_LOADING: u16 = 34;
 pub const MWAIT: u16 = 36;
 pub const MONITOR_TRAP_FLAG: u16 = 37;
 pub const MONITOR: u16 = 39;
-pub const ENTRY_FAILURE_MACHINE_CHECK: u16 = 41;
 pub const EPT_VIOLATION: u16 = 48;
 pub const EPT_MISCONFIG: u16 = 49;
 pub const PREEMPTION_TIMER: u16 = 52;
 pub const XSETBV: u16 = 55;
 pub const VMFUNC: u16 = 59;
-pub const PML_FULL: u16 = 62;
 
 /// Bit 31 of the exit-reason field: the VM entry failed.
 pub const ENTRY_FAILURE_BIT: u32 = 1 << 31;

@@ -187,6 +187,62 @@ impl EptMemory for SimMemory {
     }
 }
 
+/// Visits every entry of every table reachable from `table` (a table at
+/// `level`, 3 = root, covering gfns from `base`): `f(level, base, index,
+/// raw)`. Returns the number of tables. For tests that look at the tables
+/// as the CPU would, past the p2m's own accessors.
+pub fn walk_tables(
+    mem: &SimMemory,
+    table: Mfn,
+    level: u8,
+    base: u64,
+    f: &mut impl FnMut(u8, u64, usize, u64),
+) -> usize {
+    let mut n = 1;
+    for i in 0..ENTRIES {
+        let raw = mem.read_entry(table, i);
+        f(level, base, i, raw);
+        let e = crate::EptEntry(raw);
+        if e.is_valid() && !e.is_leaf(level) {
+            let child_base = base + ((i as u64) << (9 * level));
+            n += walk_tables(mem, e.mfn(), level - 1, child_base, f);
+        }
+    }
+    n
+}
+
+/// Valid leaves straight from the tables: (first gfn, level, raw entry).
+pub fn raw_leaves(mem: &SimMemory, p2m: &crate::P2m) -> Vec<(u64, u8, u64)> {
+    let mut out = Vec::new();
+    walk_tables(mem, p2m.root(), 3, 0, &mut |lv, base, i, raw| {
+        let e = crate::EptEntry(raw);
+        if e.is_valid() && e.is_leaf(lv) {
+            out.push((base + ((i as u64) << (9 * lv)), lv, raw));
+        }
+    });
+    out
+}
+
+/// Entries carrying a lazy type-change mark, straight from the tables:
+/// (level, first gfn), in gfn order (higher levels first). Every mark must
+/// carry the invalid memory type, or the CPU would not exit on it.
+pub fn marks(mem: &SimMemory, p2m: &crate::P2m) -> Vec<(u8, u64)> {
+    let mut out = Vec::new();
+    walk_tables(mem, p2m.root(), 3, 0, &mut |lv, base, i, raw| {
+        let e = crate::EptEntry(raw);
+        if e.is_valid() && e.is_marked() {
+            assert_eq!(
+                e.emt(),
+                crate::EMT_MARK,
+                "a mark always has the invalid memory type"
+            );
+            out.push((lv, base + ((i as u64) << (9 * lv))));
+        }
+    });
+    out.sort_by_key(|&(lv, g)| (g, core::cmp::Reverse(lv)));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -407,28 +407,6 @@ pub struct Snapshot {
     pub logdirty: hv_ept::LogDirtyRanges,
 }
 
-/// Visits every entry of every table reachable from `table`; returns the
-/// number of tables.
-pub fn walk_tables(
-    mem: &SimMemory,
-    table: Mfn,
-    level: u8,
-    base: u64,
-    f: &mut impl FnMut(u8, u64, usize, u64),
-) -> usize {
-    let mut n = 1;
-    for i in 0..512 {
-        let raw = mem.read_entry(table, i);
-        f(level, base, i, raw);
-        let e = EptEntry(raw);
-        if e.is_valid() && !e.is_leaf(level) {
-            let child_base = base + ((i as u64) << (9 * level));
-            n += walk_tables(mem, e.mfn(), level - 1, child_base, f);
-        }
-    }
-    n
-}
-
 pub fn tables(mem: &SimMemory, p2m: &P2m) -> usize {
     walk_tables(mem, p2m.root(), 3, 0, &mut |_, _, _, _| {})
 }
@@ -438,30 +416,6 @@ pub fn raw_entries(mem: &SimMemory, p2m: &P2m) -> Vec<RawEntry> {
     walk_tables(mem, p2m.root(), 3, 0, &mut |lv, base, i, raw| {
         if raw != EptEntry::EMPTY.0 {
             out.push((lv, base, i, raw));
-        }
-    });
-    out
-}
-
-/// Valid leaves straight from the tables: (first gfn, level, raw).
-pub fn raw_leaves(mem: &SimMemory, p2m: &P2m) -> Vec<(u64, u8, u64)> {
-    let mut out = Vec::new();
-    walk_tables(mem, p2m.root(), 3, 0, &mut |lv, base, i, raw| {
-        let e = EptEntry(raw);
-        if e.is_valid() && e.is_leaf(lv) {
-            out.push((base + ((i as u64) << (9 * lv)), lv, raw));
-        }
-    });
-    out
-}
-
-/// Marked entries straight from the tables: (level, first gfn).
-pub fn marks(mem: &SimMemory, p2m: &P2m) -> Vec<(u8, u64)> {
-    let mut out = Vec::new();
-    walk_tables(mem, p2m.root(), 3, 0, &mut |lv, base, i, raw| {
-        let e = EptEntry(raw);
-        if e.is_valid() && e.is_marked() {
-            out.push((lv, base + ((i as u64) << (9 * lv))));
         }
     });
     out
@@ -540,3 +494,7 @@ pub fn teardown(w: World) {
     host.destroy(&mut mem);
     assert_eq!(mem.outstanding(), 0, "frames leaked");
 }
+
+// Each test binary uses some of these.
+#[allow(unused_imports)]
+pub use hv_ept::sim::{marks, raw_leaves, walk_tables};

@@ -160,7 +160,9 @@ pub fn handle<V: Vmcs, P: Platform>(basic: u16, ctx: &mut ExitCtx<'_, V, P>) -> 
 fn dispatch<V: Vmcs, P: Platform>(basic: u16, ctx: &mut ExitCtx<'_, V, P>) -> Flow {
     match basic {
         reason::EXCEPTION_OR_NMI => exception::handle(ctx),
-        // Host interrupts are acknowledged on exit; none is routed anywhere yet.
+        // The hypervisor enables no interrupt source (legacy PICs masked, no
+        // APIC timer), so none should arrive; one that does is acknowledged
+        // on exit and dropped, without an EOI (a known gap: see the README).
         reason::EXTERNAL_INTERRUPT => Flow::Resume,
         reason::TRIPLE_FAULT => triple_fault::handle(ctx),
         reason::INIT_SIGNAL => init_sipi::init(ctx),

@@ -1,8 +1,10 @@
-//! RDMSR/WRMSR. The MSR bitmap lets the guest reach its own state directly
-//! (segment bases, syscall MSRs, EFER and PAT, which VM entry and exit
-//! switch); everything else exits here. The guest can never touch the
-//! physical local APIC's base or enable x2APIC: IA32_APIC_BASE is emulated.
-//! Unknown MSRs raise #GP, as on hardware that lacks them.
+//! RDMSR/WRMSR. The MSR bitmap lets the guest reach its own state directly:
+//! segment bases, SYSENTER, EFER and PAT (which VM entry and exit switch),
+//! and the SYSCALL MSRs, KERNEL_GS_BASE and TSC_AUX (which nothing switches:
+//! the hypervisor uses no SYSCALL, SWAPGS or RDTSCP, so the guest's values
+//! may stay in the CPU). Everything else exits here. The guest can never
+//! touch the physical local APIC's base or enable x2APIC: IA32_APIC_BASE is
+//! emulated. Unknown MSRs raise #GP, as on hardware that lacks them.
 
 use x86::msr::*;
 

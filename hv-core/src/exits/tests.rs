@@ -75,7 +75,8 @@ impl Machine {
     fn exit(&mut self, reason: u16) -> Flow {
         // As every VM exit does: the valid bit of the injection field is clear.
         let info = self.vmcs.read(control::VMENTRY_INTERRUPTION_INFO_FIELD);
-        self.vmcs.write(control::VMENTRY_INTERRUPTION_INFO_FIELD, info & !(1 << 31));
+        self.vmcs
+            .write(control::VMENTRY_INTERRUPTION_INFO_FIELD, info & !(1 << 31));
         let mut ctx = ExitCtx {
             vmcs: &mut self.vmcs,
             regs: &mut self.regs,

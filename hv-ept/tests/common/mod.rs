@@ -5,7 +5,7 @@
 
 use hv_ept::sim::SimMemory;
 use hv_ept::walk::{Access, AccessKind, EptFault, Translation, translate};
-use hv_ept::{DirtyBitmap, EptCaps, EptEntry, EptMemory, Gfn, Mfn, Order, P2m, P2mAccess, P2mType};
+use hv_ept::{DirtyBitmap, EptCaps, EptEntry, Gfn, Mfn, Order, P2m, P2mAccess, P2mType};
 
 pub const CAPS: EptCaps = EptCaps::ALL;
 
@@ -53,57 +53,6 @@ pub fn snapshot(mem: &SimMemory, p2m: &P2m) -> Snapshot {
         max_mapped_pfn: p2m.max_mapped_pfn(),
         flush_needed: p2m.flush_needed(),
     }
-}
-
-/// Visits every entry of every reachable table; returns the number of tables.
-pub fn walk_tables(
-    mem: &SimMemory,
-    table: Mfn,
-    level: u8,
-    base: u64,
-    f: &mut impl FnMut(u8, u64, usize, u64),
-) -> usize {
-    let mut n = 1;
-    for i in 0..512 {
-        let raw = mem.read_entry(table, i);
-        f(level, base, i, raw);
-        let e = EptEntry(raw);
-        if e.is_valid() && !e.is_leaf(level) {
-            let child_base = base + ((i as u64) << (9 * level));
-            n += walk_tables(mem, e.mfn(), level - 1, child_base, f);
-        }
-    }
-    n
-}
-
-/// Present leaves straight from the tables: (first gfn, level, raw).
-pub fn raw_leaves(mem: &SimMemory, p2m: &P2m) -> Vec<(u64, u8, u64)> {
-    let mut out = Vec::new();
-    walk_tables(mem, p2m.root(), 3, 0, &mut |lv, base, i, raw| {
-        let e = EptEntry(raw);
-        if e.is_valid() && e.is_leaf(lv) {
-            out.push((base + ((i as u64) << (9 * lv)), lv, raw));
-        }
-    });
-    out
-}
-
-/// Marked entries straight from the tables: (level, first gfn), in gfn order.
-pub fn marks(mem: &SimMemory, p2m: &P2m) -> Vec<(u8, u64)> {
-    let mut out = Vec::new();
-    walk_tables(mem, p2m.root(), 3, 0, &mut |lv, base, i, raw| {
-        let e = EptEntry(raw);
-        if e.is_valid() && e.is_marked() {
-            assert_eq!(
-                e.emt(),
-                hv_ept::EMT_MARK,
-                "a mark always has the invalid EMT"
-            );
-            out.push((lv, base + ((i as u64) << (9 * lv))));
-        }
-    });
-    out.sort_by_key(|&(lv, g)| (g, std::cmp::Reverse(lv)));
-    out
 }
 
 pub fn walk(
@@ -189,3 +138,7 @@ where
     }
     unreachable!()
 }
+
+// Each test binary uses some of these.
+#[allow(unused_imports)]
+pub use hv_ept::sim::{marks, raw_leaves, walk_tables};
