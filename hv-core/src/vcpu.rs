@@ -119,7 +119,7 @@ pub fn advance_rip(vmcs: &mut impl Vmcs) {
     let rip = vmcs.read(guest::RIP);
     let len = vmcs.read(ro::VMEXIT_INSTRUCTION_LEN);
     let mut next = rip.wrapping_add(len);
-    if !in_64bit_mode(vmcs) {
+    if next > 0xffff_ffff && !in_64bit_mode(vmcs) {
         next &= 0xffff_ffff;
     }
     vmcs.write(guest::RIP, next);

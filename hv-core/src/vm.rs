@@ -220,12 +220,6 @@ impl Vm {
             self.launched = true;
             let reason = vmcs.read(ro::EXIT_REASON) as u32;
             let basic = (reason & 0xffff) as u16;
-            log::trace!(
-                "vmx: exit {} ({}) at rip {:#x}",
-                basic,
-                exit_reason::name(basic),
-                vmcs.read(x86::vmx::vmcs::guest::RIP)
-            );
             if let Some(count) = self.guest.counters.get_mut(usize::from(basic)) {
                 *count += 1;
             }

@@ -146,12 +146,15 @@ impl<V: Vmcs, P: Platform> ExitCtx<'_, V, P> {
 
 /// Handles one VM exit with basic reason `basic`.
 pub fn handle<V: Vmcs, P: Platform>(basic: u16, ctx: &mut ExitCtx<'_, V, P>) -> Flow {
-    let rip = ctx.rip();
-    let flow = dispatch(basic, ctx);
     // A single step with TF gets no #DB when the stepped instruction was
     // emulated (RIP moved) or an event is injected: end it here.
-    let stepping = ctx.guest.step.is_some_and(|s| !s.mtf);
-    if stepping && matches!(flow, Flow::Resume) && (ctx.rip() != rip || injecting(&*ctx.vmcs)) {
+    let stepping_from = ctx.guest.step.is_some_and(|s| !s.mtf).then(|| ctx.rip());
+    let flow = dispatch(basic, ctx);
+    if let Some(rip) = stepping_from
+        && ctx.guest.step.is_some()
+        && matches!(flow, Flow::Resume)
+        && (ctx.rip() != rip || injecting(&*ctx.vmcs))
+    {
         views::finish_step(ctx.vmcs, ctx.guest);
     }
     flow
