@@ -51,6 +51,15 @@ impl Segment {
     }
 }
 
+/// The segments the entry states load as data segments.
+const DATA_SEGMENTS: [Segment; 5] = [
+    Segment::Ds,
+    Segment::Es,
+    Segment::Fs,
+    Segment::Gs,
+    Segment::Ss,
+];
+
 /// Access rights (SDM Vol. 3C "Guest Register State"): type, S, DPL, P, D/B, G.
 pub const AR_CODE32: u32 = 0xc09b;
 pub const AR_DATA32: u32 = 0xc093;
@@ -107,13 +116,7 @@ pub fn multiboot_entry(
     common(vmcs, fixed);
     cr::write_cr0(vmcs, fixed, cr::CR0_PE | cr::CR0_ET);
     Segment::Cs.set(vmcs, 0x08, 0, 0xffff_ffff, AR_CODE32);
-    for seg in [
-        Segment::Ds,
-        Segment::Es,
-        Segment::Fs,
-        Segment::Gs,
-        Segment::Ss,
-    ] {
+    for seg in DATA_SEGMENTS {
         seg.set(vmcs, 0x10, 0, 0xffff_ffff, AR_DATA32);
     }
     vmcs.write(guest::RIP, u64::from(entry));
@@ -137,13 +140,7 @@ pub fn sipi_start(vmcs: &mut impl Vmcs, regs: &mut GuestRegisters, fixed: &cr::F
     cr::write_cr0(vmcs, fixed, cr::CR0_ET | cr::CR0_CD | cr::CR0_NW);
     let base = u64::from(vector) << 12;
     Segment::Cs.set(vmcs, u16::from(vector) << 8, base, 0xffff, AR_CODE16);
-    for seg in [
-        Segment::Ds,
-        Segment::Es,
-        Segment::Fs,
-        Segment::Gs,
-        Segment::Ss,
-    ] {
+    for seg in DATA_SEGMENTS {
         seg.set(vmcs, 0, 0, 0xffff, AR_DATA16);
     }
     vmcs.write(guest::RIP, 0);
