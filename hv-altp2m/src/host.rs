@@ -6,7 +6,10 @@
 //! and the views as they were; once the host has changed, the views follow
 //! without failing (see `propagate`).
 
-use hv_ept::{DirtyBitmap, EptMemory, Gfn, Mfn, Order, P2m, P2mAccess, P2mType};
+use hv_ept::{
+    DirtyBitmap, EptMemory, Gfn, Mfn, Order, P2m, P2mAccess, P2mType, check_type_change,
+    check_type_range,
+};
 
 use crate::{Altp2m, Error};
 
@@ -18,14 +21,6 @@ pub struct Mapping {
     /// The host's own access: it restricts view 0 only; views install their
     /// `default_access` when they copy.
     pub access: P2mAccess,
-}
-
-fn check_type_change(from: P2mType, to: P2mType) -> Result<(), Error> {
-    if from.is_changeable() && to.is_changeable() {
-        Ok(())
-    } else {
-        Err(Error::UnsupportedTypeChange)
-    }
 }
 
 impl Altp2m {
@@ -83,11 +78,7 @@ impl Altp2m {
         from: P2mType,
         to: P2mType,
     ) -> Result<(), Error> {
-        let (s, e) = (start.check()?.0, end.check()?.0);
-        if s > e {
-            return Err(Error::BadRange);
-        }
-        check_type_change(from, to)?;
+        let (s, e) = check_type_range(start, end, from, to)?;
         if from == to {
             return Ok(());
         }

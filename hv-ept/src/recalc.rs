@@ -37,11 +37,7 @@ impl P2m {
         from: P2mType,
         to: P2mType,
     ) -> Result<(), Error> {
-        let (s, e) = (start.check()?.0, end.check()?.0);
-        if s > e {
-            return Err(Error::BadRange);
-        }
-        check_change(from, to)?;
+        let (s, e) = check_type_range(start, end, from, to)?;
         if from == to {
             return Ok(());
         }
@@ -66,7 +62,7 @@ impl P2m {
         from: P2mType,
         to: P2mType,
     ) -> Result<(), Error> {
-        check_change(from, to)?;
+        check_type_change(from, to)?;
         if from == to {
             return Ok(());
         }
@@ -274,10 +270,28 @@ impl P2m {
     }
 }
 
-fn check_change(from: P2mType, to: P2mType) -> Result<(), Error> {
+/// Checks a lazy type change: only `RamRw` <-> `RamLogdirty`. For callers
+/// that apply one change to several p2ms and must refuse before touching any.
+pub fn check_type_change(from: P2mType, to: P2mType) -> Result<(), Error> {
     if from.is_changeable() && to.is_changeable() {
         Ok(())
     } else {
         Err(Error::UnsupportedTypeChange)
     }
+}
+
+/// Checks a lazy type change of `[start, end]` as
+/// [`P2m::change_type_range`] does, and returns the range as raw gfns.
+pub fn check_type_range(
+    start: Gfn,
+    end: Gfn,
+    from: P2mType,
+    to: P2mType,
+) -> Result<(u64, u64), Error> {
+    let (s, e) = (start.check()?.0, end.check()?.0);
+    if s > e {
+        return Err(Error::BadRange);
+    }
+    check_type_change(from, to)?;
+    Ok((s, e))
 }
