@@ -265,6 +265,7 @@ impl Boot {
              com1: enabled=1, mode=file, dev=serial.txt\n\
              port_e9_hack: enabled=1\n\
              speaker: enabled=0\n\
+             sound: driver=dummy\n\
              log: bochs.log\n\
              panic: action=fatal\n\
              error: action=report\n\
