@@ -51,7 +51,7 @@ extern "C" fn kmain(magic: u32, info_address: u32) -> ! {
         fatal(format_args!("heap: {e}"));
     }
     acpi::discover(boot.acpi_root);
-    let caps = match hv_core::caps::probe_this_cpu() {
+    let caps = match hv_core::vmx::caps::probe_this_cpu() {
         Ok(caps) => {
             log::debug!("vmx: capability MSRs {:x?}", caps.msrs);
             for line in alloc::format!("{}", caps.report()).lines() {

@@ -8,13 +8,12 @@ use core::fmt::Write;
 use hv_boot::bootinfo::BootInfo;
 use hv_boot::cmdline::Options;
 use hv_boot::exit;
-use hv_core::caps::VmxCaps;
-use hv_core::exit_reason;
 use hv_core::exits::GuestEnd;
-use hv_core::guest::GuestConfig;
 use hv_core::platform::Platform;
-use hv_core::vm::Vm;
-use hv_core::vmcs::Wants;
+use hv_core::vcpu::{Vcpu, VcpuId};
+use hv_core::vm::{GuestConfig, Vm, VmError};
+use hv_core::vmx::caps::VmxCaps;
+use hv_core::vmx::{Cpu, ThisCpu};
 use hv_ept::{EptMemory, Mfn};
 use log::{error, info, warn};
 
@@ -83,22 +82,6 @@ impl Platform for KernelPlatform {
         println!("monitor: {line}");
     }
 
-    fn invept(&mut self, eptp: Option<u64>) {
-        let done = match eptp {
-            Some(eptp) => hv_core::vm::invept(1, eptp),
-            None => hv_core::vm::invept(2, 0),
-        };
-        if !done {
-            error!("vmx: INVEPT {eptp:x?} refused by the CPU");
-        }
-    }
-
-    fn invvpid(&mut self, vpid: u16) {
-        if !hv_core::vm::invvpid_single(vpid) {
-            error!("vmx: INVVPID {vpid} refused by the CPU");
-        }
-    }
-
     fn show_text(&mut self, cells: &[u8]) {
         /// The VGA text buffer (80x25 cells), identity-mapped like all low memory.
         const VGA_TEXT: usize = 0xb8000;
@@ -107,20 +90,6 @@ impl Platform for KernelPlatform {
         // hands out (the low megabyte is reserved); writing it only changes
         // what the screen shows.
         unsafe { core::ptr::copy_nonoverlapping(cells.as_ptr(), VGA_TEXT as *mut u8, len) };
-    }
-
-    fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
-        let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
-        [r.eax, r.ebx, r.ecx, r.edx]
-    }
-
-    fn xsetbv(&mut self, index: u32, value: u64) {
-        // SAFETY: the XSETBV handler only passes values that are valid XCR0
-        // settings on this CPU (its rules and CPUID.0xD), and
-        // `platform::enable_xsave` set CR4.OSXSAVE at boot.
-        unsafe {
-            core::arch::asm!("xsetbv", in("ecx") index, in("eax") value as u32, in("edx") (value >> 32) as u32)
-        };
     }
 }
 
@@ -184,33 +153,49 @@ pub fn run_guest(caps: &VmxCaps, boot: &BootInfo, options: &Options) -> u8 {
     status
 }
 
-/// Creates, runs and destroys the VM; returns the run's status.
+/// Creates the VM and its vCPU, runs it, destroys both; returns the run's status.
 fn run_vm(
     caps: &VmxCaps,
     config: &GuestConfig<'_>,
     options: &Options,
     platform: &mut KernelPlatform,
 ) -> u8 {
-    let mut vm = match Vm::create(caps, config, Wants::default(), platform) {
-        Ok(vm) => vm,
+    let mut cpu = ThisCpu;
+    let created = Vm::create(caps, config, platform).and_then(|vm| {
+        match Vcpu::new(&vm, VcpuId::BSP, platform) {
+            Ok(vcpu) => Ok((vm, vcpu)),
+            Err(e) => {
+                vm.destroy(platform);
+                Err(e)
+            }
+        }
+    });
+    let (mut vm, mut vcpu) = match created {
+        Ok(both) => both,
         Err(e) => {
             error!("vmm: guest refused: {e}");
             return GUEST_STOPPED;
         }
     };
+    if let Err(e) = vcpu.load(&vm, &mut cpu) {
+        error!("vmm: guest refused: {}", VmError::Vmx(e));
+        vcpu.destroy(&mut cpu, platform);
+        vm.destroy(platform);
+        return GUEST_STOPPED;
+    }
     info!(
         "vmm: guest of {} MiB ({} frames), {:?} entry {:#x}, boot information at {:#x}, altp2m mode {:?}, \
          command line '{}'",
         options.guest_memory_mib,
-        vm.guest.ram_frames(),
-        vm.guest.protocol,
-        vm.guest.entry,
-        vm.guest.boot_info,
+        vm.ram_frames(),
+        vm.protocol,
+        vm.entry,
+        vm.boot_info,
         options.altp2m_mode,
         config.cmdline
     );
     println!("vmx: launching the guest (tsc {})", platform::rdtsc());
-    let status = match vm.run(platform) {
+    let status = match vcpu.run(&mut vm, platform) {
         GuestEnd::Exited(status) => {
             info!("vmm: guest exited with status {status}");
             status
@@ -220,13 +205,17 @@ fn run_vm(
             GUEST_STOPPED
         }
     };
-    report_exits(vm.counters());
-    if vm.guest.stray_accesses > 0 {
+    report_exits(&vm.counters);
+    if vm.stray_accesses > 0 {
         warn!(
             "vmm: the guest touched memory outside its RAM {} times",
-            vm.guest.stray_accesses
+            vm.stray_accesses
         );
     }
+    vcpu.destroy(&mut cpu, platform);
+    // Views and host: every EPTP this guest ever used, before its tables
+    // go back to the allocator.
+    cpu.invept(None);
     vm.destroy(platform);
     status
 }
@@ -236,7 +225,7 @@ fn report_exits(counters: &[u64]) {
     let total: u64 = counters.iter().sum();
     let mut line = String::new();
     for (reason, &count) in counters.iter().enumerate().filter(|(_, c)| **c > 0) {
-        let _ = write!(line, "; {} {count}", exit_reason::name(reason as u16));
+        let _ = write!(line, "; {} {count}", hv_core::vmx::exit::name(reason as u16));
     }
     info!("exits: {total} in all{line}");
 }

@@ -1,8 +1,8 @@
 //! What the VMX layer needs from the machine, in one trait: frames (for guest
-//! RAM, VMCSs, bitmaps and EPT tables), byte access to physical memory,
-//! where a guest's console lines go and its display is shown, and the
-//! instructions exit handlers execute for the guest (CPUID, XSETBV, INVEPT). The kernel implements it over its frame
-//! allocator and direct map; host tests over a simulated memory.
+//! RAM, VMCSs, bitmaps and EPT tables), byte access to physical memory, and
+//! where a guest's console lines and monitor events go and its display is
+//! shown. The kernel implements it over its frame allocator and direct map;
+//! host tests over a simulated memory. (The CPU itself is `vmx::Cpu`.)
 
 use hv_ept::{EptMemory, Mfn};
 
@@ -34,21 +34,7 @@ pub trait Platform: EptMemory {
     /// entry...), one structured line.
     fn monitor_event(&mut self, line: &str);
 
-    /// CPUID on the real CPU: EAX, EBX, ECX, EDX.
-    fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4];
-
-    /// INVEPT: single-context for `Some(eptp)`, all contexts for `None`.
-    fn invept(&mut self, eptp: Option<u64>);
-
-    /// INVVPID single-context: drops the guest's cached linear translations
-    /// (after an emulated paging-mode change or a processor reset).
-    fn invvpid(&mut self, vpid: u16);
-
     /// Shows a text screen (80x25 cells of character and attribute bytes):
     /// the VGA text buffer on a PC.
     fn show_text(&mut self, cells: &[u8]);
-
-    /// XSETBV on the real CPU (the guest's extended-state mask stays loaded:
-    /// the hypervisor itself uses no extended state).
-    fn xsetbv(&mut self, index: u32, value: u64);
 }

@@ -1,5 +1,5 @@
 //! A simulated machine for host tests of the VMX layer: byte-addressable
-//! frames with accounting, a canned CPUID, and the guest's console lines.
+//! frames with accounting, and the guest's console lines and monitor events.
 
 extern crate std;
 
@@ -20,10 +20,6 @@ pub struct SimPlatform {
     pub limit: Option<usize>,
     pub console: Vec<String>,
     pub events: Vec<String>,
-    pub xcr0: Option<u64>,
-    /// INVEPTs done: `Some(eptp)` single-context, `None` all contexts.
-    pub inveptions: Vec<Option<u64>>,
-    pub invvpids: Vec<u16>,
     pub screen: Vec<u8>,
 }
 
@@ -119,26 +115,6 @@ impl Platform for SimPlatform {
 
     fn monitor_event(&mut self, line: &str) {
         self.events.push(line.into());
-    }
-
-    fn cpuid(&self, leaf: u32, _subleaf: u32) -> [u32; 4] {
-        match leaf {
-            // x87, SSE, AVX.
-            0xd => [0b111, 0, 0, 0],
-            _ => [leaf, 0, 0, 0],
-        }
-    }
-
-    fn xsetbv(&mut self, _index: u32, value: u64) {
-        self.xcr0 = Some(value);
-    }
-
-    fn invept(&mut self, eptp: Option<u64>) {
-        self.inveptions.push(eptp);
-    }
-
-    fn invvpid(&mut self, vpid: u16) {
-        self.invvpids.push(vpid);
     }
 
     fn show_text(&mut self, cells: &[u8]) {

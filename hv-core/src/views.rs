@@ -13,10 +13,12 @@ use hv_ept::walk::AccessKind;
 use hv_ept::{Gfn, P2mAccess};
 use x86::vmx::vmcs::{control, guest};
 
-use crate::guest::{Guest, Step};
 use crate::platform::Platform;
-use crate::vcpu::{BLOCKING_STI_MOVSS, PENDING_BS};
-use crate::vmcs::Vmcs;
+use crate::vcpu::events::{BLOCKING_STI_MOVSS, PENDING_BS, vector};
+use crate::vcpu::{Step, Vcpu};
+use crate::vm::Vm;
+use crate::vmx::Cpu;
+use crate::vmx::vmcs::Vmcs;
 
 /// VM-function control bit 0: EPTP switching.
 const VMFUNC_EPTP_SWITCHING: u64 = 1;
@@ -27,37 +29,35 @@ const PIN_PREEMPTION_TIMER: u64 = 1 << 6;
 /// VM-exit control: save the VMX-preemption timer value.
 const EXIT_SAVE_PREEMPTION_TIMER: u64 = 1 << 22;
 const RFLAGS_TF: u64 = 1 << 8;
-const VECTOR_BP: u64 = crate::vcpu::vector::BP as u64;
-const VECTOR_MC: u64 = crate::vcpu::vector::MC as u64;
+const VECTOR_BP: u64 = vector::BP as u64;
+const VECTOR_MC: u64 = vector::MC as u64;
 /// Primary processor-based control: monitor trap flag.
 const PRIMARY_MTF: u64 = 1 << 27;
 
 /// Writes every VMCS field that depends on the guest's altp2m state. Cheap
 /// enough to call after any change to it.
-pub fn apply(vmcs: &mut impl Vmcs, guest: &Guest) {
-    let eptp = guest
+pub fn apply(vmcs: &mut impl Vmcs, vm: &Vm, vcpu: &Vcpu) {
+    let id = vcpu.id.index();
+    let eptp = vm
         .altp2m
-        .vcpu_eptp(&guest.p2m, 0)
-        .unwrap_or_else(|_| guest.p2m.eptp());
+        .vcpu_eptp(&vm.p2m, id)
+        .unwrap_or_else(|_| vm.p2m.eptp());
     vmcs.write(control::EPTP_FULL, eptp);
-    let on = guest.altp2m.is_enabled();
-    if guest.features.ve {
-        let view = guest.altp2m.vcpu_view(0).unwrap_or(0);
+    let on = vm.altp2m.is_enabled();
+    if vm.features.ve {
+        let view = vm.altp2m.vcpu_view(id).unwrap_or(0);
         vmcs.write(control::EPTP_INDEX, u64::from(view));
     }
-    if guest.features.vmfunc {
-        vmcs.write(
-            control::EPTP_LIST_ADDR_FULL,
-            guest.altp2m.visible_list().hpa(),
-        );
+    if vm.features.vmfunc {
+        vmcs.write(control::EPTP_LIST_ADDR_FULL, vm.altp2m.visible_list().hpa());
         vmcs.write(
             control::VM_FUNCTION_CONTROLS_FULL,
             if on { VMFUNC_EPTP_SWITCHING } else { 0 },
         );
     }
-    if guest.features.ve {
+    if vm.features.ve {
         let secondary = vmcs.read(control::SECONDARY_PROCBASED_EXEC_CONTROLS);
-        match (on, guest.ve_page) {
+        match (on, vcpu.ve_page) {
             (true, Some((_, mfn))) => {
                 vmcs.write(control::VIRT_EXCEPTION_INFO_ADDR_FULL, mfn.hpa());
                 vmcs.write(
@@ -71,7 +71,7 @@ pub fn apply(vmcs: &mut impl Vmcs, guest: &Guest) {
             ),
         }
     }
-    let exceptions = match guest.step {
+    let exceptions = match vcpu.step {
         // Stepping with TF: any exception means the stepped instruction
         // faulted, and its handler must not run in view 0 (#PF included:
         // the page-fault mask and match are 0).
@@ -79,9 +79,9 @@ pub fn apply(vmcs: &mut impl Vmcs, guest: &Guest) {
         _ if on => 1 << VECTOR_MC | 1 << VECTOR_BP,
         _ => 1 << VECTOR_MC,
     };
-    if guest.features.mtf {
+    if vm.features.mtf {
         let primary = vmcs.read(control::PRIMARY_PROCBASED_EXEC_CONTROLS);
-        let mtf = matches!(guest.step, Some(Step { mtf: true, .. }));
+        let mtf = matches!(vcpu.step, Some(Step { mtf: true, .. }));
         let primary = if mtf {
             primary | PRIMARY_MTF
         } else {
@@ -90,13 +90,13 @@ pub fn apply(vmcs: &mut impl Vmcs, guest: &Guest) {
         vmcs.write(control::PRIMARY_PROCBASED_EXEC_CONTROLS, primary);
     }
     vmcs.write(control::EXCEPTION_BITMAP, exceptions);
-    if guest.features.tick {
+    if vm.features.tick {
         // The timer runs only while there is a display to refresh; "save the
         // timer value" must be off whenever the timer is (SDM Vol. 3C,
         // checks on VM-execution control fields).
         let pin = vmcs.read(control::PINBASED_EXEC_CONTROLS);
         let exit = vmcs.read(control::VMEXIT_CONTROLS);
-        let (pin, exit) = if guest.display.is_some() {
+        let (pin, exit) = if vm.display.is_some() {
             (
                 pin | PIN_PREEMPTION_TIMER,
                 exit | EXIT_SAVE_PREEMPTION_TIMER,
@@ -115,32 +115,32 @@ pub fn apply(vmcs: &mut impl Vmcs, guest: &Guest) {
 /// After a VM exit: the guest may have switched views with VMFUNC; the
 /// EPTP-index field says where it is now. An index the altp2m state cannot
 /// have produced means corrupt state: `Err`.
-pub fn sync(vmcs: &impl Vmcs, guest: &mut Guest) -> Result<(), hv_altp2m::Error> {
-    if !(guest.features.vmfunc && guest.altp2m.is_enabled()) {
+pub fn sync(vmcs: &impl Vmcs, vm: &mut Vm, vcpu: &Vcpu) -> Result<(), hv_altp2m::Error> {
+    if !(vm.features.vmfunc && vm.altp2m.is_enabled()) {
         return Ok(());
     }
     let index = vmcs.read(control::EPTP_INDEX);
-    guest.altp2m.sync_vcpu_view(0, index)
+    vm.altp2m.sync_vcpu_view(vcpu.id.index(), index)
 }
 
 /// Does the INVEPTs the host p2m and the views ask for, and reports the
 /// view entries host changes dropped. Before every VM entry.
-pub fn flush(guest: &mut Guest, platform: &mut impl Platform) {
-    if !guest.altp2m.flush_pending(&guest.p2m) && !guest.altp2m.has_dropped() {
+pub fn flush(vm: &mut Vm, cpu: &mut impl Cpu, platform: &mut impl Platform) {
+    if !vm.altp2m.flush_pending(&vm.p2m) && !vm.altp2m.has_dropped() {
         return;
     }
-    let request = guest.altp2m.take_flush(&mut guest.p2m);
+    let request = vm.altp2m.take_flush(&mut vm.p2m);
     if request.all_contexts {
-        platform.invept(None);
+        cpu.invept(None);
     } else {
         for view in request.views.iter() {
-            if let Ok(eptp) = guest.altp2m.eptp(&guest.p2m, view as u16) {
-                platform.invept(Some(eptp));
+            if let Ok(eptp) = vm.altp2m.eptp(&vm.p2m, view as u16) {
+                cpu.invept(Some(eptp));
             }
         }
     }
-    if guest.altp2m.has_dropped() {
-        let lost = guest.altp2m.drain_dropped(|d| report_drop(platform, d));
+    if vm.altp2m.has_dropped() {
+        let lost = vm.altp2m.drain_dropped(|d| report_drop(platform, d));
         if lost > 0 {
             log::warn!("monitor: {lost} dropped view entries were not logged (log full)");
         }
@@ -194,19 +194,20 @@ pub fn kind_name(kind: AccessKind) -> &'static str {
 /// step; an emulated instruction ends it too (see `exits::handle`).
 pub fn start_step(
     vmcs: &mut impl Vmcs,
-    guest: &mut Guest,
+    vm: &mut Vm,
+    vcpu: &mut Vcpu,
     view: u16,
 ) -> Result<(), hv_altp2m::Error> {
-    guest.altp2m.switch_vcpu(0, 0)?;
-    if guest.features.mtf {
-        guest.step = Some(Step {
+    vm.altp2m.switch_vcpu(vcpu.id.index(), 0)?;
+    if vm.features.mtf {
+        vcpu.step = Some(Step {
             view,
             mtf: true,
             trap_flag: false,
         });
     } else {
         let rflags = vmcs.read(guest::RFLAGS);
-        guest.step = Some(Step {
+        vcpu.step = Some(Step {
             view,
             mtf: false,
             trap_flag: rflags & RFLAGS_TF != 0,
@@ -218,7 +219,7 @@ pub fn start_step(
             vmcs.write(guest::PENDING_DBG_EXCEPTIONS, pending | PENDING_BS);
         }
     }
-    apply(vmcs, guest);
+    apply(vmcs, vm, vcpu);
     Ok(())
 }
 
@@ -226,14 +227,14 @@ pub fn start_step(
 /// itself switched views), and, when stepping with TF, TF as the guest had
 /// it and a pending single-step #DB only if the guest asked for one.
 /// Returns false if no step was in progress.
-pub fn finish_step(vmcs: &mut impl Vmcs, guest: &mut Guest) -> bool {
-    let Some(step) = guest.step.take() else {
+pub fn finish_step(vmcs: &mut impl Vmcs, vm: &mut Vm, vcpu: &mut Vcpu) -> bool {
+    let Some(step) = vcpu.step.take() else {
         return false;
     };
-    if guest.altp2m.vcpu_view(0) == Ok(0) {
+    if vm.altp2m.vcpu_view(vcpu.id.index()) == Ok(0) {
         // The view may be gone (destroyed by the stepped instruction's
         // hypercall): then the vCPU stays on view 0.
-        let _ = guest.altp2m.switch_vcpu(0, step.view);
+        let _ = vm.altp2m.switch_vcpu(vcpu.id.index(), step.view);
     }
     if !step.mtf {
         let rflags = vmcs.read(guest::RFLAGS) & !RFLAGS_TF;
@@ -246,17 +247,16 @@ pub fn finish_step(vmcs: &mut impl Vmcs, guest: &mut Guest) -> bool {
         vmcs.write(guest::RFLAGS, rflags | tf);
         vmcs.write(guest::PENDING_DBG_EXCEPTIONS, pending | bs);
     }
-    apply(vmcs, guest);
+    apply(vmcs, vm, vcpu);
     true
 }
 
 /// Whether the code at guest-physical `gpa` lies on a page the vCPU's view
 /// remaps (a hidden breakpoint's shadow page): its view and gfn.
-pub fn remapped_code(guest: &Guest, gpa: u64) -> Option<(u16, Gfn)> {
-    let view = guest.altp2m.vcpu_view(0).ok()?;
+pub fn remapped_code(vm: &Vm, vcpu: &Vcpu, gpa: u64) -> Option<(u16, Gfn)> {
+    let view = vm.altp2m.vcpu_view(vcpu.id.index()).ok()?;
     let gfn = Gfn(gpa >> 12);
-    guest
-        .altp2m
+    vm.altp2m
         .remap_source(view, gfn)
         .ok()
         .flatten()

@@ -3,12 +3,12 @@
 //! at 0x40000000. Kept short: it is the cheapest exit and the figure of merit.
 
 use crate::abi;
-use crate::cr::guest_cr4;
+use crate::vcpu::cr::guest_cr4;
 
 use super::{ExitCtx, Flow};
 use crate::platform::Platform;
-use crate::vcpu::advance_rip;
-use crate::vmcs::Vmcs;
+use crate::vcpu::events::advance_rip;
+use crate::vmx::Cpu;
 
 const LEAF1_ECX_MONITOR: u32 = 1 << 3;
 const LEAF1_ECX_VMX: u32 = 1 << 5;
@@ -60,14 +60,18 @@ pub fn guest_cpuid(
     }
 }
 
-pub fn handle<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> Flow {
-    let (leaf, subleaf) = (ctx.regs.rax as u32, ctx.regs.rcx as u32);
-    let platform = &*ctx.platform;
-    let cr4 = if leaf == 1 { guest_cr4(&*ctx.vmcs) } else { 0 };
-    let [a, b, c, d] = guest_cpuid(leaf, subleaf, |l, s| platform.cpuid(l, s), cr4);
-    (ctx.regs.rax, ctx.regs.rbx, ctx.regs.rcx, ctx.regs.rdx) =
-        (a.into(), b.into(), c.into(), d.into());
-    advance_rip(ctx.vmcs);
+pub fn handle<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Flow {
+    let (leaf, subleaf) = (ctx.vcpu.regs.rax as u32, ctx.vcpu.regs.rcx as u32);
+    let cpu = &*ctx.cpu;
+    let cr4 = if leaf == 1 { guest_cr4(&*ctx.cpu) } else { 0 };
+    let [a, b, c, d] = guest_cpuid(leaf, subleaf, |l, s| cpu.cpuid(l, s), cr4);
+    (
+        ctx.vcpu.regs.rax,
+        ctx.vcpu.regs.rbx,
+        ctx.vcpu.regs.rcx,
+        ctx.vcpu.regs.rdx,
+    ) = (a.into(), b.into(), c.into(), d.into());
+    advance_rip(ctx.cpu);
     Flow::Resume
 }
 

@@ -6,10 +6,10 @@
 use x86::vmx::vmcs::guest;
 
 use super::{ExitCtx, Flow, StopReason};
-use crate::cr::{self, CR0_PE, CR0_PG, CR4_PAE, EFER_LME, Refused};
 use crate::platform::Platform;
-use crate::vcpu::{GUEST_VPID, advance_rip};
-use crate::vmcs::Vmcs;
+use crate::vcpu::cr::{self, CR0_PE, CR0_PG, CR4_PAE, EFER_LME, Refused};
+use crate::vcpu::events::{GUEST_VPID, advance_rip};
+use crate::vmx::Cpu;
 
 const MOV_TO_CR: u64 = 0;
 const MOV_FROM_CR: u64 = 1;
@@ -27,13 +27,13 @@ const PDPTE_FIELDS: [u32; 4] = [
     guest::PDPTE3_FULL,
 ];
 
-pub fn handle<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> Flow {
+pub fn handle<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Flow {
     let q = ctx.qualification();
     let (number, access, register) = (q & 0xf, (q >> 4) & 3, ((q >> 8) & 0xf) as u8);
-    let fixed = ctx.guest.cr_fixed;
-    let old_cr0 = cr::guest_cr0(&*ctx.vmcs);
+    let fixed = ctx.vm.cr_fixed;
+    let old_cr0 = cr::guest_cr0(&*ctx.cpu);
     let new_cr0 = match (access, number) {
-        (MOV_TO_CR, 0) => Some(ctx.regs.get(register, &*ctx.vmcs)),
+        (MOV_TO_CR, 0) => Some(ctx.vcpu.regs.get(register, &*ctx.cpu)),
         (CLTS, _) => Some(old_cr0 & !CR0_TS),
         // LMSW loads CR0[3:0] but can set PE, never clear it.
         (LMSW, _) => Some(old_cr0 & !0xe | (q >> 16) & 0xf | old_cr0 & CR0_PE),
@@ -41,18 +41,22 @@ pub fn handle<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> Flow {
     };
     let result = match (access, number, new_cr0) {
         (_, _, Some(value)) => write_cr0(ctx, value),
-        (MOV_TO_CR, 4, _) => cr::mov_to_cr4(ctx.vmcs, &fixed, ctx.regs.get(register, &*ctx.vmcs)),
+        (MOV_TO_CR, 4, _) => {
+            cr::mov_to_cr4(ctx.cpu, &fixed, ctx.vcpu.regs.get(register, &*ctx.cpu))
+        }
         (MOV_TO_CR, 8, _) => {
-            let value = ctx.regs.get(register, &*ctx.vmcs);
+            let value = ctx.vcpu.regs.get(register, &*ctx.cpu);
             if value > 0xf {
                 Err(Refused::ReservedBits)
             } else {
-                ctx.guest.tpr = value as u8;
+                ctx.vcpu.tpr = value as u8;
                 Ok(())
             }
         }
         (MOV_FROM_CR, 8, _) => {
-            ctx.regs.set(register, u64::from(ctx.guest.tpr), ctx.vmcs);
+            ctx.vcpu
+                .regs
+                .set(register, u64::from(ctx.vcpu.tpr), ctx.cpu);
             Ok(())
         }
         _ => {
@@ -63,7 +67,7 @@ pub fn handle<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> Flow {
     };
     match result {
         Ok(()) => {
-            advance_rip(ctx.vmcs);
+            advance_rip(ctx.cpu);
             Flow::Resume
         }
         Err(Refused::Vmx) => {
@@ -78,34 +82,34 @@ pub fn handle<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> Flow {
 /// PDPTEs from the guest's CR3, as the CPU would (with EPT, VM entry takes
 /// them from the VMCS: SDM Vol. 3C 26.3.2.4); a paging-mode change drops
 /// the guest's cached translations (SDM Vol. 3A 4.10.4.1).
-fn write_cr0<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>, value: u64) -> Result<(), Refused> {
-    let old = cr::guest_cr0(&*ctx.vmcs);
-    let pae = cr::guest_cr4(&*ctx.vmcs) & CR4_PAE != 0;
-    let long = ctx.vmcs.read(guest::IA32_EFER_FULL) & EFER_LME != 0;
+fn write_cr0<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>, value: u64) -> Result<(), Refused> {
+    let old = cr::guest_cr0(&*ctx.cpu);
+    let pae = cr::guest_cr4(&*ctx.cpu) & CR4_PAE != 0;
+    let long = ctx.cpu.read(guest::IA32_EFER_FULL) & EFER_LME != 0;
     let pdptes = if value & CR0_PG != 0 && old & CR0_PG == 0 && pae && !long {
         Some(read_pdptes(ctx).ok_or(Refused::ReservedBits)?)
     } else {
         None
     };
-    cr::mov_to_cr0(ctx.vmcs, &ctx.guest.cr_fixed, value)?;
+    cr::mov_to_cr0(ctx.cpu, &ctx.vm.cr_fixed, value)?;
     if let Some(pdptes) = pdptes {
         for (field, pdpte) in PDPTE_FIELDS.into_iter().zip(pdptes) {
-            ctx.vmcs.write(field, pdpte);
+            ctx.cpu.write(field, pdpte);
         }
     }
-    if (old ^ value) & CR0_PAGING_BITS != 0 && ctx.guest.features.vpid {
-        ctx.platform.invvpid(GUEST_VPID);
+    if (old ^ value) & CR0_PAGING_BITS != 0 && ctx.vm.features.vpid {
+        ctx.cpu.invvpid(GUEST_VPID);
     }
     Ok(())
 }
 
 /// The four PAE PDPTEs at the guest's CR3, or `None` if they are not in
 /// guest RAM or a present one sets reserved bits (then MOV CR0 faults).
-fn read_pdptes<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> Option<[u64; 4]> {
-    let table = ctx.vmcs.read(guest::CR3) & 0xffff_ffe0;
+fn read_pdptes<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Option<[u64; 4]> {
+    let table = ctx.cpu.read(guest::CR3) & 0xffff_ffe0;
     let mut bytes = [0u8; 32];
-    ctx.guest.read(ctx.platform, table, &mut bytes).ok()?;
-    let paddr_bits = ctx.guest.p2m.caps().paddr_bits;
+    ctx.vm.read(ctx.platform, table, &mut bytes).ok()?;
+    let paddr_bits = ctx.vm.p2m.caps().paddr_bits;
     let reserved = 0b1_1110_0110 | !((1u64 << paddr_bits) - 1);
     let pdptes: [u64; 4] = core::array::from_fn(|i| {
         u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap_or_default())

@@ -22,9 +22,9 @@ use x86::vmx::vmcs::ro;
 
 use super::{ExitCtx, Flow, StopReason};
 use crate::platform::Platform;
-use crate::vcpu::reinject_vectoring;
+use crate::vcpu::events::reinject_vectoring;
 use crate::views::{self, access_name, kind_name};
-use crate::vmcs::Vmcs;
+use crate::vmx::Cpu;
 
 const WRITE: u64 = 1 << 1;
 const FETCH: u64 = 1 << 2;
@@ -43,11 +43,11 @@ fn kind(qualification: u64) -> AccessKind {
     }
 }
 
-pub fn violation<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> Flow {
+pub fn violation<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Flow {
     let q = ctx.qualification();
-    let gpa = ctx.vmcs.read(ro::GUEST_PHYSICAL_ADDR_FULL);
+    let gpa = ctx.cpu.read(ro::GUEST_PHYSICAL_ADDR_FULL);
     let kind = kind(q);
-    let g = &mut *ctx.guest;
+    let g = &mut *ctx.vm;
     let outcome = g
         .altp2m
         .handle_violation(ctx.platform, &mut g.p2m, &mut g.dirty, 0, gpa, kind);
@@ -55,13 +55,13 @@ pub fn violation<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> Flow {
     if matches!(flow, Flow::Resume) {
         // The access may have been part of an event's delivery (a #VE or an
         // exception pushing onto a page not yet copied): deliver it again.
-        reinject_vectoring(ctx.vmcs);
+        reinject_vectoring(ctx.cpu);
     }
     flow
 }
 
-fn violation_outcome<V: Vmcs, P: Platform>(
-    ctx: &mut ExitCtx<'_, V, P>,
+fn violation_outcome<C: Cpu, P: Platform>(
+    ctx: &mut ExitCtx<'_, C, P>,
     outcome: Result<Outcome, hv_altp2m::Error>,
     gpa: u64,
     kind: AccessKind,
@@ -86,16 +86,15 @@ fn violation_outcome<V: Vmcs, P: Platform>(
             Flow::Resume
         }
         Ok(Outcome::Violation(v)) => {
-            if ctx.vmcs.read(ro::IDT_VECTORING_INFO) & VECTORING_VALID != 0
-                && !ctx.guest.features.mtf
-            {
+            if ctx.cpu.read(ro::IDT_VECTORING_INFO) & VECTORING_VALID != 0 && !ctx.vm.features.mtf {
                 // Delivering an event with TF set would run its handler in
                 // view 0 unmonitored; only the monitor trap flag can step it.
                 return ctx.stop(StopReason::Unsupported(
                     "an event whose delivery touches a page its view denies (needs the monitor trap flag)",
                 ));
             }
-            let stepped = v.view != 0 && views::start_step(ctx.vmcs, ctx.guest, v.view).is_ok();
+            let stepped =
+                v.view != 0 && views::start_step(ctx.cpu, ctx.vm, ctx.vcpu, v.view).is_ok();
             let line = format!(
                 "access view={} gfn={:#x} access={} entry={} rip={:#x} action={}",
                 v.view,
@@ -123,8 +122,8 @@ fn violation_outcome<V: Vmcs, P: Platform>(
 }
 
 /// An access to guest-physical memory that is not the guest's.
-fn stray<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>, gpa: u64, kind: AccessKind) -> Flow {
-    ctx.guest.stray_accesses += 1;
+fn stray<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>, gpa: u64, kind: AccessKind) -> Flow {
+    ctx.vm.stray_accesses += 1;
     let what = match kind {
         AccessKind::Read => "read",
         AccessKind::Write => "write",
@@ -134,23 +133,23 @@ fn stray<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>, gpa: u64, kind: Acce
         "guest: EPT violation: {what} of {gpa:#x} at rip {:#x}: not guest memory (#GP injected)",
         ctx.rip()
     );
-    if ctx.vmcs.read(ro::IDT_VECTORING_INFO) & VECTORING_VALID != 0 {
+    if ctx.cpu.read(ro::IDT_VECTORING_INFO) & VECTORING_VALID != 0 {
         return ctx.stop(StopReason::Unsupported(
             "an event whose delivery touches memory outside the guest",
         ));
     }
-    if ctx.guest.stray_accesses > MAX_STRAY_ACCESSES {
+    if ctx.vm.stray_accesses > MAX_STRAY_ACCESSES {
         return ctx.stop(StopReason::TooManyStrayAccesses);
     }
     ctx.general_protection()
 }
 
-pub fn misconfig<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> Flow {
-    let gpa = ctx.vmcs.read(ro::GUEST_PHYSICAL_ADDR_FULL);
-    let g = &mut *ctx.guest;
+pub fn misconfig<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Flow {
+    let gpa = ctx.cpu.read(ro::GUEST_PHYSICAL_ADDR_FULL);
+    let g = &mut *ctx.vm;
     match g.altp2m.resolve_misconfig(ctx.platform, &mut g.p2m, 0, gpa) {
         Ok(true) => {
-            reinject_vectoring(ctx.vmcs);
+            reinject_vectoring(ctx.cpu);
             Flow::Resume
         }
         Ok(false) => ctx.stop(StopReason::Internal(

@@ -10,19 +10,19 @@ use alloc::format;
 use x86::vmx::vmcs::{guest, ro};
 
 use super::{ExitCtx, Flow, StopReason};
-use crate::guest_paging;
 use crate::platform::Platform;
-use crate::vcpu::{PENDING_BS, inject_exception, inject_software_exception, vector};
+use crate::vcpu::events::{PENDING_BS, inject_exception, inject_software_exception, vector};
+use crate::vcpu::paging;
 use crate::views;
-use crate::vmcs::Vmcs;
+use crate::vmx::Cpu;
 
 const TYPE_NMI: u64 = 2;
 const ERROR_CODE_VALID: u64 = 1 << 11;
 /// #DB exit qualification: breakpoint conditions B0-B3 met.
 const DEBUG_B0_B3: u64 = 0xf;
 
-pub fn handle<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> Flow {
-    let info = ctx.vmcs.read(ro::VMEXIT_INTERRUPTION_INFO);
+pub fn handle<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Flow {
+    let info = ctx.cpu.read(ro::VMEXIT_INTERRUPTION_INFO);
     let vector = (info & 0xff) as u8;
     if (info >> 8) & 7 == TYPE_NMI {
         // A host NMI (NMI exiting): nothing to forward it to yet.
@@ -32,44 +32,44 @@ pub fn handle<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> Flow {
     if vector == vector::MC {
         return ctx.stop(StopReason::MachineCheck);
     }
-    let stepping = ctx.guest.step.is_some_and(|s| !s.mtf);
+    let stepping = ctx.vcpu.step.is_some_and(|s| !s.mtf);
     if stepping && vector == vector::DB {
         // The step's single-step trap. Hardware breakpoints the instruction
         // hit are still the guest's.
-        views::finish_step(ctx.vmcs, ctx.guest);
+        views::finish_step(ctx.cpu, ctx.vm, ctx.vcpu);
         let hit = ctx.qualification() & DEBUG_B0_B3;
         if hit != 0 {
-            let pending = ctx.vmcs.read(guest::PENDING_DBG_EXCEPTIONS);
-            ctx.vmcs.write(guest::PENDING_DBG_EXCEPTIONS, pending | hit);
+            let pending = ctx.cpu.read(guest::PENDING_DBG_EXCEPTIONS);
+            ctx.cpu.write(guest::PENDING_DBG_EXCEPTIONS, pending | hit);
         }
         return Flow::Resume;
     }
     if stepping {
         // The stepped instruction faulted: its exception belongs to the view.
-        views::finish_step(ctx.vmcs, ctx.guest);
-        let pending = ctx.vmcs.read(guest::PENDING_DBG_EXCEPTIONS);
-        ctx.vmcs
+        views::finish_step(ctx.cpu, ctx.vm, ctx.vcpu);
+        let pending = ctx.cpu.read(guest::PENDING_DBG_EXCEPTIONS);
+        ctx.cpu
             .write(guest::PENDING_DBG_EXCEPTIONS, pending & !PENDING_BS);
     } else if vector == vector::BP {
         return breakpoint(ctx);
     }
     let error_code = (info & ERROR_CODE_VALID != 0)
-        .then(|| ctx.vmcs.read(ro::VMEXIT_INTERRUPTION_ERR_CODE) as u32);
+        .then(|| ctx.cpu.read(ro::VMEXIT_INTERRUPTION_ERR_CODE) as u32);
     if vector == vector::BP {
-        inject_software_exception(ctx.vmcs, vector, ctx.vmcs.read(ro::VMEXIT_INSTRUCTION_LEN));
+        inject_software_exception(ctx.cpu, vector, ctx.cpu.read(ro::VMEXIT_INSTRUCTION_LEN));
     } else {
-        inject_exception(ctx.vmcs, vector, error_code);
+        inject_exception(ctx.cpu, vector, error_code);
     }
     Flow::Resume
 }
 
 /// An INT3: a hidden breakpoint on a page the view remaps is stepped over
 /// in view 0; the guest's own breakpoint is delivered to it.
-fn breakpoint<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> Flow {
+fn breakpoint<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Flow {
     let rip = ctx.rip();
-    let gpa = guest_paging::translate(&*ctx.vmcs, ctx.guest, ctx.platform, rip);
-    if let Some((view, gfn)) = gpa.and_then(|gpa| views::remapped_code(ctx.guest, gpa))
-        && views::start_step(ctx.vmcs, ctx.guest, view).is_ok()
+    let gpa = paging::translate(&*ctx.cpu, ctx.vm, ctx.platform, rip);
+    if let Some((view, gfn)) = gpa.and_then(|gpa| views::remapped_code(ctx.vm, ctx.vcpu, gpa))
+        && views::start_step(ctx.cpu, ctx.vm, ctx.vcpu, view).is_ok()
     {
         let line = format!(
             "breakpoint view={view} gfn={:#x} rip={rip:#x} action=step-in-view-0",
@@ -79,9 +79,9 @@ fn breakpoint<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> Flow {
         return Flow::Resume;
     }
     inject_software_exception(
-        ctx.vmcs,
+        ctx.cpu,
         vector::BP,
-        ctx.vmcs.read(ro::VMEXIT_INSTRUCTION_LEN),
+        ctx.cpu.read(ro::VMEXIT_INSTRUCTION_LEN),
     );
     Flow::Resume
 }

@@ -3,8 +3,8 @@
 
 use super::{ExitCtx, Flow, StopReason};
 use crate::platform::Platform;
-use crate::vmcs::Vmcs;
+use crate::vmx::Cpu;
 
-pub fn handle<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> Flow {
+pub fn handle<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Flow {
     ctx.stop(StopReason::Halted)
 }

@@ -7,10 +7,10 @@
 
 use super::{ExitCtx, Flow, GuestEnd, StopReason};
 use crate::abi;
-use crate::guest::Uart;
+use crate::devices::uart::Uart;
 use crate::platform::Platform;
-use crate::vcpu::advance_rip;
-use crate::vmcs::Vmcs;
+use crate::vcpu::events::advance_rip;
+use crate::vmx::Cpu;
 
 const DLAB: u8 = 1 << 7;
 /// LSR: transmit holding register empty, transmitter empty.
@@ -47,7 +47,7 @@ fn uart_write(uart: &mut Uart, offset: u16, value: u8) -> Option<u8> {
     None
 }
 
-pub fn handle<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> Flow {
+pub fn handle<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Flow {
     let q = ctx.qualification();
     let size = (q & 7) as u32 + 1;
     let is_in = q & (1 << 3) != 0;
@@ -58,34 +58,37 @@ pub fn handle<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> Flow {
     }
     if is_in {
         let value = match port {
-            abi::COM1..=0x3ff => u64::from(uart_read(&ctx.guest.uart, port - abi::COM1)),
+            abi::COM1..=0x3ff => u64::from(uart_read(&ctx.vm.uart, port - abi::COM1)),
             abi::DEBUG_PORT => 0xe9,
             _ => u64::MAX,
         };
         // IN to AL/AX leaves the rest of RAX; IN to EAX clears the upper half.
-        let rax = ctx.regs.rax;
-        ctx.regs.rax = match size {
+        let rax = ctx.vcpu.regs.rax;
+        ctx.vcpu.regs.rax = match size {
             1 => rax & !0xff | value & 0xff,
             2 => rax & !0xffff | value & 0xffff,
             _ => value & 0xffff_ffff,
         };
     } else {
-        let value = ctx.regs.rax as u8;
+        let value = ctx.vcpu.regs.rax as u8;
         match port {
             abi::EXIT_PORT => {
-                ctx.guest.console.flush(ctx.platform);
+                ctx.vm.console.flush(ctx.platform);
                 return Flow::Stop(GuestEnd::Exited(value));
             }
             abi::COM1..=0x3ff => {
-                if let Some(byte) = uart_write(&mut ctx.guest.uart, port - abi::COM1, value) {
-                    ctx.guest.console.put(byte, ctx.platform);
+                if let Some(byte) = uart_write(&mut ctx.vm.uart, port - abi::COM1, value) {
+                    ctx.vm.console.put(byte, ctx.platform);
                 }
             }
-            abi::DEBUG_PORT => ctx.guest.console.put(value, ctx.platform),
-            _ => log::trace!("guest: OUT {port:#x} <- {:#x} (no device)", ctx.regs.rax),
+            abi::DEBUG_PORT => ctx.vm.console.put(value, ctx.platform),
+            _ => log::trace!(
+                "guest: OUT {port:#x} <- {:#x} (no device)",
+                ctx.vcpu.regs.rax
+            ),
         }
     }
-    advance_rip(ctx.vmcs);
+    advance_rip(ctx.cpu);
     Flow::Resume
 }
 

@@ -1,8 +1,9 @@
 //! VM-exit handling: one file per exit reason, after the dispatch below.
 //!
-//! A handler gets the exit's context and says whether the guest resumes or
-//! stops. Handlers read and write the VMCS through [`Vmcs`], so they run
-//! under host tests against a fake VMCS and a simulated platform.
+//! A handler gets the exit's context (the CPU with its current VMCS, the
+//! vCPU, its VM, the platform) and says whether the guest resumes or stops.
+//! Handlers reach the CPU through [`Cpu`], so they run under host tests
+//! against a simulated CPU and platform.
 
 mod cpuid;
 mod cr;
@@ -22,20 +23,23 @@ use core::fmt::{self, Write};
 
 use x86::vmx::vmcs::{guest, ro};
 
-use crate::exit_reason::{self as reason, name};
-use crate::guest::Guest;
 use crate::platform::Platform;
-use crate::vcpu::{GuestRegisters, inject_exception, injecting, vector};
+use crate::vcpu::Vcpu;
+use crate::vcpu::events::{inject_exception, injecting, vector};
 use crate::views;
-use crate::vmcs::{Vmcs, dump_guest_state};
+use crate::vm::Vm;
+use crate::vmx::Cpu;
+use crate::vmx::exit::{ExitReason, name};
+use crate::vmx::vmcs::dump_guest_state;
 
 pub use msr::{PASS_READ_ONLY, PASS_WRITE};
 
 /// Everything a handler may look at or change.
-pub struct ExitCtx<'a, V: Vmcs, P: Platform> {
-    pub vmcs: &'a mut V,
-    pub regs: &'a mut GuestRegisters,
-    pub guest: &'a mut Guest,
+pub struct ExitCtx<'a, C: Cpu, P: Platform> {
+    /// The CPU the vCPU runs on, with the vCPU's VMCS current.
+    pub cpu: &'a mut C,
+    pub vcpu: &'a mut Vcpu,
+    pub vm: &'a mut Vm,
     pub platform: &'a mut P,
 }
 
@@ -99,7 +103,7 @@ pub enum Flow {
     Stop(GuestEnd),
 }
 
-impl<V: Vmcs, P: Platform> ExitCtx<'_, V, P> {
+impl<C: Cpu, P: Platform> ExitCtx<'_, C, P> {
     /// Stops the guest, printing why and the guest state.
     pub fn stop(&mut self, why: StopReason) -> Flow {
         Flow::Stop(self.report_stop(why))
@@ -107,11 +111,11 @@ impl<V: Vmcs, P: Platform> ExitCtx<'_, V, P> {
 
     /// [`ExitCtx::stop`], for callers outside exit dispatch.
     pub fn report_stop(&mut self, why: StopReason) -> GuestEnd {
-        self.guest.console.flush(self.platform);
+        self.vm.console.flush(self.platform);
         log::error!("guest stopped: {why}");
         let mut state = String::new();
-        let _ = dump_guest_state(&*self.vmcs, &mut state);
-        let r = &self.regs;
+        let _ = dump_guest_state(&*self.cpu, &mut state);
+        let r = &self.vcpu.regs;
         let _ = writeln!(
             state,
             "  rax {:#x} rbx {:#x} rcx {:#x} rdx {:#x} rsi {:#x} rdi {:#x} rbp {:#x}",
@@ -124,75 +128,75 @@ impl<V: Vmcs, P: Platform> ExitCtx<'_, V, P> {
     }
 
     pub fn rip(&self) -> u64 {
-        self.vmcs.read(guest::RIP)
+        self.cpu.read(guest::RIP)
     }
 
     pub fn qualification(&self) -> u64 {
-        self.vmcs.read(ro::EXIT_QUALIFICATION)
+        self.cpu.read(ro::EXIT_QUALIFICATION)
     }
 
     /// Injects #GP(0) and resumes (the faulting instruction does not complete).
     pub fn general_protection(&mut self) -> Flow {
-        inject_exception(self.vmcs, vector::GP, Some(0));
+        inject_exception(self.cpu, vector::GP, Some(0));
         Flow::Resume
     }
 
     /// Injects #UD and resumes.
     pub fn invalid_opcode(&mut self) -> Flow {
-        inject_exception(self.vmcs, vector::UD, None);
+        inject_exception(self.cpu, vector::UD, None);
         Flow::Resume
     }
 }
 
-/// Handles one VM exit with basic reason `basic`.
-pub fn handle<V: Vmcs, P: Platform>(basic: u16, ctx: &mut ExitCtx<'_, V, P>) -> Flow {
+/// Handles one VM exit.
+pub fn handle<C: Cpu, P: Platform>(reason: ExitReason, ctx: &mut ExitCtx<'_, C, P>) -> Flow {
     // A single step with TF gets no #DB when the stepped instruction was
     // emulated (RIP moved) or an event is injected: end it here.
-    let stepping_from = ctx.guest.step.is_some_and(|s| !s.mtf).then(|| ctx.rip());
-    let flow = dispatch(basic, ctx);
+    let stepping_from = ctx.vcpu.step.is_some_and(|s| !s.mtf).then(|| ctx.rip());
+    let flow = dispatch(reason, ctx);
     if let Some(rip) = stepping_from
-        && ctx.guest.step.is_some()
+        && ctx.vcpu.step.is_some()
         && matches!(flow, Flow::Resume)
-        && (ctx.rip() != rip || injecting(&*ctx.vmcs))
+        && (ctx.rip() != rip || injecting(&*ctx.cpu))
     {
-        views::finish_step(ctx.vmcs, ctx.guest);
+        views::finish_step(ctx.cpu, ctx.vm, ctx.vcpu);
     }
     flow
 }
 
-fn dispatch<V: Vmcs, P: Platform>(basic: u16, ctx: &mut ExitCtx<'_, V, P>) -> Flow {
-    match basic {
-        reason::EXCEPTION_OR_NMI => exception::handle(ctx),
+fn dispatch<C: Cpu, P: Platform>(reason: ExitReason, ctx: &mut ExitCtx<'_, C, P>) -> Flow {
+    use ExitReason as R;
+    match reason {
+        R::ExceptionOrNmi => exception::handle(ctx),
         // The hypervisor enables no interrupt source (legacy PICs masked, no
         // APIC timer), so none should arrive; one that does is acknowledged
         // on exit and dropped, without an EOI (a known gap: see the README).
-        reason::EXTERNAL_INTERRUPT => Flow::Resume,
-        reason::TRIPLE_FAULT => triple_fault::handle(ctx),
-        reason::INIT_SIGNAL => init_sipi::init(ctx),
-        reason::SIPI => init_sipi::sipi(ctx),
-        reason::CPUID => cpuid::handle(ctx),
-        reason::HLT => hlt::handle(ctx),
-        reason::VMCALL => vmcall::handle(ctx),
-        reason::CR_ACCESS => cr::handle(ctx),
-        reason::IO_INSTRUCTION => io::handle(ctx),
-        reason::RDMSR => msr::read(ctx),
-        reason::WRMSR => msr::write(ctx),
+        R::ExternalInterrupt => Flow::Resume,
+        R::TripleFault => triple_fault::handle(ctx),
+        R::Init => init_sipi::init(ctx),
+        R::Sipi => init_sipi::sipi(ctx),
+        R::Cpuid => cpuid::handle(ctx),
+        R::Hlt => hlt::handle(ctx),
+        R::Vmcall => vmcall::handle(ctx),
+        R::CrAccess => cr::handle(ctx),
+        R::Io => io::handle(ctx),
+        R::Rdmsr => msr::read(ctx),
+        R::Wrmsr => msr::write(ctx),
         // MONITOR/MWAIT are hidden from CPUID; VMX instructions are not
         // offered; a VMFUNC exits only for an invalid or hidden view.
-        reason::MWAIT | reason::MONITOR | reason::VMFUNC | 19..=27 | 50 | 53 => {
-            ctx.invalid_opcode()
-        }
-        reason::EPT_VIOLATION => ept::violation(ctx),
-        reason::EPT_MISCONFIG => ept::misconfig(ctx),
-        reason::PREEMPTION_TIMER => preemption_timer::handle(ctx),
-        reason::MONITOR_TRAP_FLAG => {
-            views::finish_step(ctx.vmcs, ctx.guest);
+        R::Mwait | R::Monitor | R::Vmfunc => ctx.invalid_opcode(),
+        r if r.is_vmx_instruction() => ctx.invalid_opcode(),
+        R::EptViolation => ept::violation(ctx),
+        R::EptMisconfig => ept::misconfig(ctx),
+        R::PreemptionTimer => preemption_timer::handle(ctx),
+        R::MonitorTrapFlag => {
+            views::finish_step(ctx.cpu, ctx.vm, ctx.vcpu);
             Flow::Resume
         }
-        reason::XSETBV => xsetbv::handle(ctx),
+        R::Xsetbv => xsetbv::handle(ctx),
         other => {
             let why = StopReason::UnexpectedExit {
-                reason: other,
+                reason: other.basic(),
                 qualification: ctx.qualification(),
                 rip: ctx.rip(),
             };

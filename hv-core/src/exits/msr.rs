@@ -9,10 +9,10 @@
 use x86::msr::*;
 
 use super::{ExitCtx, Flow};
-use crate::guest::APIC_BASE_RESET;
 use crate::platform::Platform;
-use crate::vcpu::advance_rip;
-use crate::vmcs::Vmcs;
+use crate::vcpu::APIC_BASE_RESET;
+use crate::vcpu::events::advance_rip;
+use crate::vmx::Cpu;
 
 /// MSRs the guest reads and writes without exits.
 pub const PASS_WRITE: &[u32] = &[
@@ -73,12 +73,12 @@ pub fn apic_base_write(value: u64, paddr_bits: u8) -> Option<u64> {
     Some(value & !APIC_BASE_BSP | APIC_BASE_RESET & APIC_BASE_BSP)
 }
 
-pub fn read<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> Flow {
-    let msr = ctx.regs.rcx as u32;
-    match emulated_read(msr, ctx.guest.apic_base) {
+pub fn read<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Flow {
+    let msr = ctx.vcpu.regs.rcx as u32;
+    match emulated_read(msr, ctx.vcpu.apic_base) {
         Some(value) => {
-            ctx.regs.set_edx_eax(value);
-            advance_rip(ctx.vmcs);
+            ctx.vcpu.regs.set_edx_eax(value);
+            advance_rip(ctx.cpu);
             Flow::Resume
         }
         None => {
@@ -88,20 +88,20 @@ pub fn read<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> Flow {
     }
 }
 
-pub fn write<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> Flow {
-    let msr = ctx.regs.rcx as u32;
-    let value = ctx.regs.edx_eax();
+pub fn write<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Flow {
+    let msr = ctx.vcpu.regs.rcx as u32;
+    let value = ctx.vcpu.regs.edx_eax();
     let accepted = match msr {
-        IA32_APIC_BASE => match apic_base_write(value, ctx.guest.p2m.caps().paddr_bits) {
+        IA32_APIC_BASE => match apic_base_write(value, ctx.vm.p2m.caps().paddr_bits) {
             Some(new) => {
                 let enabled = |v: u64| v & APIC_BASE_ENABLE != 0;
-                if enabled(new) != enabled(ctx.guest.apic_base) {
+                if enabled(new) != enabled(ctx.vcpu.apic_base) {
                     let state = if enabled(new) { "enabled" } else { "disabled" };
                     log::info!(
                         "guest: virtual local APIC {state} (the physical APIC is untouched)"
                     );
                 }
-                ctx.guest.apic_base = new;
+                ctx.vcpu.apic_base = new;
                 true
             }
             None => false,
@@ -116,7 +116,7 @@ pub fn write<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> Flow {
         log::debug!("guest: WRMSR {msr:#x} = {value:#x} refused (#GP)");
         return ctx.general_protection();
     }
-    advance_rip(ctx.vmcs);
+    advance_rip(ctx.cpu);
     Flow::Resume
 }
 

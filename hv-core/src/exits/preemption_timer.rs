@@ -5,16 +5,16 @@
 use x86::vmx::vmcs::guest;
 
 use super::{ExitCtx, Flow, StopReason};
-use crate::display;
 use crate::platform::Platform;
-use crate::vmcs::Vmcs;
+use crate::vm::display;
+use crate::vmx::Cpu;
 
-pub fn handle<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> Flow {
-    if let Some(period) = ctx.guest.tick_period {
-        ctx.vmcs
+pub fn handle<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Flow {
+    if let Some(period) = ctx.vm.tick_period {
+        ctx.cpu
             .write(guest::VMX_PREEMPTION_TIMER_VALUE, u64::from(period));
     }
-    match display::refresh(ctx.guest, ctx.platform) {
+    match display::refresh(ctx.vm, ctx.platform) {
         Ok(_) => Flow::Resume,
         Err(_) => ctx.stop(StopReason::Internal("out of memory refreshing the display")),
     }

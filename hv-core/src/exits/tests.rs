@@ -4,27 +4,24 @@
 extern crate std;
 use std::vec::Vec;
 
-use hv_ept::{EptCaps, Gfn, P2mType};
+use hv_ept::{Gfn, P2mType};
 use x86::vmx::vmcs::{control, guest as g, ro};
 
 use super::*;
-use crate::cr::tests::BOCHS;
-use crate::guest::{Features, Guest, GuestConfig, GuestError};
 use crate::loader::tests::elf;
 use crate::testing::SimPlatform;
-use crate::vcpu::GuestRegisters;
-use crate::vmcs::tests::FakeVmcs;
+use crate::vcpu::{GuestRegisters, Vcpu, VcpuId};
+use crate::vm::{GuestConfig, GuestError, Vm, VmError};
+use crate::vmx::caps::{VmxCaps, tests::bochs_skylake_x};
+use crate::vmx::vmcs::Vmcs;
+use crate::vmx::vmcs::tests::FakeVmcs;
 
 const IMAGE_AT: u64 = 0x20_0000;
-/// Bochs's corei7_skylake_x: no monitor trap flag, so single steps use TF.
-const FEATURES: Features = Features {
-    vmfunc: true,
-    ve: true,
-    tick: true,
-    mtf: false,
-    vpid: true,
-    wait_for_sipi: true,
-};
+/// Bochs's corei7_skylake_x: VMFUNC, #VE, the preemption timer, VPID and
+/// wait-for-SIPI, but no monitor trap flag, so single steps use TF.
+fn caps() -> VmxCaps {
+    VmxCaps::new(bochs_skylake_x(), 46)
+}
 
 fn image() -> Vec<u8> {
     elf(IMAGE_AT, 0x2000, 0x4000, IMAGE_AT + 0x40, None, true)
@@ -40,50 +37,64 @@ fn config(image: &[u8]) -> GuestConfig<'_> {
     }
 }
 
-fn new_guest(platform: &mut SimPlatform) -> Guest {
+fn new_guest(platform: &mut SimPlatform) -> Vm {
     let image = image();
-    Guest::create(&config(&image), EptCaps::ALL, BOCHS, FEATURES, platform).unwrap()
+    Vm::create(&caps(), &config(&image), platform).unwrap()
 }
 
 struct Machine {
     platform: SimPlatform,
-    guest: Guest,
+    vm: Vm,
+    vcpu: Vcpu,
     vmcs: FakeVmcs,
-    regs: GuestRegisters,
 }
 
 impl Machine {
     fn new() -> Self {
         let mut platform = SimPlatform::new();
-        let guest = new_guest(&mut platform);
+        let vm = new_guest(&mut platform);
+        let vcpu = Vcpu::new(&vm, VcpuId::BSP, &mut platform).unwrap();
         let mut vmcs = FakeVmcs::default();
         vmcs.write(g::RIP, 0x1000);
         vmcs.write(ro::VMEXIT_INSTRUCTION_LEN, 2);
         // 64-bit mode, like the test guest: injected exceptions carry their
         // error codes, registers are used whole.
         vmcs.write(g::CR0, 0x8000_0031);
-        vmcs.write(control::VMENTRY_CONTROLS, crate::cr::ENTRY_IA32E_MODE);
+        vmcs.write(control::VMENTRY_CONTROLS, crate::vcpu::cr::ENTRY_IA32E_MODE);
         vmcs.write(g::CS_ACCESS_RIGHTS, 0xa09b);
         Self {
             platform,
-            guest,
+            vm,
+            vcpu,
             vmcs,
-            regs: GuestRegisters::default(),
         }
     }
 
-    fn exit(&mut self, reason: u16) -> Flow {
+    fn exit(&mut self, reason: ExitReason) -> Flow {
         // As every VM exit does: the valid bit of the injection field is clear.
         let info = self.vmcs.read(control::VMENTRY_INTERRUPTION_INFO_FIELD);
         self.vmcs
             .write(control::VMENTRY_INTERRUPTION_INFO_FIELD, info & !(1 << 31));
         let mut ctx = ExitCtx {
-            vmcs: &mut self.vmcs,
-            regs: &mut self.regs,
-            guest: &mut self.guest,
+            cpu: &mut self.vmcs,
+            vcpu: &mut self.vcpu,
+            vm: &mut self.vm,
             platform: &mut self.platform,
         };
         handle(reason, &mut ctx)
+    }
+
+    /// Tears the vCPU and the VM down; their frames go back to the platform.
+    fn destroy(self) -> SimPlatform {
+        let Machine {
+            mut platform,
+            vm,
+            vcpu,
+            mut vmcs,
+        } = self;
+        vcpu.destroy(&mut vmcs, &mut platform);
+        vm.destroy(&mut platform);
+        platform
     }
 
     fn injected(&self) -> u64 {
@@ -149,15 +160,11 @@ fn guest_creation_out_of_memory_at_every_point_leaks_nothing() {
     for limit in 0..40 {
         let mut platform = SimPlatform::new();
         platform.limit = Some(limit);
-        let result = Guest::create(
-            &config(&image),
-            EptCaps::ALL,
-            BOCHS,
-            FEATURES,
-            &mut platform,
-        );
+        let result = Vm::create(&caps(), &config(&image), &mut platform);
         match result {
-            Err(GuestError::NoMemory) => assert_eq!(platform.outstanding(), 0, "limit {limit}"),
+            Err(VmError::Guest(GuestError::NoMemory)) => {
+                assert_eq!(platform.outstanding(), 0, "limit {limit}")
+            }
             Ok(guest) => {
                 guest.destroy(&mut platform);
                 assert_eq!(platform.outstanding(), 0);
@@ -170,28 +177,16 @@ fn guest_creation_out_of_memory_at_every_point_leaks_nothing() {
 #[test]
 fn a_bad_image_is_refused_before_any_memory_is_taken() {
     let mut platform = SimPlatform::new();
-    let result = Guest::create(
-        &config(b"\x7fELF garbage"),
-        EptCaps::ALL,
-        BOCHS,
-        FEATURES,
-        &mut platform,
-    );
-    assert!(matches!(result, Err(GuestError::Image(_))));
+    let result = Vm::create(&caps(), &config(b"\x7fELF garbage"), &mut platform);
+    assert!(matches!(result, Err(VmError::Guest(GuestError::Image(_)))));
     assert_eq!(platform.outstanding(), 0);
     let outside = elf(0x7f_f000, 0x2000, 0x2000, 0x7f_f000, None, true);
-    let result = Guest::create(
-        &config(&outside),
-        EptCaps::ALL,
-        BOCHS,
-        FEATURES,
-        &mut platform,
-    );
+    let result = Vm::create(&caps(), &config(&outside), &mut platform);
     assert!(matches!(
         result,
-        Err(GuestError::Image(
+        Err(VmError::Guest(GuestError::Image(
             crate::loader::ImageError::OutsideRam { .. }
-        ))
+        )))
     ));
 }
 
@@ -199,84 +194,83 @@ fn a_bad_image_is_refused_before_any_memory_is_taken() {
 fn serial_output_becomes_lines_and_the_exit_port_ends_the_run() {
     let mut m = Machine::new();
     for &byte in b"hi\n" {
-        m.regs.rax = u64::from(byte);
+        m.vcpu.regs.rax = u64::from(byte);
         m.vmcs
             .write(ro::EXIT_QUALIFICATION, u64::from(crate::abi::COM1) << 16);
-        assert!(stopped(m.exit(crate::exit_reason::IO_INSTRUCTION)).is_none());
+        assert!(stopped(m.exit(ExitReason::Io)).is_none());
     }
     assert_eq!(m.platform.console, ["hi"]);
     assert_eq!(m.vmcs.read(g::RIP), 0x1006, "each OUT was skipped");
-    m.regs.rax = 42;
+    m.vcpu.regs.rax = 42;
     m.vmcs.write(
         ro::EXIT_QUALIFICATION,
         u64::from(crate::abi::EXIT_PORT) << 16,
     );
-    assert_eq!(
-        stopped(m.exit(crate::exit_reason::IO_INSTRUCTION)),
-        Some(GuestEnd::Exited(42))
-    );
+    assert_eq!(stopped(m.exit(ExitReason::Io)), Some(GuestEnd::Exited(42)));
 }
 
 #[test]
 fn reads_of_absent_ports_give_all_ones_into_al_only() {
     let mut m = Machine::new();
-    m.regs.rax = 0x1234_5678_9abc_de00;
+    m.vcpu.regs.rax = 0x1234_5678_9abc_de00;
     m.vmcs.write(ro::EXIT_QUALIFICATION, 0x80 << 16 | 1 << 3);
-    m.exit(crate::exit_reason::IO_INSTRUCTION);
-    assert_eq!(m.regs.rax, 0x1234_5678_9abc_deff);
+    m.exit(ExitReason::Io);
+    assert_eq!(m.vcpu.regs.rax, 0x1234_5678_9abc_deff);
     m.vmcs
         .write(ro::EXIT_QUALIFICATION, 0x80 << 16 | 1 << 3 | 3);
-    m.exit(crate::exit_reason::IO_INSTRUCTION);
-    assert_eq!(m.regs.rax, 0xffff_ffff, "32-bit IN clears the upper half");
+    m.exit(ExitReason::Io);
+    assert_eq!(
+        m.vcpu.regs.rax, 0xffff_ffff,
+        "32-bit IN clears the upper half"
+    );
 }
 
 #[test]
 fn exit_counts_hypercall_checks_its_buffer() {
     let mut m = Machine::new();
-    m.guest.counters[10] = 7;
-    m.regs = GuestRegisters {
+    m.vm.counters[10] = 7;
+    m.vcpu.regs = GuestRegisters {
         rax: crate::abi::call::EXIT_COUNTS,
         rdi: 0x30_0000,
         rsi: 16,
         ..Default::default()
     };
-    m.exit(crate::exit_reason::VMCALL);
-    assert_eq!(m.regs.rax, 16);
+    m.exit(ExitReason::Vmcall);
+    assert_eq!(m.vcpu.regs.rax, 16);
     let mut counter = [0u8; 8];
-    m.guest
-        .read(&m.platform, 0x30_0000 + 10 * 8, &mut counter)
+    m.vm.read(&m.platform, 0x30_0000 + 10 * 8, &mut counter)
         .unwrap();
     assert_eq!(u64::from_le_bytes(counter), 7);
     // The legacy hole, beyond RAM, and straddling the end of RAM all fail.
     for bad in [0xa_0000, 0x1_0000_0000, (8 << 20) - 8] {
-        m.regs = GuestRegisters {
+        m.vcpu.regs = GuestRegisters {
             rax: crate::abi::call::EXIT_COUNTS,
             rdi: bad,
             rsi: 16,
             ..Default::default()
         };
-        m.exit(crate::exit_reason::VMCALL);
+        m.exit(ExitReason::Vmcall);
         assert_eq!(
-            m.regs.rax as i64,
+            m.vcpu.regs.rax as i64,
             crate::abi::error::EFAULT,
             "buffer {bad:#x}"
         );
     }
-    m.regs = GuestRegisters {
+    m.vcpu.regs = GuestRegisters {
         rax: 0xdead,
         ..Default::default()
     };
-    m.exit(crate::exit_reason::VMCALL);
-    assert_eq!(m.regs.rax as i64, crate::abi::error::ENOSYS);
+    m.exit(ExitReason::Vmcall);
+    assert_eq!(m.vcpu.regs.rax as i64, crate::abi::error::ENOSYS);
 }
 
 #[test]
 fn user_mode_may_not_make_hypercalls() {
     let mut m = Machine::new();
     m.vmcs.write(g::SS_ACCESS_RIGHTS, 0x93 | 3 << 5);
-    m.regs.rax = crate::abi::call::VERSION;
-    m.exit(crate::exit_reason::VMCALL);
-    assert_eq!(m.regs.rax as i64, crate::abi::error::EPERM);
+    m.vcpu.regs.rax = crate::abi::call::VERSION;
+    m.exit(ExitReason::Vmcall);
+    assert_eq!(m.vcpu.regs.rax as i64, crate::abi::error::EPERM);
 }
 
 #[test]
@@ -284,12 +278,12 @@ fn a_stray_access_is_reported_with_gp_and_a_hopeless_one_stops_the_guest() {
     let mut m = Machine::new();
     m.vmcs.write(ro::GUEST_PHYSICAL_ADDR_FULL, 0x1_2345_6000);
     m.vmcs.write(ro::EXIT_QUALIFICATION, 0b10);
-    assert!(stopped(m.exit(crate::exit_reason::EPT_VIOLATION)).is_none());
+    assert!(stopped(m.exit(ExitReason::EptViolation)).is_none());
     assert_eq!(m.injected(), 0x8000_0b0d, "#GP(0)");
     assert_eq!(m.vmcs.read(g::RIP), 0x1000, "the access is not skipped");
-    assert_eq!(m.guest.stray_accesses, 1);
+    assert_eq!(m.vm.stray_accesses, 1);
     m.vmcs.write(ro::IDT_VECTORING_INFO, 1 << 31 | 14);
-    let end = stopped(m.exit(crate::exit_reason::EPT_VIOLATION));
+    let end = stopped(m.exit(ExitReason::EptViolation));
     assert!(matches!(
         end,
         Some(GuestEnd::Stopped(StopReason::Unsupported(_)))
@@ -300,8 +294,7 @@ fn a_stray_access_is_reported_with_gp_and_a_hopeless_one_stops_the_guest() {
 fn a_write_to_a_log_dirty_page_marks_it_and_makes_it_writable() {
     let mut m = Machine::new();
     let gfn = Gfn(0x300);
-    m.guest
-        .p2m
+    m.vm.p2m
         .change_type_range(
             &mut m.platform,
             gfn,
@@ -311,19 +304,19 @@ fn a_write_to_a_log_dirty_page_marks_it_and_makes_it_writable() {
         )
         .unwrap();
     assert_eq!(
-        m.guest.p2m.get_entry(&m.platform, gfn).unwrap().ty,
+        m.vm.p2m.get_entry(&m.platform, gfn).unwrap().ty,
         P2mType::RamLogdirty
     );
     // As the CPU does: the marked entry first gives a misconfiguration; once
     // resolved, the write to the (now read-only) log-dirty page a violation.
     m.vmcs
         .write(ro::GUEST_PHYSICAL_ADDR_FULL, gfn.0 << 12 | 0x10);
-    assert!(stopped(m.exit(crate::exit_reason::EPT_MISCONFIG)).is_none());
+    assert!(stopped(m.exit(ExitReason::EptMisconfig)).is_none());
     m.vmcs.write(ro::EXIT_QUALIFICATION, 0b10 | 0b101 << 3);
-    assert!(stopped(m.exit(crate::exit_reason::EPT_VIOLATION)).is_none());
-    assert!(m.guest.dirty.is_dirty(gfn));
+    assert!(stopped(m.exit(ExitReason::EptViolation)).is_none());
+    assert!(m.vm.dirty.is_dirty(gfn));
     assert_eq!(
-        m.guest.p2m.get_entry(&m.platform, gfn).unwrap().ty,
+        m.vm.p2m.get_entry(&m.platform, gfn).unwrap().ty,
         P2mType::RamRw
     );
     assert_eq!(m.injected(), 0, "nothing injected");
@@ -332,48 +325,48 @@ fn a_write_to_a_log_dirty_page_marks_it_and_makes_it_writable() {
 #[test]
 fn apic_base_writes_are_emulated() {
     let mut m = Machine::new();
-    m.regs = GuestRegisters {
+    m.vcpu.regs = GuestRegisters {
         rcx: 0x1b,
         rax: 0xfee0_0000,
         ..Default::default()
     };
-    m.exit(crate::exit_reason::WRMSR);
-    m.regs.rcx = 0x1b;
-    m.exit(crate::exit_reason::RDMSR);
-    assert_eq!(m.regs.edx_eax(), 0xfee0_0100, "disabled, BSP kept");
-    m.regs = GuestRegisters {
+    m.exit(ExitReason::Wrmsr);
+    m.vcpu.regs.rcx = 0x1b;
+    m.exit(ExitReason::Rdmsr);
+    assert_eq!(m.vcpu.regs.edx_eax(), 0xfee0_0100, "disabled, BSP kept");
+    m.vcpu.regs = GuestRegisters {
         rcx: 0x1b,
         rax: 0xfee0_0c00,
         ..Default::default()
     };
-    m.exit(crate::exit_reason::WRMSR);
+    m.exit(ExitReason::Wrmsr);
     assert_eq!(m.injected(), 0x8000_0b0d, "x2APIC refused");
     m.vmcs.write(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
-    m.regs = GuestRegisters {
+    m.vcpu.regs = GuestRegisters {
         rcx: 0x8d4,
         ..Default::default()
     };
-    m.exit(crate::exit_reason::RDMSR);
+    m.exit(ExitReason::Rdmsr);
     assert_eq!(m.injected(), 0x8000_0b0d, "unknown MSR");
 }
 
 #[test]
 fn cr4_vmxe_is_refused_and_cr0_writes_keep_ne() {
     let mut m = Machine::new();
-    crate::cr::write_cr0(&mut m.vmcs, &BOCHS, crate::cr::CR0_PE);
-    crate::cr::write_cr4(&mut m.vmcs, &BOCHS, 0);
-    m.regs.rbx = crate::cr::CR4_VMXE;
+    crate::vcpu::cr::write_cr0(&mut m.vmcs, &m.vm.cr_fixed, crate::vcpu::cr::CR0_PE);
+    crate::vcpu::cr::write_cr4(&mut m.vmcs, &m.vm.cr_fixed, 0);
+    m.vcpu.regs.rbx = crate::vcpu::cr::CR4_VMXE;
     m.vmcs.write(ro::EXIT_QUALIFICATION, 4 | 3 << 8);
-    m.exit(crate::exit_reason::CR_ACCESS);
+    m.exit(ExitReason::CrAccess);
     assert_eq!(m.injected(), 0x8000_0b0d);
     m.vmcs.write(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
-    m.regs.rbx = crate::cr::CR0_PE | 0x20 | crate::cr::CR0_ET;
+    m.vcpu.regs.rbx = crate::vcpu::cr::CR0_PE | 0x20 | crate::vcpu::cr::CR0_ET;
     m.vmcs.write(ro::EXIT_QUALIFICATION, 3 << 8);
-    m.exit(crate::exit_reason::CR_ACCESS);
+    m.exit(ExitReason::CrAccess);
     assert_eq!(m.injected(), 0);
     assert_eq!(
-        crate::cr::guest_cr0(&m.vmcs),
-        crate::cr::CR0_PE | 0x20 | crate::cr::CR0_ET
+        crate::vcpu::cr::guest_cr0(&m.vmcs),
+        crate::vcpu::cr::CR0_PE | 0x20 | crate::vcpu::cr::CR0_ET
     );
     assert_eq!(
         m.vmcs.read(g::RIP),
@@ -385,21 +378,27 @@ fn cr4_vmxe_is_refused_and_cr0_writes_keep_ne() {
 #[test]
 fn init_then_sipi_starts_real_mode_at_the_vector() {
     let mut m = Machine::new();
-    m.exit(crate::exit_reason::INIT_SIGNAL);
-    assert_eq!(m.vmcs.read(g::ACTIVITY_STATE), crate::state::WAIT_FOR_SIPI);
+    m.exit(ExitReason::Init);
+    assert_eq!(
+        m.vmcs.read(g::ACTIVITY_STATE),
+        crate::vcpu::state::WAIT_FOR_SIPI
+    );
     m.vmcs.write(ro::EXIT_QUALIFICATION, 0x9a);
-    m.exit(crate::exit_reason::SIPI);
-    assert_eq!(m.vmcs.read(g::ACTIVITY_STATE), crate::state::ACTIVE);
+    m.exit(ExitReason::Sipi);
+    assert_eq!(m.vmcs.read(g::ACTIVITY_STATE), crate::vcpu::state::ACTIVE);
     assert_eq!(m.vmcs.read(g::CS_SELECTOR), 0x9a00);
     assert_eq!(m.vmcs.read(g::CS_BASE), 0x9_a000);
     assert_eq!(m.vmcs.read(g::RIP), 0);
-    assert_eq!(crate::cr::guest_cr0(&m.vmcs) & crate::cr::CR0_PE, 0);
+    assert_eq!(
+        crate::vcpu::cr::guest_cr0(&m.vmcs) & crate::vcpu::cr::CR0_PE,
+        0
+    );
 }
 
 #[test]
 fn an_unhandled_exit_stops_the_guest_with_its_name() {
     let mut m = Machine::new();
-    let end = stopped(m.exit(crate::exit_reason::INVD));
+    let end = stopped(m.exit(ExitReason::Invd));
     let Some(GuestEnd::Stopped(reason)) = end else {
         panic!("{end:?}")
     };
@@ -409,7 +408,7 @@ fn an_unhandled_exit_stops_the_guest_with_its_name() {
 #[test]
 fn vmx_instructions_and_mwait_get_ud() {
     let mut m = Machine::new();
-    for reason in [27, crate::exit_reason::MWAIT] {
+    for reason in [ExitReason::Vmxon, ExitReason::Mwait] {
         m.vmcs.write(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
         assert!(stopped(m.exit(reason)).is_none());
         assert_eq!(m.injected(), 0x8000_0306);
@@ -419,17 +418,17 @@ fn vmx_instructions_and_mwait_get_ud() {
 #[test]
 fn xsetbv_checks_the_value() {
     let mut m = Machine::new();
-    m.regs = GuestRegisters {
+    m.vcpu.regs = GuestRegisters {
         rax: 0b111,
         ..Default::default()
     };
-    m.exit(crate::exit_reason::XSETBV);
-    assert_eq!(m.platform.xcr0, Some(0b111));
-    m.regs = GuestRegisters {
+    m.exit(ExitReason::Xsetbv);
+    assert_eq!(m.vmcs.xcr0, Some(0b111));
+    m.vcpu.regs = GuestRegisters {
         rax: 0b101,
         ..Default::default()
     };
-    m.exit(crate::exit_reason::XSETBV);
+    m.exit(ExitReason::Xsetbv);
     assert_eq!(m.injected(), 0x8000_0b0d);
 }
 
@@ -441,7 +440,7 @@ impl Machine {
     /// Makes hypercall `number` and returns RAX.
     fn call(&mut self, number: u64, args: &[u64]) -> i64 {
         let arg = |i: usize| args.get(i).copied().unwrap_or(0);
-        self.regs = GuestRegisters {
+        self.vcpu.regs = GuestRegisters {
             rax: number,
             rdi: arg(0),
             rsi: arg(1),
@@ -449,8 +448,8 @@ impl Machine {
             r10: arg(3),
             ..Default::default()
         };
-        assert!(stopped(self.exit(crate::exit_reason::VMCALL)).is_none());
-        self.regs.rax as i64
+        assert!(stopped(self.exit(ExitReason::Vmcall)).is_none());
+        self.vcpu.regs.rax as i64
     }
 
     /// An EPT exit at `gpa` as the CPU would give it: first the
@@ -458,23 +457,23 @@ impl Machine {
     fn touch(&mut self, gpa: u64, write: bool) -> Flow {
         self.vmcs.write(ro::GUEST_PHYSICAL_ADDR_FULL, gpa);
         if self
-            .guest
+            .vm
             .p2m
             .get_entry(&self.platform, Gfn(gpa >> 12))
             .is_ok_and(|e| e.recalc)
         {
-            assert!(stopped(self.exit(crate::exit_reason::EPT_MISCONFIG)).is_none());
+            assert!(stopped(self.exit(ExitReason::EptMisconfig)).is_none());
         }
         self.vmcs
             .write(ro::EXIT_QUALIFICATION, if write { 0b010 } else { 0b001 });
-        self.exit(crate::exit_reason::EPT_VIOLATION)
+        self.exit(ExitReason::EptViolation)
     }
 }
 
 #[test]
 fn switching_views_by_hypercall_updates_eptp_and_index() {
     let mut m = Machine::new();
-    let host_eptp = m.guest.p2m.eptp();
+    let host_eptp = m.vm.p2m.eptp();
     assert_eq!(
         m.call(call::ALTP2M_CREATE_VIEW, &[access::RWX]),
         error::EINVAL,
@@ -495,7 +494,7 @@ fn switching_views_by_hypercall_updates_eptp_and_index() {
     assert_eq!(v, 1);
     assert_eq!(m.call(call::ALTP2M_SWITCH_VIEW, &[1 << 20]), error::EINVAL);
     assert_eq!(m.call(call::ALTP2M_SWITCH_VIEW, &[v as u64]), 0);
-    let view_eptp = m.guest.altp2m.eptp(&m.guest.p2m, 1).unwrap();
+    let view_eptp = m.vm.altp2m.eptp(&m.vm.p2m, 1).unwrap();
     assert_ne!(view_eptp, host_eptp);
     assert_eq!(m.vmcs.read(control::EPTP_FULL), view_eptp);
     assert_eq!(m.vmcs.read(control::EPTP_INDEX), 1);
@@ -506,7 +505,7 @@ fn switching_views_by_hypercall_updates_eptp_and_index() {
     );
     assert_eq!(
         m.vmcs.read(control::EPTP_LIST_ADDR_FULL),
-        m.guest.altp2m.visible_list().hpa()
+        m.vm.altp2m.visible_list().hpa()
     );
     assert_ne!(
         m.vmcs.read(control::EXCEPTION_BITMAP) & 1 << 3,
@@ -521,8 +520,8 @@ fn switching_views_by_hypercall_updates_eptp_and_index() {
         "back on the host p2m"
     );
     assert_eq!(m.vmcs.read(control::VM_FUNCTION_CONTROLS_FULL), 0);
-    m.guest.destroy(&mut m.platform);
-    assert_eq!(m.platform.outstanding(), 0, "views and lists freed");
+    let platform = m.destroy();
+    assert_eq!(platform.outstanding(), 0, "views and lists freed");
 }
 
 #[test]
@@ -531,11 +530,11 @@ fn a_vmfunc_switch_is_picked_up_from_the_eptp_index() {
     m.call(call::ALTP2M_SET_STATE, &[1]);
     let v = m.call(call::ALTP2M_CREATE_VIEW, &[access::RWX]) as u64;
     m.vmcs.write(control::EPTP_INDEX, v);
-    crate::views::sync(&m.vmcs, &mut m.guest).unwrap();
-    assert_eq!(m.guest.altp2m.vcpu_view(0), Ok(v as u16));
+    crate::views::sync(&m.vmcs, &mut m.vm, &m.vcpu).unwrap();
+    assert_eq!(m.vm.altp2m.vcpu_view(0), Ok(v as u16));
     m.vmcs.write(control::EPTP_INDEX, 77);
     assert!(
-        crate::views::sync(&m.vmcs, &mut m.guest).is_err(),
+        crate::views::sync(&m.vmcs, &mut m.vm, &m.vcpu).is_err(),
         "a view that does not exist"
     );
 }
@@ -543,10 +542,10 @@ fn a_vmfunc_switch_is_picked_up_from_the_eptp_index() {
 #[test]
 fn the_mode_refuses_altp2m_calls_and_logs_each_once() {
     let mut m = Machine::new();
-    m.guest.altp2m_mode = hv_abi::Altp2mMode::Limited;
+    m.vm.altp2m_mode = hv_abi::Altp2mMode::Limited;
     assert_eq!(m.call(call::ALTP2M_SET_STATE, &[1]), error::EPERM);
     assert_eq!(m.call(call::ALTP2M_SET_STATE, &[1]), error::EPERM);
-    assert_eq!(m.guest.refusals_logged.count_ones(), 1);
+    assert_eq!(m.vm.refusals_logged.count_ones(), 1);
     assert_eq!(
         m.call(call::ALTP2M_VCPU_ENABLE_NOTIFY, &[0x300]),
         0,
@@ -574,7 +573,7 @@ fn a_denied_access_in_a_view_is_reported_and_stepped_in_view_0() {
         m.platform.events
     );
     assert_eq!(
-        m.guest.altp2m.vcpu_view(0),
+        m.vm.altp2m.vcpu_view(0),
         Ok(0),
         "the instruction runs in view 0"
     );
@@ -587,8 +586,8 @@ fn a_denied_access_in_a_view_is_reported_and_stepped_in_view_0() {
     // The #DB of the step: back to the view, TF as the guest had it, nothing injected.
     m.vmcs
         .write(ro::VMEXIT_INTERRUPTION_INFO, 1 << 31 | 3 << 8 | 1);
-    assert!(stopped(m.exit(crate::exit_reason::EXCEPTION_OR_NMI)).is_none());
-    assert_eq!(m.guest.altp2m.vcpu_view(0), Ok(v as u16));
+    assert!(stopped(m.exit(ExitReason::ExceptionOrNmi)).is_none());
+    assert_eq!(m.vm.altp2m.vcpu_view(0), Ok(v as u16));
     assert_eq!(m.vmcs.read(g::RFLAGS) & 1 << 8, 0);
     assert_eq!(m.injected(), 0);
     assert_eq!(m.vmcs.read(control::EXCEPTION_BITMAP) & 1 << 1, 0);
@@ -602,7 +601,7 @@ fn a_guests_own_breakpoint_is_delivered_to_it() {
     m.vmcs.write(ro::VMEXIT_INSTRUCTION_LEN, 1);
     m.vmcs
         .write(ro::VMEXIT_INTERRUPTION_INFO, 1 << 31 | 6 << 8 | 3);
-    assert!(stopped(m.exit(crate::exit_reason::EXCEPTION_OR_NMI)).is_none());
+    assert!(stopped(m.exit(ExitReason::ExceptionOrNmi)).is_none());
     assert_eq!(
         m.injected(),
         1 << 31 | 6 << 8 | 3,
@@ -618,18 +617,17 @@ fn a_ballooned_page_leaves_every_view_and_its_frame_is_freed_once() {
     m.call(call::ALTP2M_SET_STATE, &[1]);
     let v = m.call(call::ALTP2M_CREATE_VIEW, &[access::RWX]) as u64;
     assert_eq!(m.call(call::ALTP2M_CHANGE_GFN, &[v, 0x301, 0x300]), 0);
-    let frame = m
-        .guest
-        .p2m
-        .get_entry(&m.platform, Gfn(0x300))
-        .unwrap()
-        .mfn
-        .unwrap();
+    let frame =
+        m.vm.p2m
+            .get_entry(&m.platform, Gfn(0x300))
+            .unwrap()
+            .mfn
+            .unwrap();
     assert_eq!(m.call(call::BALLOON_RELEASE, &[0x300]), 0);
     assert!(!m.platform.is_allocated(frame.0), "the frame went back");
     assert_eq!(m.call(call::BALLOON_RELEASE, &[0x300]), error::ENOENT);
     assert!(
-        m.platform.inveptions.iter().any(Option::is_some),
+        m.vmcs.inveptions.iter().any(Option::is_some),
         "the views' EPTPs were flushed"
     );
     assert!(
@@ -642,12 +640,12 @@ fn a_ballooned_page_leaves_every_view_and_its_frame_is_freed_once() {
     );
     let mut byte = [0u8];
     assert!(
-        m.guest.read(&m.platform, 0x30_0000, &mut byte).is_err(),
+        m.vm.read(&m.platform, 0x30_0000, &mut byte).is_err(),
         "no longer guest RAM"
     );
-    m.guest.destroy(&mut m.platform);
+    let platform = m.destroy();
     assert_eq!(
-        m.platform.outstanding(),
+        platform.outstanding(),
         0,
         "teardown frees the rest, not that frame again"
     );
@@ -672,12 +670,11 @@ fn the_display_copies_exactly_the_pages_written_and_matches_the_framebuffer() {
     assert_eq!(m.call(call::DISPLAY_REFRESH, &[]), 0, "nothing written yet");
     // The guest writes page 2: the CPU faults, the hypervisor logs it.
     assert!(stopped(m.touch((fb + 2) << 12, true)).is_none());
-    m.guest
-        .write(&mut m.platform, (fb + 2) << 12, b"frame")
+    m.vm.write(&mut m.platform, (fb + 2) << 12, b"frame")
         .unwrap();
     assert_eq!(m.call(call::DISPLAY_REFRESH, &[]), 1);
     let mut fb_bytes = std::vec![0u8; 4 * 4096];
-    m.guest.read(&m.platform, fb << 12, &mut fb_bytes).unwrap();
+    m.vm.read(&m.platform, fb << 12, &mut fb_bytes).unwrap();
     let want = crate::abi::display_checksum(fb_bytes.iter().copied());
     assert_eq!(m.call(call::DISPLAY_CHECKSUM, &[]) as u64, want);
     assert_eq!(
@@ -692,11 +689,11 @@ fn the_display_copies_exactly_the_pages_written_and_matches_the_framebuffer() {
         "no display, no tick"
     );
     assert_eq!(
-        m.guest.p2m.get_entry(&m.platform, Gfn(fb)).unwrap().ty,
+        m.vm.p2m.get_entry(&m.platform, Gfn(fb)).unwrap().ty,
         P2mType::RamRw
     );
-    m.guest.destroy(&mut m.platform);
-    assert_eq!(m.platform.outstanding(), 0);
+    let platform = m.destroy();
+    assert_eq!(platform.outstanding(), 0);
 }
 
 #[test]
@@ -714,7 +711,7 @@ fn log_dirty_fetch_checks_its_buffer_before_clearing_anything() {
         "the dirty page survived the bad call"
     );
     let mut bitmap = [0u8];
-    m.guest.read(&m.platform, 0x60_0000, &mut bitmap).unwrap();
+    m.vm.read(&m.platform, 0x60_0000, &mut bitmap).unwrap();
     assert_eq!(bitmap[0], 1 << 3);
     assert_eq!(m.call(call::LOGDIRTY_FETCH, &[0x500, 8, 0x60_0000]), 0);
 }
@@ -733,61 +730,65 @@ fn outside_64_bit_mode_hypercalls_see_the_low_halves_of_registers() {
 #[test]
 fn mov_cr8_stays_in_the_guest_and_pae_paging_loads_pdptes() {
     let mut m = Machine::new();
-    m.regs.rcx = 0x9;
+    m.vcpu.regs.rcx = 0x9;
     m.vmcs.write(ro::EXIT_QUALIFICATION, 8 | 1 << 8);
-    m.exit(crate::exit_reason::CR_ACCESS);
-    assert_eq!(m.guest.tpr, 9);
+    m.exit(ExitReason::CrAccess);
+    assert_eq!(m.vcpu.tpr, 9);
     m.vmcs.write(ro::EXIT_QUALIFICATION, 8 | 1 << 4 | 2 << 8);
-    m.exit(crate::exit_reason::CR_ACCESS);
-    assert_eq!(m.regs.rdx, 9, "MOV from CR8");
-    m.regs.rcx = 0x10;
+    m.exit(ExitReason::CrAccess);
+    assert_eq!(m.vcpu.regs.rdx, 9, "MOV from CR8");
+    m.vcpu.regs.rcx = 0x10;
     m.vmcs.write(ro::EXIT_QUALIFICATION, 8 | 1 << 8);
-    m.exit(crate::exit_reason::CR_ACCESS);
+    m.exit(ExitReason::CrAccess);
     assert_eq!(m.injected(), 0x8000_0b0d, "reserved TPR bits");
     // Legacy PAE paging: the PDPTEs at CR3 go to the VMCS when paging starts.
     m.vmcs.write(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
     m.vmcs.write(control::VMENTRY_CONTROLS, 0);
     m.vmcs.write(g::CS_ACCESS_RIGHTS, 0xc09b);
     m.vmcs.write(g::IA32_EFER_FULL, 0);
-    crate::cr::write_cr0(&mut m.vmcs, &BOCHS, crate::cr::CR0_PE);
-    crate::cr::write_cr4(&mut m.vmcs, &BOCHS, crate::cr::CR4_PAE);
+    crate::vcpu::cr::write_cr0(&mut m.vmcs, &m.vm.cr_fixed, crate::vcpu::cr::CR0_PE);
+    crate::vcpu::cr::write_cr4(&mut m.vmcs, &m.vm.cr_fixed, crate::vcpu::cr::CR4_PAE);
     let pdptes: [u64; 4] = [0x30_1001, 0, 0x30_2001, 0];
     let bytes: Vec<u8> = pdptes.iter().flat_map(|p| p.to_le_bytes()).collect();
-    m.guest.write(&mut m.platform, 0x30_0000, &bytes).unwrap();
+    m.vm.write(&mut m.platform, 0x30_0000, &bytes).unwrap();
     m.vmcs.write(g::CR3, 0x30_0000);
-    m.regs.rax = crate::cr::CR0_PE | crate::cr::CR0_PG | 0x20;
+    m.vcpu.regs.rax = crate::vcpu::cr::CR0_PE | crate::vcpu::cr::CR0_PG | 0x20;
     m.vmcs.write(ro::EXIT_QUALIFICATION, 0);
-    m.exit(crate::exit_reason::CR_ACCESS);
+    m.exit(ExitReason::CrAccess);
     assert_eq!(m.injected(), 0);
     assert_eq!(m.vmcs.read(g::PDPTE0_FULL), 0x30_1001);
     assert_eq!(m.vmcs.read(g::PDPTE2_FULL), 0x30_2001);
     assert!(
-        m.platform.invvpids.contains(&crate::vcpu::GUEST_VPID),
+        m.vmcs.invvpids.contains(&crate::vcpu::GUEST_VPID),
         "paging changed: VPID flushed"
     );
     // A present PDPTE with reserved bits makes the MOV fault and changes nothing.
-    crate::cr::write_cr0(&mut m.vmcs, &BOCHS, crate::cr::CR0_PE);
-    m.guest
-        .write(
-            &mut m.platform,
-            0x30_0000,
-            &(0x30_1001u64 | 1 << 5).to_le_bytes(),
-        )
-        .unwrap();
-    m.exit(crate::exit_reason::CR_ACCESS);
+    crate::vcpu::cr::write_cr0(&mut m.vmcs, &m.vm.cr_fixed, crate::vcpu::cr::CR0_PE);
+    m.vm.write(
+        &mut m.platform,
+        0x30_0000,
+        &(0x30_1001u64 | 1 << 5).to_le_bytes(),
+    )
+    .unwrap();
+    m.exit(ExitReason::CrAccess);
     assert_eq!(m.injected(), 0x8000_0b0d);
-    assert_eq!(crate::cr::guest_cr0(&m.vmcs) & crate::cr::CR0_PG, 0);
+    assert_eq!(
+        crate::vcpu::cr::guest_cr0(&m.vmcs) & crate::vcpu::cr::CR0_PG,
+        0
+    );
 }
 
 #[test]
 fn clearing_paging_in_64_bit_code_faults() {
     let mut m = Machine::new();
-    crate::cr::write_cr4(&mut m.vmcs, &BOCHS, crate::cr::CR4_PAE);
-    m.vmcs
-        .write(g::IA32_EFER_FULL, crate::cr::EFER_LME | crate::cr::EFER_LMA);
-    m.regs.rax = crate::cr::CR0_PE;
+    crate::vcpu::cr::write_cr4(&mut m.vmcs, &m.vm.cr_fixed, crate::vcpu::cr::CR4_PAE);
+    m.vmcs.write(
+        g::IA32_EFER_FULL,
+        crate::vcpu::cr::EFER_LME | crate::vcpu::cr::EFER_LMA,
+    );
+    m.vcpu.regs.rax = crate::vcpu::cr::CR0_PE;
     m.vmcs.write(ro::EXIT_QUALIFICATION, 0);
-    m.exit(crate::exit_reason::CR_ACCESS);
+    m.exit(ExitReason::CrAccess);
     assert_eq!(m.injected(), 0x8000_0b0d);
 }
 
@@ -811,22 +812,22 @@ fn a_fault_in_a_stepped_instruction_ends_the_step_and_reaches_the_view() {
         1 << 31 | 1 << 11 | 3 << 8 | 14,
     );
     m.vmcs.write(ro::VMEXIT_INTERRUPTION_ERR_CODE, 2);
-    m.exit(crate::exit_reason::EXCEPTION_OR_NMI);
-    assert_eq!(m.guest.altp2m.vcpu_view(0), Ok(v as u16));
+    m.exit(ExitReason::ExceptionOrNmi);
+    assert_eq!(m.vm.altp2m.vcpu_view(0), Ok(v as u16));
     assert_eq!(m.injected(), 1 << 31 | 1 << 11 | 3 << 8 | 14);
     assert_eq!(m.vmcs.read(g::RFLAGS) & 1 << 8, 0);
     // An emulated instruction ends a step too (no #DB would come).
     m.touch(0x30_0000, true);
-    assert!(m.guest.step.is_some());
+    assert!(m.vcpu.step.is_some());
     m.vmcs.write(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
     m.call(call::VERSION, &[]);
     assert!(
-        m.guest.step.is_none(),
+        m.vcpu.step.is_none(),
         "the VMCALL completed the stepped instruction"
     );
-    assert_eq!(m.guest.altp2m.vcpu_view(0), Ok(v as u16));
+    assert_eq!(m.vm.altp2m.vcpu_view(0), Ok(v as u16));
     assert_eq!(
-        m.vmcs.read(g::PENDING_DBG_EXCEPTIONS) & crate::vcpu::PENDING_BS,
+        m.vmcs.read(g::PENDING_DBG_EXCEPTIONS) & crate::vcpu::events::PENDING_BS,
         0,
         "no #DB the guest did not ask for"
     );

@@ -4,16 +4,16 @@
 use super::{ExitCtx, Flow};
 use crate::abi::error;
 use crate::platform::Platform;
-use crate::vcpu::{advance_rip, guest_cpl};
-use crate::vmcs::Vmcs;
+use crate::vcpu::events::{advance_rip, guest_cpl};
+use crate::vmx::Cpu;
 
-pub fn handle<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> Flow {
-    let result = if guest_cpl(&*ctx.vmcs) != 0 {
+pub fn handle<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Flow {
+    let result = if guest_cpl(&*ctx.cpu) != 0 {
         error::EPERM
     } else {
         crate::hypercall::dispatch(ctx)
     };
-    ctx.regs.rax = result as u64;
-    advance_rip(ctx.vmcs);
+    ctx.vcpu.regs.rax = result as u64;
+    advance_rip(ctx.cpu);
     Flow::Resume
 }

@@ -3,8 +3,8 @@
 
 use super::{ExitCtx, Flow};
 use crate::platform::Platform;
-use crate::vcpu::advance_rip;
-use crate::vmcs::Vmcs;
+use crate::vcpu::events::advance_rip;
+use crate::vmx::Cpu;
 
 const X87: u64 = 1 << 0;
 const SSE: u64 = 1 << 1;
@@ -30,16 +30,16 @@ pub fn valid_xcr0(value: u64, supported: u64) -> bool {
         && (value & AVX512 == 0 || (value & AVX512 == AVX512 && value & AVX != 0))
 }
 
-pub fn handle<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> Flow {
-    let index = ctx.regs.rcx as u32;
-    let value = ctx.regs.edx_eax();
-    let [eax, _, _, edx] = ctx.platform.cpuid(0xd, 0);
+pub fn handle<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Flow {
+    let index = ctx.vcpu.regs.rcx as u32;
+    let value = ctx.vcpu.regs.edx_eax();
+    let [eax, _, _, edx] = ctx.cpu.cpuid(0xd, 0);
     let supported = u64::from(edx) << 32 | u64::from(eax);
     if index != 0 || !valid_xcr0(value, supported) {
         return ctx.general_protection();
     }
-    ctx.platform.xsetbv(0, value);
-    advance_rip(ctx.vmcs);
+    ctx.cpu.xsetbv(0, value);
+    advance_rip(ctx.cpu);
     Flow::Resume
 }
 

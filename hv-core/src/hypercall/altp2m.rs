@@ -9,28 +9,28 @@ use crate::abi::{call, error};
 use crate::exits::ExitCtx;
 use crate::platform::Platform;
 use crate::views;
-use crate::vmcs::Vmcs;
+use crate::vmx::Cpu;
 
 /// Most entries a multi call takes at once.
 const MULTI_MAX: u64 = 512;
 
-pub fn call<V: Vmcs, P: Platform>(
-    ctx: &mut ExitCtx<'_, V, P>,
+pub fn call<C: Cpu, P: Platform>(
+    ctx: &mut ExitCtx<'_, C, P>,
     number: u64,
     a: &Args,
 ) -> Result<i64, i64> {
     let result = run(ctx, number, a);
     // Whatever changed, the VMCS follows (EPTP, index, VMFUNC, #VE, exceptions).
-    views::apply(ctx.vmcs, ctx.guest);
+    views::apply(ctx.cpu, ctx.vm, ctx.vcpu);
     result
 }
 
-fn run<V: Vmcs, P: Platform>(
-    ctx: &mut ExitCtx<'_, V, P>,
+fn run<C: Cpu, P: Platform>(
+    ctx: &mut ExitCtx<'_, C, P>,
     number: u64,
     a: &Args,
 ) -> Result<i64, i64> {
-    let g = &mut *ctx.guest;
+    let g = &mut *ctx.vm;
     let mem = &mut *ctx.platform;
     let alt = &mut g.altp2m;
     let host = &mut g.p2m;
@@ -41,8 +41,8 @@ fn run<V: Vmcs, P: Platform>(
             (true, true) | (false, false) => Ok(0),
             (true, false) => done(alt.enable(mem, host)),
             (false, true) => {
-                views::finish_step(ctx.vmcs, g);
-                g.ve_page = None;
+                views::finish_step(ctx.cpu, g, ctx.vcpu);
+                ctx.vcpu.ve_page = None;
                 done(g.altp2m.disable(mem))
             }
         },
@@ -68,11 +68,11 @@ fn run<V: Vmcs, P: Platform>(
             if !g.altp2m.active_views().iter().all(writable) {
                 return Err(error::EINVAL);
             }
-            g.ve_page = Some((gfn, mfn));
+            ctx.vcpu.ve_page = Some((gfn, mfn));
             Ok(0)
         }
         call::ALTP2M_VCPU_DISABLE_NOTIFY => {
-            g.ve_page = None;
+            ctx.vcpu.ve_page = None;
             Ok(0)
         }
         call::ALTP2M_CREATE_VIEW => alt

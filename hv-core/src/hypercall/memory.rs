@@ -5,31 +5,29 @@ use hv_ept::{Gfn, P2mType};
 
 use super::{Args, errno};
 use crate::abi::error;
-use crate::exit_reason::NUM_REASONS;
 use crate::exits::ExitCtx;
 use crate::platform::Platform;
-use crate::vmcs::Vmcs;
-use crate::{display, views};
+use crate::views;
+use crate::vm::display;
+use crate::vmx::Cpu;
+use crate::vmx::exit::NUM_REASONS;
 
 /// Most pages one `LOGDIRTY_FETCH` covers (a 4 KiB bitmap).
 const FETCH_MAX: u64 = 32768;
 /// Most pages one `LOGDIRTY_TRACK` covers.
 const TRACK_MAX: u64 = 1 << 24;
 
-pub fn exit_counts<V: Vmcs, P: Platform>(
-    ctx: &mut ExitCtx<'_, V, P>,
-    a: &Args,
-) -> Result<i64, i64> {
+pub fn exit_counts<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>, a: &Args) -> Result<i64, i64> {
     let count = ctx
-        .guest
+        .vm
         .counters
         .len()
         .min(usize::try_from(a.get(1)).unwrap_or(usize::MAX));
     let mut bytes = [0u8; NUM_REASONS * 8];
-    for (i, counter) in ctx.guest.counters[..count].iter().enumerate() {
+    for (i, counter) in ctx.vm.counters[..count].iter().enumerate() {
         bytes[i * 8..i * 8 + 8].copy_from_slice(&counter.to_le_bytes());
     }
-    ctx.guest
+    ctx.vm
         .write(ctx.platform, a.get(0), &bytes[..count * 8])
         .map_err(|_| error::EFAULT)?;
     Ok(count as i64)
@@ -44,12 +42,12 @@ fn range(first: u64, pages: u64, max: u64) -> Result<(Gfn, Gfn), i64> {
     Ok((Gfn(first), Gfn(last)))
 }
 
-pub fn logdirty_track<V: Vmcs, P: Platform>(
-    ctx: &mut ExitCtx<'_, V, P>,
+pub fn logdirty_track<C: Cpu, P: Platform>(
+    ctx: &mut ExitCtx<'_, C, P>,
     a: &Args,
 ) -> Result<i64, i64> {
     let (first, last) = range(a.get(0), a.get(1), TRACK_MAX)?;
-    let g = &mut *ctx.guest;
+    let g = &mut *ctx.vm;
     g.altp2m
         .host_change_type_range(
             ctx.platform,
@@ -63,15 +61,15 @@ pub fn logdirty_track<V: Vmcs, P: Platform>(
         .map_err(errno)
 }
 
-pub fn logdirty_fetch<V: Vmcs, P: Platform>(
-    ctx: &mut ExitCtx<'_, V, P>,
+pub fn logdirty_fetch<C: Cpu, P: Platform>(
+    ctx: &mut ExitCtx<'_, C, P>,
     a: &Args,
 ) -> Result<i64, i64> {
     let (first, last) = range(a.get(0), a.get(1), FETCH_MAX)?;
     let bytes = a.get(1).div_ceil(8) as usize;
     let at = a.get(2);
     let mut bitmap = [0u8; (FETCH_MAX / 8) as usize];
-    let g = &mut *ctx.guest;
+    let g = &mut *ctx.vm;
     // Check the buffer before clearing anything, so no dirty bit is lost.
     g.write(ctx.platform, at, &bitmap[..bytes])
         .map_err(|_| error::EFAULT)?;
@@ -88,12 +86,12 @@ pub fn logdirty_fetch<V: Vmcs, P: Platform>(
     Ok(dirty)
 }
 
-pub fn balloon_release<V: Vmcs, P: Platform>(
-    ctx: &mut ExitCtx<'_, V, P>,
+pub fn balloon_release<C: Cpu, P: Platform>(
+    ctx: &mut ExitCtx<'_, C, P>,
     a: &Args,
 ) -> Result<i64, i64> {
     let gfn = Gfn(a.get(0));
-    let g = &mut *ctx.guest;
+    let g = &mut *ctx.vm;
     if g.display
         .as_ref()
         .is_some_and(|d| (d.first.0..d.first.0 + d.pages).contains(&gfn.0))
@@ -102,44 +100,41 @@ pub fn balloon_release<V: Vmcs, P: Platform>(
     }
     // The CPU must never write #VE information into a frame the guest gave
     // up: notification goes off first, and comes back if the release fails.
-    let ve_page = g.ve_page;
+    let ve_page = ctx.vcpu.ve_page;
     if ve_page.is_some_and(|(page, _)| page == gfn) {
-        g.ve_page = None;
-        views::apply(ctx.vmcs, g);
+        ctx.vcpu.ve_page = None;
+        views::apply(ctx.cpu, g, ctx.vcpu);
     }
-    if let Err(e) = g.release_page(ctx.platform, gfn) {
-        g.ve_page = ve_page;
-        views::apply(ctx.vmcs, g);
+    if let Err(e) = g.release_page(ctx.platform, ctx.cpu, gfn) {
+        ctx.vcpu.ve_page = ve_page;
+        views::apply(ctx.cpu, g, ctx.vcpu);
         return Err(errno(e));
     }
     Ok(0)
 }
 
-pub fn display_set<V: Vmcs, P: Platform>(
-    ctx: &mut ExitCtx<'_, V, P>,
-    a: &Args,
-) -> Result<i64, i64> {
-    display::set(ctx.guest, ctx.platform, Gfn(a.get(0)), a.get(1))?;
-    if let Some(period) = ctx.guest.tick_period {
-        ctx.vmcs.write(
+pub fn display_set<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>, a: &Args) -> Result<i64, i64> {
+    display::set(ctx.vm, ctx.platform, Gfn(a.get(0)), a.get(1))?;
+    if let Some(period) = ctx.vm.tick_period {
+        ctx.cpu.write(
             x86::vmx::vmcs::guest::VMX_PREEMPTION_TIMER_VALUE,
             u64::from(period),
         );
     }
-    views::apply(ctx.vmcs, ctx.guest);
+    views::apply(ctx.cpu, ctx.vm, ctx.vcpu);
     Ok(0)
 }
 
-pub fn display_refresh<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> Result<i64, i64> {
-    if ctx.guest.display.is_none() {
+pub fn display_refresh<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Result<i64, i64> {
+    if ctx.vm.display.is_none() {
         return Err(error::ENOENT);
     }
-    display::refresh(ctx.guest, ctx.platform)
+    display::refresh(ctx.vm, ctx.platform)
         .map(|n| n as i64)
         .map_err(errno)
 }
 
-pub fn display_checksum<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> Result<i64, i64> {
-    let display = ctx.guest.display.as_ref().ok_or(error::ENOENT)?;
+pub fn display_checksum<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Result<i64, i64> {
+    let display = ctx.vm.display.as_ref().ok_or(error::ENOENT)?;
     Ok(display.checksum(ctx.platform) as i64)
 }

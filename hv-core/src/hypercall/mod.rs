@@ -11,8 +11,8 @@ use hv_ept::P2mAccess;
 use crate::abi::{access, call, error};
 use crate::exits::ExitCtx;
 use crate::platform::Platform;
-use crate::vcpu::in_64bit_mode;
-use crate::vmcs::Vmcs;
+use crate::vcpu::events::in_64bit_mode;
+use crate::vmx::Cpu;
 
 /// The hypercall's arguments: RDI, RSI, RDX, R10.
 pub struct Args([u64; 4]);
@@ -84,22 +84,30 @@ pub fn errno(e: Error) -> i64 {
 }
 
 /// Runs the call in RAX; returns its result for RAX.
-pub fn dispatch<V: Vmcs, P: Platform>(ctx: &mut ExitCtx<'_, V, P>) -> i64 {
+pub fn dispatch<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> i64 {
     // Outside 64-bit mode only the low halves are the guest's (R10 has none).
-    let width = if in_64bit_mode(&*ctx.vmcs) {
+    let width = if in_64bit_mode(&*ctx.cpu) {
         u64::MAX
     } else {
         u64::from(u32::MAX)
     };
-    let number = ctx.regs.rax & width;
-    let args = Args([ctx.regs.rdi, ctx.regs.rsi, ctx.regs.rdx, ctx.regs.r10].map(|r| r & width));
-    if !ctx.guest.altp2m_mode.guest_may_call(number) {
+    let number = ctx.vcpu.regs.rax & width;
+    let args = Args(
+        [
+            ctx.vcpu.regs.rdi,
+            ctx.vcpu.regs.rsi,
+            ctx.vcpu.regs.rdx,
+            ctx.vcpu.regs.r10,
+        ]
+        .map(|r| r & width),
+    );
+    if !ctx.vm.altp2m_mode.guest_may_call(number) {
         let bit = 1u128 << (number % 128);
-        if ctx.guest.refusals_logged & bit == 0 {
-            ctx.guest.refusals_logged |= bit;
+        if ctx.vm.refusals_logged & bit == 0 {
+            ctx.vm.refusals_logged |= bit;
             log::warn!(
                 "hypercall {number:#x} refused: altp2m mode {:?} does not let the guest call it",
-                ctx.guest.altp2m_mode
+                ctx.vm.altp2m_mode
             );
         }
         return error::EPERM;

@@ -1,15 +1,111 @@
-//! Turning VMX on for this CPU (VMXON) and the host state every VMCS needs.
+//! The CPU's VMX and nothing else: its capabilities (`caps`), the VMX and
+//! privileged instructions (`instructions`), VMCS fields and controls
+//! (`vmcs`), decoded exit reasons (`exit`); turning VMX on for this CPU
+//! (VMXON), the host state every VMCS needs, and [`Cpu`], the CPU as exit
+//! handling sees it.
+
+pub mod caps;
+pub mod exit;
+pub mod instructions;
+pub mod vmcs;
 
 use core::fmt;
 
 use hv_ept::Mfn;
 use x86::vmx::vmcs::host;
-use x86_64::registers::control::{Cr0, Cr3, Cr4};
-use x86_64::registers::model_specific::Msr;
 
-use crate::caps::{FeatureControl, VmxCaps};
 use crate::platform::Platform;
-use crate::vmcs::Vmcs;
+use caps::{FeatureControl, VmxCaps};
+use vmcs::Vmcs;
+
+/// The CPU a vCPU runs on, as exit handling needs it: its current VMCS and
+/// the instructions handlers execute for the guest. [`ThisCpu`] is the real
+/// one; host tests use a simulated CPU.
+pub trait Cpu: Vmcs {
+    /// CPUID on the physical CPU: EAX, EBX, ECX, EDX.
+    fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4];
+
+    /// INVEPT: single-context for `Some(eptp)`, all contexts for `None`.
+    fn invept(&mut self, eptp: Option<u64>);
+
+    /// INVVPID single-context: drops the guest's cached linear translations
+    /// (after an emulated paging-mode change or a processor reset).
+    fn invvpid(&mut self, vpid: u16);
+
+    /// XSETBV (the guest's extended-state mask stays loaded: the hypervisor
+    /// itself uses no extended state). Only values valid for this CPU.
+    fn xsetbv(&mut self, index: u32, value: u64);
+
+    /// Makes the VMCS at `region` clear and current (VMCLEAR, VMPTRLD).
+    fn load_vmcs(&mut self, region: Mfn) -> Result<(), VmxError>;
+
+    /// VMCLEARs a VMCS that is no longer entered, before its frame is freed.
+    fn clear_vmcs(&mut self, region: Mfn);
+}
+
+/// The CPU this code runs on, with the VMCS made current by VMPTRLD.
+pub struct ThisCpu;
+
+impl Vmcs for ThisCpu {
+    fn read(&self, field: u32) -> u64 {
+        instructions::vmread(field).unwrap_or_else(|e| {
+            log::error!("vmx: VMREAD {field:#x} failed: {e:?}");
+            0
+        })
+    }
+
+    fn write(&mut self, field: u32, value: u64) {
+        if let Err(e) = instructions::vmwrite(field, value) {
+            log::error!("vmx: VMWRITE {field:#x} = {value:#x} failed: {e:?}");
+        }
+    }
+}
+
+impl Cpu for ThisCpu {
+    fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        instructions::cpuid(leaf, subleaf)
+    }
+
+    fn invept(&mut self, eptp: Option<u64>) {
+        let done = match eptp {
+            Some(eptp) => instructions::invept(1, eptp),
+            None => instructions::invept(2, 0),
+        };
+        if !done {
+            log::error!("vmx: INVEPT {eptp:x?} refused by the CPU");
+        }
+    }
+
+    fn invvpid(&mut self, vpid: u16) {
+        if !instructions::invvpid_single(vpid) {
+            log::error!("vmx: INVVPID {vpid} refused by the CPU");
+        }
+    }
+
+    fn xsetbv(&mut self, index: u32, value: u64) {
+        // SAFETY: the XSETBV handler passes only values valid on this CPU
+        // (its rules and CPUID.0xD), and the kernel set CR4.OSXSAVE at boot.
+        unsafe { instructions::xsetbv(index, value) }
+    }
+
+    fn load_vmcs(&mut self, region: Mfn) -> Result<(), VmxError> {
+        let pa = region.hpa();
+        // SAFETY: the region is a VMCS (zeroed frame with the revision id)
+        // that its vCPU owns and that is current on no other CPU.
+        unsafe {
+            instructions::vmclear(pa).map_err(|e| VmxError::Instruction("VMCLEAR", e))?;
+            instructions::vmptrld(pa).map_err(|e| VmxError::Instruction("VMPTRLD", e))?;
+        }
+        Ok(())
+    }
+
+    fn clear_vmcs(&mut self, region: Mfn) {
+        // SAFETY: VMCLEAR of a vCPU's own region, which no CPU enters any more.
+        if let Err(e) = unsafe { instructions::vmclear(region.hpa()) } {
+            log::error!("vmx: VMCLEAR failed: {e:?}");
+        }
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VmxError {
@@ -61,23 +157,23 @@ pub struct VmxOn {
 }
 
 /// A VMXON region or VMCS: a zeroed frame starting with the revision id.
-pub fn alloc_vmx_region(caps: &VmxCaps, platform: &mut impl Platform) -> Result<Mfn, VmxError> {
+pub fn alloc_vmx_region(revision: u32, platform: &mut impl Platform) -> Result<Mfn, VmxError> {
     let frame = platform.alloc_frames(1, 1).ok_or(VmxError::NoMemory)?;
     platform.zero_frame(frame);
-    platform.write_phys(frame.hpa(), &caps.revision_id().to_le_bytes());
+    platform.write_phys(frame.hpa(), &revision.to_le_bytes());
     Ok(frame)
 }
 
 /// Enters VMX root operation: enables VMX in IA32_FEATURE_CONTROL (locking
 /// it) if firmware left it open, sets CR0/CR4 to what VMX requires, VMXON.
 pub fn enable(caps: &VmxCaps, platform: &mut impl Platform) -> Result<VmxOn, VmxError> {
-    let mut feature_control = Msr::new(x86::msr::IA32_FEATURE_CONTROL);
     let fc = FeatureControl::from_bits_truncate(caps.msrs.feature_control);
     if !fc.contains(FeatureControl::LOCKED) {
         // SAFETY: the MSR exists (CPUID.VMX) and is unlocked; setting VMXON
         // outside SMX and the lock bit is the documented way to enable VMX.
         unsafe {
-            feature_control.write(
+            instructions::wrmsr(
+                x86::msr::IA32_FEATURE_CONTROL,
                 caps.msrs.feature_control
                     | (FeatureControl::LOCKED | FeatureControl::VMXON_OUTSIDE_SMX).bits(),
             )
@@ -90,19 +186,21 @@ pub fn enable(caps: &VmxCaps, platform: &mut impl Platform) -> Result<VmxOn, Vmx
     // NE in CR0; VMXE in CR4), all of which the hypervisor already runs with
     // or tolerates.
     unsafe {
-        Cr0::write_raw(apply_fixed(Cr0::read_raw(), m.cr0_fixed0, m.cr0_fixed1));
-        Cr4::write_raw(apply_fixed(
-            Cr4::read_raw() | (1 << 13),
-            m.cr4_fixed0,
-            m.cr4_fixed1,
-        ));
+        instructions::write_cr0_cr4(
+            apply_fixed(instructions::read_cr0(), m.cr0_fixed0, m.cr0_fixed1),
+            apply_fixed(
+                instructions::read_cr4() | (1 << 13),
+                m.cr4_fixed0,
+                m.cr4_fixed1,
+            ),
+        )
     }
-    let region = alloc_vmx_region(caps, platform)?;
+    let region = alloc_vmx_region(caps.revision_id(), platform)?;
     // SAFETY: the region is a zeroed, page-aligned frame with the revision id,
     // owned by VMX operation until VMXOFF.
-    if let Err(e) = unsafe { x86::bits64::vmx::vmxon(region.hpa()) } {
+    if let Err(e) = unsafe { instructions::vmxon(region.hpa()) } {
         platform.free_frames(region, 1);
-        return Err(VmxError::Instruction("VMXON", e.into()));
+        return Err(VmxError::Instruction("VMXON", e));
     }
     Ok(VmxOn { region })
 }
@@ -112,7 +210,7 @@ pub fn enable(caps: &VmxCaps, platform: &mut impl Platform) -> Result<VmxOn, Vmx
 pub fn disable(on: VmxOn, platform: &mut impl Platform) -> Result<(), VmxError> {
     // SAFETY: VMXOFF ends VMX root operation entered by `enable`; every VM
     // was destroyed (VMCLEARed) before, and nothing enters a guest after.
-    unsafe { x86::bits64::vmx::vmxoff() }.map_err(|e| VmxError::Instruction("VMXOFF", e.into()))?;
+    unsafe { instructions::vmxoff() }.map_err(|e| VmxError::Instruction("VMXOFF", e))?;
     platform.free_frames(on.region, 1);
     Ok(())
 }
@@ -124,11 +222,10 @@ pub fn write_host_state(vmcs: &mut impl Vmcs, exit_rip: u64) {
     use x86_64::instructions::segmentation::{CS, DS, ES, FS, GS, SS, Segment};
     let gdt = x86_64::instructions::tables::sgdt();
     let idt = x86_64::instructions::tables::sidt();
-    // SAFETY: STR only reads the task register.
-    let tr = unsafe { x86::task::tr() }.bits();
-    vmcs.write(host::CR0, Cr0::read_raw());
-    vmcs.write(host::CR3, Cr3::read_raw().0.start_address().as_u64());
-    vmcs.write(host::CR4, Cr4::read_raw());
+    let tr = instructions::task_register();
+    vmcs.write(host::CR0, instructions::read_cr0());
+    vmcs.write(host::CR3, instructions::read_cr3());
+    vmcs.write(host::CR4, instructions::read_cr4());
     // Host selectors must have RPL 0 and TI 0 (SDM Vol. 3C "Checks on Host Segment Fields").
     vmcs.write(host::CS_SELECTOR, u64::from(CS::get_reg().0 & !7));
     vmcs.write(host::SS_SELECTOR, u64::from(SS::get_reg().0 & !7));
@@ -137,8 +234,8 @@ pub fn write_host_state(vmcs: &mut impl Vmcs, exit_rip: u64) {
     vmcs.write(host::FS_SELECTOR, u64::from(FS::get_reg().0 & !7));
     vmcs.write(host::GS_SELECTOR, u64::from(GS::get_reg().0 & !7));
     vmcs.write(host::TR_SELECTOR, u64::from(tr & !7));
-    vmcs.write(host::FS_BASE, Msr::new(x86::msr::IA32_FS_BASE).read_safe());
-    vmcs.write(host::GS_BASE, Msr::new(x86::msr::IA32_GS_BASE).read_safe());
+    vmcs.write(host::FS_BASE, read_architectural(x86::msr::IA32_FS_BASE));
+    vmcs.write(host::GS_BASE, read_architectural(x86::msr::IA32_GS_BASE));
     vmcs.write(host::TR_BASE, tss_base(gdt.base.as_u64(), tr));
     vmcs.write(host::GDTR_BASE, gdt.base.as_u64());
     vmcs.write(host::IDTR_BASE, idt.base.as_u64());
@@ -147,12 +244,9 @@ pub fn write_host_state(vmcs: &mut impl Vmcs, exit_rip: u64) {
     vmcs.write(host::IA32_SYSENTER_EIP, 0);
     vmcs.write(
         host::IA32_EFER_FULL,
-        Msr::new(x86::msr::IA32_EFER).read_safe(),
+        read_architectural(x86::msr::IA32_EFER),
     );
-    vmcs.write(
-        host::IA32_PAT_FULL,
-        Msr::new(x86::msr::IA32_PAT).read_safe(),
-    );
+    vmcs.write(host::IA32_PAT_FULL, read_architectural(x86::msr::IA32_PAT));
     vmcs.write(host::RIP, exit_rip);
 }
 
@@ -170,16 +264,10 @@ fn tss_base(gdt_base: u64, selector: u16) -> u64 {
     (low >> 16 & 0xff_ffff) | (low >> 56 & 0xff) << 24 | (high & 0xffff_ffff) << 32
 }
 
-/// Reading an architectural MSR that always exists.
-trait ReadSafe {
-    fn read_safe(&self) -> u64;
-}
-
-impl ReadSafe for Msr {
-    fn read_safe(&self) -> u64 {
-        // SAFETY: only used for FS/GS base, EFER and PAT, which every 64-bit CPU has.
-        unsafe { self.read() }
-    }
+/// Reads an architectural MSR that every 64-bit CPU has.
+fn read_architectural(msr: u32) -> u64 {
+    // SAFETY: only used for FS/GS base, EFER and PAT, which every 64-bit CPU has.
+    unsafe { instructions::rdmsr(msr) }
 }
 
 #[cfg(test)]

@@ -3,9 +3,9 @@
 
 use x86::vmx::vmcs::{control, guest};
 
-use crate::cr;
 use crate::vcpu::GuestRegisters;
-use crate::vmcs::Vmcs;
+use crate::vcpu::cr;
+use crate::vmx::vmcs::Vmcs;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Segment {

@@ -2,7 +2,7 @@
 //! hypervisor runs its guests with.
 //!
 //! Exit handlers reach the VMCS through [`Vmcs`], so they run on the host in
-//! tests against a map of fields; [`CurrentVmcs`] is the real one.
+//! tests against a map of fields; [`ThisCpu`](super::ThisCpu) is the real one.
 
 use core::fmt;
 
@@ -11,37 +11,12 @@ use x86::vmx::vmcs::control::{
 };
 use x86::vmx::vmcs::{guest, ro};
 
-use crate::caps::{AllowedBits, EptVpidCap, VmxCaps};
+use super::caps::{AllowedBits, EptVpidCap, VmxCaps};
 
 /// Reads and writes fields of the current VMCS.
 pub trait Vmcs {
     fn read(&self, field: u32) -> u64;
     fn write(&mut self, field: u32, value: u64);
-}
-
-/// The VMCS made current on this CPU by VMPTRLD.
-pub struct CurrentVmcs;
-
-impl Vmcs for CurrentVmcs {
-    fn read(&self, field: u32) -> u64 {
-        // SAFETY: VMREAD only reads the current VMCS; a bad field encoding makes
-        // it fail (reported below), never touch memory.
-        match unsafe { x86::bits64::vmx::vmread(field) } {
-            Ok(value) => value,
-            Err(e) => {
-                log::error!("vmx: VMREAD {field:#x} failed: {e:?}");
-                0
-            }
-        }
-    }
-
-    fn write(&mut self, field: u32, value: u64) {
-        // SAFETY: as for VMREAD; the fields written are the guest's and the
-        // controls this module computed, which VM entry checks again.
-        if let Err(e) = unsafe { x86::bits64::vmx::vmwrite(field, value) } {
-            log::error!("vmx: VMWRITE {field:#x} = {value:#x} failed: {e:?}");
-        }
-    }
 }
 
 /// A VMX feature this hypervisor cannot run without.
@@ -293,24 +268,64 @@ pub(crate) mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::caps::{VmxCaps, tests::bochs_skylake_x};
+    use crate::vmx::caps::{VmxCaps, tests::bochs_skylake_x};
 
-    /// A VMCS as a map of fields, for exit-handler tests.
+    /// A CPU for exit-handler tests: its VMCS as a map of fields, a canned
+    /// CPUID, and a record of the instructions the handlers executed.
     #[derive(Default, Debug)]
-    pub struct FakeVmcs(pub BTreeMap<u32, u64>);
+    pub struct FakeVmcs {
+        pub fields: BTreeMap<u32, u64>,
+        pub xcr0: Option<u64>,
+        /// INVEPTs done: `Some(eptp)` single-context, `None` all contexts.
+        pub inveptions: std::vec::Vec<Option<u64>>,
+        pub invvpids: std::vec::Vec<u16>,
+        pub current: Option<hv_ept::Mfn>,
+        pub cleared: std::vec::Vec<hv_ept::Mfn>,
+    }
 
     impl Vmcs for FakeVmcs {
         fn read(&self, field: u32) -> u64 {
-            self.0.get(&field).copied().unwrap_or(0)
+            self.fields.get(&field).copied().unwrap_or(0)
         }
         fn write(&mut self, field: u32, value: u64) {
-            self.0.insert(field, value);
+            self.fields.insert(field, value);
+        }
+    }
+
+    impl crate::vmx::Cpu for FakeVmcs {
+        fn cpuid(&self, leaf: u32, _subleaf: u32) -> [u32; 4] {
+            match leaf {
+                // x87, SSE, AVX.
+                0xd => [0b111, 0, 0, 0],
+                _ => [leaf, 0, 0, 0],
+            }
+        }
+
+        fn invept(&mut self, eptp: Option<u64>) {
+            self.inveptions.push(eptp);
+        }
+
+        fn invvpid(&mut self, vpid: u16) {
+            self.invvpids.push(vpid);
+        }
+
+        fn xsetbv(&mut self, _index: u32, value: u64) {
+            self.xcr0 = Some(value);
+        }
+
+        fn load_vmcs(&mut self, region: hv_ept::Mfn) -> Result<(), crate::vmx::VmxError> {
+            self.current = Some(region);
+            Ok(())
+        }
+
+        fn clear_vmcs(&mut self, region: hv_ept::Mfn) {
+            self.cleared.push(region);
         }
     }
 
     #[test]
     fn bochs_controls_have_ept_vpid_and_unrestricted_guest() {
-        let caps = VmxCaps::new(bochs_skylake_x());
+        let caps = VmxCaps::new(bochs_skylake_x(), 39);
         let wants = Wants {
             preemption_timer: true,
             vm_functions: true,
@@ -340,7 +355,7 @@ pub(crate) mod tests {
     fn missing_unrestricted_guest_is_named() {
         let mut msrs = bochs_skylake_x();
         msrs.procbased2 &= !((SecondaryControls::UNRESTRICTED_GUEST.bits() as u64) << 32);
-        let err = Controls::compute(&VmxCaps::new(msrs), Wants::default()).unwrap_err();
+        let err = Controls::compute(&VmxCaps::new(msrs, 39), Wants::default()).unwrap_err();
         assert_eq!(err, MissingFeature("unrestricted guest"));
         assert!(std::format!("{err}").contains("lacks unrestricted guest"));
     }

@@ -5,22 +5,17 @@
 
 use x86::vmx::vmcs::guest;
 
-use crate::cr::{self, CR0_PG, EFER_LMA};
-use crate::guest::Guest;
 use crate::platform::Platform;
-use crate::vmcs::Vmcs;
+use crate::vcpu::cr::{self, CR0_PG, EFER_LMA};
+use crate::vm::Vm;
+use crate::vmx::vmcs::Vmcs;
 
 const PRESENT: u64 = 1;
 const PAGE_SIZE_BIT: u64 = 1 << 7;
 const ADDRESS: u64 = 0x000f_ffff_ffff_f000;
 
 /// The guest-physical address of `linear` under the vCPU's current paging.
-pub fn translate(
-    vmcs: &impl Vmcs,
-    guest: &Guest,
-    platform: &impl Platform,
-    linear: u64,
-) -> Option<u64> {
+pub fn translate(vmcs: &impl Vmcs, vm: &Vm, platform: &impl Platform, linear: u64) -> Option<u64> {
     if cr::guest_cr0(vmcs) & CR0_PG == 0 {
         return Some(linear);
     }
@@ -31,7 +26,7 @@ pub fn translate(
     for level in (1..=4u32).rev() {
         let index = (linear >> (12 + 9 * (level - 1))) & 0x1ff;
         let mut entry = [0u8; 8];
-        guest.read(platform, table + index * 8, &mut entry).ok()?;
+        vm.read(platform, table + index * 8, &mut entry).ok()?;
         let entry = u64::from_le_bytes(entry);
         if entry & PRESENT == 0 {
             return None;

@@ -1,10 +1,12 @@
-//! A guest: its RAM (hypervisor frames mapped gfn -> mfn through the host
-//! p2m, with the legacy PC layout), its image loaded per Multiboot, the
-//! devices the hypervisor emulates for it (a console UART, the exit port, a
-//! virtual APIC base), its exit counters, and access to its memory for the
-//! hypervisor (hypercall buffers) that never strays outside its RAM.
+//! A virtual machine: what its vCPUs share. Its RAM (hypervisor frames
+//! mapped gfn -> mfn through the host p2m, with the legacy PC layout) and the
+//! checked access to it (`memory`), its views (altp2m), its image loaded per
+//! Multiboot, the devices the hypervisor emulates for it, its display model,
+//! its exit counters, and the VMX controls and bitmaps every vCPU runs with.
 
-use alloc::string::String;
+pub mod display;
+pub mod memory;
+
 use alloc::vec::Vec;
 use core::fmt;
 
@@ -12,11 +14,20 @@ use hv_abi::Altp2mMode;
 use hv_altp2m::Altp2m;
 use hv_ept::{DirtyBitmap, EptCaps, Gfn, Mfn, Order, P2m, P2mAccess, P2mType};
 
-use crate::display::Display;
+use x86::vmx::vmcs::control::{ExitControls, PrimaryControls};
 
-use crate::exit_reason::NUM_REASONS;
+use crate::devices::uart::{Console, Uart};
+use crate::exits::{PASS_READ_ONLY, PASS_WRITE};
 use crate::loader::{self, ImageError, MapEntry, Protocol};
 use crate::platform::Platform;
+use crate::vcpu::cr::Fixed;
+use crate::vmx::caps::VmxCaps;
+use crate::vmx::exit::NUM_REASONS;
+use crate::vmx::vmcs::{self, Controls, MissingFeature, Wants};
+use crate::vmx::{Cpu, VmxError};
+use display::Display;
+
+pub use memory::NotGuestRam;
 
 pub const PAGE: u64 = 4096;
 /// Guest RAM below the legacy hole (the EBDA page at 0x9F000 is left out).
@@ -56,18 +67,6 @@ pub struct Features {
     pub wait_for_sipi: bool,
 }
 
-/// A single step in view 0 the hypervisor takes for the guest: an access a
-/// view denied (or a hidden breakpoint) runs once in the host p2m, then the
-/// vCPU returns to `view`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Step {
-    pub view: u16,
-    /// Stepped with the monitor trap flag; otherwise with RFLAGS.TF, and
-    /// `trap_flag` is the guest's own TF, restored after the step.
-    pub mtf: bool,
-    pub trap_flag: bool,
-}
-
 /// Drop-log entries kept between two drains.
 const DROP_LOG: usize = 256;
 
@@ -91,6 +90,29 @@ impl fmt::Display for GuestError {
     }
 }
 
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmError {
+    Missing(MissingFeature),
+    Guest(GuestError),
+    Vmx(VmxError),
+}
+
+impl fmt::Display for VmError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Missing(m) => write!(f, "{m}"),
+            Self::Guest(e) => write!(f, "{e}"),
+            Self::Vmx(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl From<GuestError> for VmError {
+    fn from(e: GuestError) -> Self {
+        Self::Guest(e)
+    }
+}
+
 impl From<hv_ept::Error> for GuestError {
     fn from(e: hv_ept::Error) -> Self {
         match e {
@@ -100,10 +122,6 @@ impl From<hv_ept::Error> for GuestError {
     }
 }
 
-/// Why a guest access to its memory through the hypervisor was refused.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct NotGuestRam(pub u64);
-
 /// A run of guest RAM frames: `frames` frames from `mfn`.
 #[derive(Clone, Copy, Debug)]
 struct RamChunk {
@@ -111,68 +129,20 @@ struct RamChunk {
     frames: u64,
 }
 
-/// The guest's serial console: bytes become lines for the run's log.
-#[derive(Default)]
-pub struct Console {
-    line: String,
-}
-
-/// Longest console line kept; longer ones are cut in pieces.
-const CONSOLE_LINE_MAX: usize = 200;
-
-impl Console {
-    pub fn put(&mut self, byte: u8, platform: &mut impl Platform) {
-        match byte {
-            b'\n' => self.flush(platform),
-            b'\r' => {}
-            _ => {
-                let c = if byte.is_ascii_graphic() || byte == b' ' {
-                    byte as char
-                } else {
-                    '.'
-                };
-                self.line.push(c);
-                if self.line.len() >= CONSOLE_LINE_MAX {
-                    self.flush(platform);
-                }
-            }
-        }
-    }
-
-    pub fn flush(&mut self, platform: &mut impl Platform) {
-        if !self.line.is_empty() {
-            platform.guest_console_line(&self.line);
-            self.line.clear();
-        }
-    }
-}
-
-/// The guest's emulated 16550 at COM1: enough for a polling driver.
-#[derive(Default)]
-pub struct Uart {
-    /// Line control register (bit 7: divisor latch access).
-    pub lcr: u8,
-    pub ier: u8,
-    pub mcr: u8,
-    pub scratch: u8,
-}
-
-pub struct Guest {
+pub struct Vm {
     pub p2m: P2m,
     ram: Vec<RamChunk>,
     /// The guest-physical memory map the guest is told about.
     pub memory_map: Vec<MapEntry>,
     pub console: Console,
     pub uart: Uart,
-    /// VM exits by basic reason.
+    /// VM exits by basic reason, all vCPUs together.
     pub counters: [u64; NUM_REASONS],
-    /// The guest's view of IA32_APIC_BASE (the physical one is never touched).
-    pub apic_base: u64,
     /// EPT violations outside the guest's memory so far.
     pub stray_accesses: u64,
     pub dirty: DirtyBitmap,
     /// The CPU's VMX fixed bits for CR0/CR4, which guest CR writes must keep.
-    pub cr_fixed: crate::cr::Fixed,
+    pub cr_fixed: Fixed,
     /// Period of the hypervisor's tick (VMX-preemption timer units), if any.
     pub tick_period: Option<u32>,
     pub protocol: Protocol,
@@ -183,52 +153,100 @@ pub struct Guest {
     pub altp2m: Altp2m,
     pub altp2m_mode: Altp2mMode,
     pub features: Features,
-    /// The #VE information page of the (one) vCPU and its frame, when
-    /// notification is on.
-    pub ve_page: Option<(Gfn, Mfn)>,
-    pub step: Option<Step>,
     pub display: Option<Display>,
     /// Frames the guest gave back (balloon), sorted: not freed again at teardown.
     released: Vec<u64>,
     /// Hypercalls refused by the altp2m mode that were already logged.
     pub refusals_logged: u128,
-    /// The guest's task-priority register as MOV CR8 sees it (the physical
-    /// APIC's TPR is never touched).
-    pub tpr: u8,
+    /// The VM-execution, exit and entry controls every vCPU's VMCS gets.
+    pub controls: Controls,
+    /// The VMCS revision identifier (IA32_VMX_BASIC).
+    pub vmcs_revision: u32,
+    /// The MSR bitmap and I/O bitmaps A and B, shared by the vCPUs.
+    msr_bitmap: Mfn,
+    io_bitmaps: Mfn,
 }
 
-/// IA32_APIC_BASE at reset: the xAPIC at 0xFEE00000, enabled, boot processor.
-pub const APIC_BASE_RESET: u64 = 0xfee0_0000 | 1 << 11 | 1 << 8;
-
-impl Guest {
-    /// Builds the guest: RAM, p2m, image and boot information. On failure
-    /// every frame taken so far is given back.
+impl Vm {
+    /// Builds the VM from what the CPU offers: the controls and features its
+    /// vCPUs run with, RAM, p2m, image and boot information, the bitmaps.
+    /// Nothing here touches the hardware. On failure every frame taken so
+    /// far is given back.
     pub fn create(
+        caps: &VmxCaps,
         config: &GuestConfig<'_>,
-        caps: EptCaps,
-        cr_fixed: crate::cr::Fixed,
-        features: Features,
         platform: &mut impl Platform,
-    ) -> Result<Self, GuestError> {
+    ) -> Result<Self, VmError> {
+        let save_timer = caps
+            .exit()
+            .allows(ExitControls::SAVE_VMX_PREEMPTION_TIMER.bits());
+        let features = Features {
+            vmfunc: caps.eptp_switching() && caps.ept_violation_ve(),
+            ve: caps.ept_violation_ve(),
+            // The tick needs the timer value saved across exits.
+            tick: caps.preemption_timer() && save_timer,
+            mtf: caps
+                .procbased()
+                .allows(PrimaryControls::MONITOR_TRAP_FLAG.bits()),
+            vpid: false,
+            wait_for_sipi: caps.msrs.misc & 1 << 8 != 0,
+        };
+        let wants = Wants {
+            preemption_timer: features.tick,
+            vm_functions: features.vmfunc,
+            virtualization_exceptions: features.ve,
+        };
+        let controls = Controls::compute(caps, wants).map_err(VmError::Missing)?;
+        let features = Features {
+            vpid: controls.vpid,
+            ..features
+        };
+        let m = &caps.msrs;
+        let cr_fixed = Fixed {
+            cr0_fixed0: m.cr0_fixed0,
+            cr0_fixed1: m.cr0_fixed1,
+            cr4_fixed0: m.cr4_fixed0,
+            cr4_fixed1: m.cr4_fixed1,
+        };
+        let ept_caps = EptCaps::from_msr(caps.msrs.ept_vpid_cap, caps.paddr_bits);
         if config.memory_mib < 2 || config.memory_mib > 1 << 20 {
-            return Err(GuestError::BadConfig(
-                "guest memory must be between 2 MiB and 1 TiB",
-            ));
+            return Err(
+                GuestError::BadConfig("guest memory must be between 2 MiB and 1 TiB").into(),
+            );
         }
         let ram_end = config.memory_mib << 20;
         let ram_ranges = [(0, LOW_RAM_END), (HIGH_RAM_START, ram_end)];
         // Check the image before taking any memory.
         let plan = loader::plan(config.image, &ram_ranges, config.force_multiboot1)
             .map_err(GuestError::Image)?;
-        let p2m = P2m::new(platform, caps)?;
+        let p2m = P2m::new(platform, ept_caps).map_err(GuestError::from)?;
         let altp2m = match Altp2m::new(platform, 1, DROP_LOG) {
             Ok(altp2m) => altp2m,
             Err(_) => {
                 p2m.destroy(platform);
-                return Err(GuestError::NoMemory);
+                return Err(GuestError::NoMemory.into());
             }
         };
-        let mut guest = Guest {
+        let bitmaps = (platform.alloc_frames(1, 1), platform.alloc_frames(2, 1));
+        let (Some(msr_bitmap), Some(io_bitmaps)) = bitmaps else {
+            if let Some(f) = bitmaps.0 {
+                platform.free_frames(f, 1);
+            }
+            if let Some(f) = bitmaps.1 {
+                platform.free_frames(f, 2);
+            }
+            altp2m.destroy(platform);
+            p2m.destroy(platform);
+            return Err(GuestError::NoMemory.into());
+        };
+        platform.write_phys(
+            msr_bitmap.hpa(),
+            &vmcs::msr_bitmap(PASS_WRITE.iter().chain(PASS_READ_ONLY), PASS_WRITE),
+        );
+        let all_ones = [0xffu8; 4096];
+        platform.write_phys(io_bitmaps.hpa(), &all_ones);
+        platform.write_phys(io_bitmaps.hpa() + 4096, &all_ones);
+        let mut vm = Vm {
             p2m,
             ram: Vec::new(),
             memory_map: alloc::vec![
@@ -251,7 +269,6 @@ impl Guest {
             console: Console::default(),
             uart: Uart::default(),
             counters: [0; NUM_REASONS],
-            apic_base: APIC_BASE_RESET,
             stray_accesses: 0,
             dirty: DirtyBitmap::new(),
             cr_fixed,
@@ -262,23 +279,29 @@ impl Guest {
             altp2m,
             altp2m_mode: config.altp2m_mode,
             features,
-            ve_page: None,
-            step: None,
             display: None,
             released: Vec::new(),
             refusals_logged: 0,
-            tpr: 0,
+            controls,
+            vmcs_revision: caps.revision_id(),
+            msr_bitmap,
+            io_bitmaps,
         };
-        let built = guest
+        let built = vm
             .populate(&ram_ranges, platform)
-            .and_then(|()| guest.load(config, &plan, platform));
+            .and_then(|()| vm.load(config, &plan, platform));
         match built {
-            Ok(()) => Ok(guest),
+            Ok(()) => Ok(vm),
             Err(e) => {
-                guest.destroy(platform);
-                Err(e)
+                vm.destroy(platform);
+                Err(e.into())
             }
         }
+    }
+
+    /// The MSR bitmap's and I/O bitmaps' addresses, for each vCPU's VMCS.
+    pub fn bitmaps(&self) -> (u64, u64) {
+        (self.msr_bitmap.hpa(), self.io_bitmaps.hpa())
     }
 
     /// Backs the RAM ranges with zeroed frames: 2 MiB pages where a 2 MiB
@@ -365,8 +388,12 @@ impl Guest {
         Ok(())
     }
 
-    /// Gives every frame back: the display copy, the views, RAM and EPT tables.
+    /// Gives every frame back: the display copy, the views, RAM, EPT tables
+    /// and bitmaps. Every vCPU is gone and the EPT translations of this VM
+    /// flushed on every CPU (all-context INVEPT) before.
     pub fn destroy(self, platform: &mut impl Platform) {
+        platform.free_frames(self.msr_bitmap, 1);
+        platform.free_frames(self.io_bitmaps, 2);
         if let Some(display) = self.display {
             display.destroy(platform);
         }
@@ -381,20 +408,13 @@ impl Guest {
         self.p2m.destroy(platform);
     }
 
-    /// The frame behind `gfn` if it is writable guest RAM, for structures the
-    /// hypervisor keeps pointing at (the #VE page) or gives away (balloon).
-    pub fn ram_page(&self, platform: &impl Platform, gfn: Gfn) -> Option<Mfn> {
-        self.ram_frame(platform, gfn.0.checked_mul(PAGE)?, true)
-            .ok()
-            .map(|(mfn, _)| mfn)
-    }
-
     /// Takes a page from the guest (balloon): it leaves the host p2m and every
     /// view, cached translations are flushed, and its frame goes back to the
     /// hypervisor.
     pub fn release_page(
         &mut self,
         platform: &mut impl Platform,
+        cpu: &mut impl Cpu,
         gfn: Gfn,
     ) -> Result<(), hv_altp2m::Error> {
         gfn.check().map_err(|_| hv_altp2m::Error::GfnOutOfRange)?;
@@ -413,7 +433,8 @@ impl Guest {
             .map_err(|_| hv_altp2m::Error::NoMemory)?;
         self.altp2m
             .host_remove(platform, &mut self.p2m, gfn, Order::PAGE_4K)?;
-        crate::views::flush(self, platform);
+        // No CPU may still translate to the frame when it is reused.
+        crate::views::flush(self, cpu, platform);
         platform.free_frames(mfn, 1);
         let at = self.released.binary_search(&mfn.0).unwrap_or_else(|at| at);
         self.released.insert(at, mfn.0);
@@ -424,89 +445,4 @@ impl Guest {
     pub fn ram_frames(&self) -> u64 {
         self.ram.iter().map(|c| c.frames).sum()
     }
-
-    /// The frame behind `gpa` if it is guest RAM the hypervisor may access
-    /// that way, and whether it is log-dirty.
-    fn ram_frame(
-        &self,
-        platform: &impl Platform,
-        gpa: u64,
-        write: bool,
-    ) -> Result<(Mfn, bool), NotGuestRam> {
-        let info = self
-            .p2m
-            .get_entry(platform, Gfn(gpa / PAGE))
-            .map_err(|_| NotGuestRam(gpa))?;
-        match (info.mfn, info.ty, write) {
-            (Some(mfn), P2mType::RamRw, _) | (Some(mfn), P2mType::RamRo, false) => Ok((mfn, false)),
-            (Some(mfn), P2mType::RamLogdirty, _) => Ok((mfn, true)),
-            _ => Err(NotGuestRam(gpa)),
-        }
-    }
-
-    /// Reads guest RAM at `gpa`; refuses (reading nothing) if any byte is not RAM.
-    pub fn read(
-        &self,
-        platform: &impl Platform,
-        gpa: u64,
-        buf: &mut [u8],
-    ) -> Result<(), NotGuestRam> {
-        for_each_page(gpa, buf.len(), |at, _| {
-            self.ram_frame(platform, at, false).map(|_| ())
-        })?;
-        for_each_page(gpa, buf.len(), |at, range| {
-            let (mfn, _) = self.ram_frame(platform, at, false)?;
-            platform.read_phys(mfn.hpa() + at % PAGE, &mut buf[range]);
-            Ok(())
-        })
-    }
-
-    /// Writes guest RAM at `gpa`, marking log-dirty pages dirty; checks every
-    /// page first, so a refused write writes nothing.
-    pub fn write(
-        &mut self,
-        platform: &mut impl Platform,
-        gpa: u64,
-        data: &[u8],
-    ) -> Result<(), NotGuestRam> {
-        let mut logdirty = false;
-        for_each_page(gpa, data.len(), |at, _| {
-            logdirty |= self.ram_frame(platform, at, true)?.1;
-            Ok(())
-        })?;
-        if logdirty {
-            let last = (gpa + data.len() as u64).saturating_sub(1) / PAGE;
-            self.dirty
-                .reserve(Gfn(gpa / PAGE), Gfn(last))
-                .map_err(|_| NotGuestRam(gpa))?;
-        }
-        for_each_page(gpa, data.len(), |at, range| {
-            let (mfn, logdirty) = self.ram_frame(platform, at, true)?;
-            if logdirty {
-                self.dirty
-                    .mark(Gfn(at / PAGE))
-                    .map_err(|_| NotGuestRam(at))?;
-            }
-            platform.write_phys(mfn.hpa() + at % PAGE, &data[range]);
-            Ok(())
-        })
-    }
-}
-
-/// Calls `f(gpa of the piece, range in the buffer)` for each page-bounded
-/// piece of `gpa..gpa + len`, stopping at the first error.
-fn for_each_page(
-    gpa: u64,
-    len: usize,
-    mut f: impl FnMut(u64, core::ops::Range<usize>) -> Result<(), NotGuestRam>,
-) -> Result<(), NotGuestRam> {
-    gpa.checked_add(len as u64).ok_or(NotGuestRam(gpa))?;
-    let mut done = 0;
-    while done < len {
-        let at = gpa + done as u64;
-        let n = ((PAGE - at % PAGE) as usize).min(len - done);
-        f(at, done..done + n)?;
-        done += n;
-    }
-    Ok(())
 }

@@ -1,89 +1,10 @@
-//! A virtual CPU: its general registers, entering the guest (VMLAUNCH /
-//! VMRESUME) and the small state changes exit handlers make (advance RIP,
-//! inject an exception).
+//! The small state changes exit handlers make to a vCPU: advance RIP past
+//! an instruction, inject an exception, deliver again an event an exit cut
+//! short, and read the privilege level and mode.
 
 use x86::vmx::vmcs::{control, guest, ro};
 
-use crate::vmcs::Vmcs;
-
-/// The guest's general registers while the hypervisor runs (RSP and RIP live
-/// in the VMCS). The layout is fixed: the entry assembly uses the offsets.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct GuestRegisters {
-    pub rax: u64,
-    pub rbx: u64,
-    pub rcx: u64,
-    pub rdx: u64,
-    pub rsi: u64,
-    pub rdi: u64,
-    pub rbp: u64,
-    pub r8: u64,
-    pub r9: u64,
-    pub r10: u64,
-    pub r11: u64,
-    pub r12: u64,
-    pub r13: u64,
-    pub r14: u64,
-    pub r15: u64,
-}
-
-impl GuestRegisters {
-    /// General register by its encoding in exit qualifications (0 = RAX ..
-    /// 15 = R15; 4 = RSP, which lives in the VMCS).
-    pub fn get(&self, index: u8, vmcs: &impl Vmcs) -> u64 {
-        match index {
-            0 => self.rax,
-            1 => self.rcx,
-            2 => self.rdx,
-            3 => self.rbx,
-            4 => vmcs.read(guest::RSP),
-            5 => self.rbp,
-            6 => self.rsi,
-            7 => self.rdi,
-            8 => self.r8,
-            9 => self.r9,
-            10 => self.r10,
-            11 => self.r11,
-            12 => self.r12,
-            13 => self.r13,
-            14 => self.r14,
-            _ => self.r15,
-        }
-    }
-
-    pub fn set(&mut self, index: u8, value: u64, vmcs: &mut impl Vmcs) {
-        match index {
-            0 => self.rax = value,
-            1 => self.rcx = value,
-            2 => self.rdx = value,
-            3 => self.rbx = value,
-            4 => vmcs.write(guest::RSP, value),
-            5 => self.rbp = value,
-            6 => self.rsi = value,
-            7 => self.rdi = value,
-            8 => self.r8 = value,
-            9 => self.r9 = value,
-            10 => self.r10 = value,
-            11 => self.r11 = value,
-            12 => self.r12 = value,
-            13 => self.r13 = value,
-            14 => self.r14 = value,
-            _ => self.r15 = value,
-        }
-    }
-
-    /// EDX:EAX as one value (RDMSR/WRMSR/XSETBV operands).
-    pub fn edx_eax(&self) -> u64 {
-        (self.rdx & 0xffff_ffff) << 32 | (self.rax & 0xffff_ffff)
-    }
-
-    /// Writes a value to EDX:EAX, clearing the upper halves as the CPU does.
-    pub fn set_edx_eax(&mut self, value: u64) {
-        self.rax = value & 0xffff_ffff;
-        self.rdx = value >> 32;
-    }
-}
+use crate::vmx::vmcs::Vmcs;
 
 /// Interruption types for VM-entry event injection (SDM Vol. 3C
 /// "VM-Entry Controls for Event Injection").
@@ -108,7 +29,7 @@ pub const GUEST_VPID: u16 = 1;
 
 /// Whether the guest executes 64-bit code (IA-32e mode and CS.L).
 pub fn in_64bit_mode(vmcs: &impl Vmcs) -> bool {
-    vmcs.read(control::VMENTRY_CONTROLS) & crate::cr::ENTRY_IA32E_MODE != 0
+    vmcs.read(control::VMENTRY_CONTROLS) & crate::vcpu::cr::ENTRY_IA32E_MODE != 0
         && vmcs.read(guest::CS_ACCESS_RIGHTS) & CS_LONG != 0
 }
 
@@ -202,139 +123,10 @@ pub fn guest_cpl(vmcs: &impl Vmcs) -> u8 {
     ((vmcs.read(guest::SS_ACCESS_RIGHTS) >> 5) & 3) as u8
 }
 
-/// How an attempt to enter the guest ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Entry {
-    /// The guest ran and a VM exit brought us back.
-    Exited,
-    /// VMLAUNCH/VMRESUME failed without a current VMCS (VMfailInvalid).
-    FailInvalid,
-    /// VMLAUNCH/VMRESUME failed; the VM-instruction error field says why.
-    FailValid,
-}
-
-unsafe extern "C" {
-    /// Loads `regs`, enters the guest with VMLAUNCH (`launched` = 0) or
-    /// VMRESUME, and on VM exit stores the guest's registers back into `regs`.
-    /// Returns 0 after a VM exit, 1 for VMfailInvalid, 2 for VMfailValid.
-    fn vmx_enter(regs: *mut GuestRegisters, launched: u64) -> u64;
-}
-
-/// Enters the guest of the current VMCS and returns at its next VM exit.
-///
-/// # Safety
-///
-/// VMX must be on, the current VMCS must be fully set up for this guest, and
-/// its host-state RIP must be `vmx_exit_entry` (see [`exit_entry_address`]).
-pub unsafe fn enter(regs: &mut GuestRegisters, launched: bool) -> Entry {
-    // SAFETY: forwarded from the caller; `regs` is a valid, exclusive pointer.
-    match unsafe { vmx_enter(regs, u64::from(launched)) } {
-        0 => Entry::Exited,
-        1 => Entry::FailInvalid,
-        _ => Entry::FailValid,
-    }
-}
-
-unsafe extern "C" {
-    static vmx_exit_entry: u8;
-}
-
-/// The host RIP for VM exits: where `vmx_enter` resumes.
-pub fn exit_entry_address() -> u64 {
-    &raw const vmx_exit_entry as u64
-}
-
-// VM entry and exit. Host RSP is set to the stack right here on every entry,
-// with the `regs` pointer on top, so the exit path finds it. Only the
-// callee-saved registers need saving: the host uses no FPU/SSE state
-// (soft-float target), so the guest's stays live in the CPU.
-core::arch::global_asm!(
-    r#"
-    .section .text.vmx, "ax"
-    .global vmx_enter
-vmx_enter:
-    push rbp
-    push rbx
-    push r12
-    push r13
-    push r14
-    push r15
-    push rdi
-    mov rax, 0x6C14
-    vmwrite rax, rsp
-    test rsi, rsi
-    mov rax, [rdi + 0x00]
-    mov rbx, [rdi + 0x08]
-    mov rcx, [rdi + 0x10]
-    mov rdx, [rdi + 0x18]
-    mov rsi, [rdi + 0x20]
-    mov rbp, [rdi + 0x30]
-    mov r8,  [rdi + 0x38]
-    mov r9,  [rdi + 0x40]
-    mov r10, [rdi + 0x48]
-    mov r11, [rdi + 0x50]
-    mov r12, [rdi + 0x58]
-    mov r13, [rdi + 0x60]
-    mov r14, [rdi + 0x68]
-    mov r15, [rdi + 0x70]
-    mov rdi, [rdi + 0x28]
-    jnz 1f
-    vmlaunch
-    jmp 2f
-1:
-    vmresume
-2:
-    mov eax, 2
-    jz 3f
-    mov eax, 1
-3:
-    add rsp, 8
-    jmp 4f
-
-    .global vmx_exit_entry
-vmx_exit_entry:
-    push rdi
-    mov rdi, [rsp + 8]
-    mov [rdi + 0x00], rax
-    mov [rdi + 0x08], rbx
-    mov [rdi + 0x10], rcx
-    mov [rdi + 0x18], rdx
-    mov [rdi + 0x20], rsi
-    mov [rdi + 0x30], rbp
-    mov [rdi + 0x38], r8
-    mov [rdi + 0x40], r9
-    mov [rdi + 0x48], r10
-    mov [rdi + 0x50], r11
-    mov [rdi + 0x58], r12
-    mov [rdi + 0x60], r13
-    mov [rdi + 0x68], r14
-    mov [rdi + 0x70], r15
-    pop rax
-    mov [rdi + 0x28], rax
-    add rsp, 8
-    xor eax, eax
-4:
-    pop r15
-    pop r14
-    pop r13
-    pop r12
-    pop rbx
-    pop rbp
-    ret
-"#
-);
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vmcs::tests::FakeVmcs;
-
-    #[test]
-    fn register_layout_matches_the_assembly() {
-        assert_eq!(core::mem::offset_of!(GuestRegisters, rdi), 0x28);
-        assert_eq!(core::mem::offset_of!(GuestRegisters, r15), 0x70);
-        assert_eq!(core::mem::size_of::<GuestRegisters>(), 15 * 8);
-    }
+    use crate::vmx::vmcs::tests::FakeVmcs;
 
     #[test]
     fn advance_rip_skips_the_instruction_and_ends_an_sti_shadow() {
@@ -402,19 +194,5 @@ mod tests {
             !reinject_vectoring(&mut vmcs),
             "an injection is already set up"
         );
-    }
-
-    #[test]
-    fn register_encoding_follows_the_sdm() {
-        let mut vmcs = FakeVmcs::default();
-        let mut regs = GuestRegisters::default();
-        regs.set(3, 0xb, &mut vmcs);
-        regs.set(4, 0x5000, &mut vmcs);
-        assert_eq!(regs.rbx, 0xb);
-        assert_eq!(vmcs.read(guest::RSP), 0x5000);
-        assert_eq!(regs.get(4, &vmcs), 0x5000);
-        regs.set_edx_eax(0x1234_5678_9abc_def0);
-        assert_eq!((regs.rdx, regs.rax), (0x1234_5678, 0x9abc_def0));
-        assert_eq!(regs.edx_eax(), 0x1234_5678_9abc_def0);
     }
 }

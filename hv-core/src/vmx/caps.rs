@@ -143,11 +143,13 @@ impl VmxMsrs {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VmxCaps {
     pub msrs: VmxMsrs,
+    /// The physical-address width (CPUID 0x80000008 EAX[7:0]).
+    pub paddr_bits: u8,
 }
 
 impl VmxCaps {
-    pub fn new(msrs: VmxMsrs) -> Self {
-        Self { msrs }
+    pub fn new(msrs: VmxMsrs, paddr_bits: u8) -> Self {
+        Self { msrs, paddr_bits }
     }
 
     pub fn revision_id(&self) -> u32 {
@@ -345,11 +347,15 @@ impl fmt::Display for VmxAbsent {
 
 /// Decides from CPUID and the MSRs whether VMX is usable. `read_msrs` is only
 /// called when CPUID says the VMX MSRs exist.
-pub fn probe(cpuid_vmx: bool, read_msrs: impl FnOnce() -> VmxMsrs) -> Result<VmxCaps, VmxAbsent> {
+pub fn probe(
+    cpuid_vmx: bool,
+    paddr_bits: u8,
+    read_msrs: impl FnOnce() -> VmxMsrs,
+) -> Result<VmxCaps, VmxAbsent> {
     if !cpuid_vmx {
         return Err(VmxAbsent::NoCpuidBit);
     }
-    let caps = VmxCaps::new(read_msrs());
+    let caps = VmxCaps::new(read_msrs(), paddr_bits);
     let fc = caps.feature_control();
     if fc.contains(FeatureControl::LOCKED) && !fc.contains(FeatureControl::VMXON_OUTSIDE_SMX) {
         return Err(VmxAbsent::DisabledByFirmware);
@@ -361,11 +367,14 @@ pub fn probe(cpuid_vmx: bool, read_msrs: impl FnOnce() -> VmxMsrs) -> Result<Vmx
 pub fn probe_this_cpu() -> Result<VmxCaps, VmxAbsent> {
     let cpuid = raw_cpuid::CpuId::new();
     let vmx = cpuid.get_feature_info().is_some_and(|f| f.has_vmx());
-    probe(vmx, || {
+    let paddr_bits = cpuid
+        .get_processor_capacity_feature_info()
+        .map_or(36, |c| c.physical_address_bits());
+    probe(vmx, paddr_bits, || {
         VmxMsrs::read(|index| {
             // SAFETY: `VmxMsrs::read` only asks for MSRs whose existence the CPUID
             // VMX bit and the earlier capability MSRs establish (SDM Vol. 3D A.1).
-            unsafe { x86::msr::rdmsr(index) }
+            unsafe { super::instructions::rdmsr(index) }
         })
     })
 }
@@ -400,7 +409,7 @@ pub(crate) mod tests {
 
     #[test]
     fn bochs_skylake_x_has_everything_the_altp2m_work_needs() {
-        let caps = probe(true, bochs_skylake_x).unwrap();
+        let caps = probe(true, 39, bochs_skylake_x).unwrap();
         assert!(caps.ept() && caps.vpid() && caps.unrestricted_guest());
         assert!(caps.ept_cap(EptVpidCap::PAGE_2M) && caps.ept_cap(EptVpidCap::PAGE_1G));
         assert!(caps.vmfunc() && caps.eptp_switching() && caps.ept_violation_ve() && caps.pml());
@@ -415,7 +424,7 @@ pub(crate) mod tests {
     fn haswell_model_lacks_pml() {
         let mut msrs = bochs_skylake_x();
         msrs.procbased2 = 0x0004_7fff_0000_0000;
-        let caps = VmxCaps::new(msrs);
+        let caps = VmxCaps::new(msrs, 39);
         assert!(!caps.pml());
         assert!(caps.ept_violation_ve());
         assert!(caps.report().to_string().contains("pml=0"));
@@ -423,7 +432,9 @@ pub(crate) mod tests {
 
     #[test]
     fn no_cpuid_bit_means_absent_and_no_msr_read() {
-        let result = probe(false, || panic!("MSRs must not be read without CPUID.VMX"));
+        let result = probe(false, 39, || {
+            panic!("MSRs must not be read without CPUID.VMX")
+        });
         assert_eq!(result, Err(VmxAbsent::NoCpuidBit));
     }
 
@@ -431,10 +442,10 @@ pub(crate) mod tests {
     fn firmware_lock_without_vmx_is_absent() {
         let mut msrs = bochs_skylake_x();
         msrs.feature_control = FeatureControl::LOCKED.bits();
-        assert_eq!(probe(true, || msrs), Err(VmxAbsent::DisabledByFirmware));
+        assert_eq!(probe(true, 39, || msrs), Err(VmxAbsent::DisabledByFirmware));
         // Unlocked: we may still set and lock it ourselves.
         msrs.feature_control = 0;
-        assert!(probe(true, || msrs).is_ok());
+        assert!(probe(true, 39, || msrs).is_ok());
     }
 
     #[test]

@@ -8,7 +8,7 @@
 
 use x86::vmx::vmcs::{control, guest};
 
-use crate::vmcs::Vmcs;
+use crate::vmx::vmcs::Vmcs;
 
 pub const CR0_PE: u64 = 1 << 0;
 pub const CR0_ET: u64 = 1 << 4;
@@ -109,7 +109,7 @@ pub fn mov_to_cr0(vmcs: &mut impl Vmcs, fixed: &Fixed, value: u64) -> Result<(),
     let efer = vmcs.read(guest::IA32_EFER_FULL);
     let paging_on = old & CR0_PG == 0 && value & CR0_PG != 0;
     let paging_off = old & CR0_PG != 0 && value & CR0_PG == 0;
-    if paging_off && crate::vcpu::in_64bit_mode(vmcs) {
+    if paging_off && crate::vcpu::events::in_64bit_mode(vmcs) {
         // Leaving long mode is only allowed from compatibility mode.
         return Err(Refused::LongModeCode);
     }
@@ -156,7 +156,7 @@ fn set_long_mode(vmcs: &mut impl Vmcs, on: bool) {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::vmcs::tests::FakeVmcs;
+    use crate::vmx::vmcs::tests::FakeVmcs;
 
     /// The fixed bits Bochs's corei7_skylake_x reports.
     pub const BOCHS: Fixed = Fixed {

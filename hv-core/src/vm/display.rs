@@ -8,8 +8,8 @@
 use hv_ept::{Gfn, Mfn, P2mType};
 
 use crate::abi::error;
-use crate::guest::{Guest, PAGE};
 use crate::platform::Platform;
+use crate::vm::{PAGE, Vm};
 
 /// Largest framebuffer tracked, in pages.
 pub const MAX_PAGES: u64 = 64;
@@ -49,7 +49,7 @@ impl Display {
 }
 
 /// Copies guest page `gfn` into page `index` of the display copy.
-fn copy_page(guest: &Guest, platform: &mut impl Platform, copy: Mfn, index: u64, gfn: Gfn) {
+fn copy_page(guest: &Vm, platform: &mut impl Platform, copy: Mfn, index: u64, gfn: Gfn) {
     let mut page = [0u8; PAGE as usize];
     if guest.read(platform, gfn.0 * PAGE, &mut page).is_ok() {
         platform.write_phys(copy.hpa() + index * PAGE, &page);
@@ -59,7 +59,7 @@ fn copy_page(guest: &Guest, platform: &mut impl Platform, copy: Mfn, index: u64,
 /// `DISPLAY_SET`: starts tracking `pages` pages from `first`, or with
 /// `pages` = 0 stops tracking. Errors are hypercall results.
 pub fn set(
-    guest: &mut Guest,
+    guest: &mut Vm,
     platform: &mut impl Platform,
     first: Gfn,
     pages: u64,
@@ -111,7 +111,7 @@ pub fn set(
 }
 
 /// Stops tracking: the framebuffer is plain RAM again, the copy is freed.
-fn stop(guest: &mut Guest, platform: &mut impl Platform) -> Result<(), i64> {
+fn stop(guest: &mut Vm, platform: &mut impl Platform) -> Result<(), i64> {
     let display = guest.display.as_ref().ok_or(error::ENOENT)?;
     let (first, last) = (display.first, display.last());
     guest
@@ -137,7 +137,7 @@ fn stop(guest: &mut Guest, platform: &mut impl Platform) -> Result<(), i64> {
 /// Copies the framebuffer's dirty pages into the display copy, re-arms
 /// tracking, mirrors the first page to the text screen. Returns the number
 /// of pages copied.
-pub fn refresh(guest: &mut Guest, platform: &mut impl Platform) -> Result<u64, hv_altp2m::Error> {
+pub fn refresh(guest: &mut Vm, platform: &mut impl Platform) -> Result<u64, hv_altp2m::Error> {
     let Some(display) = guest.display.as_ref() else {
         return Ok(0);
     };

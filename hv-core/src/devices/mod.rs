@@ -1,0 +1,3 @@
+//! What the hypervisor emulates, virtualizes or filters for a guest.
+
+pub mod uart;

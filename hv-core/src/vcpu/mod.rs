@@ -1,0 +1,234 @@
+//! A virtual CPU: its general registers, its VMCS, its virtual
+//! IA32_APIC_BASE and TPR, its #VE information page and single-step state
+//! (the view it runs on lives in the VM's altp2m state, by vCPU id); making
+//! it, entering the guest and dispatching its exits, tearing it down.
+
+pub mod cr;
+pub mod entry;
+pub mod events;
+pub mod paging;
+pub mod regs;
+pub mod state;
+
+use alloc::format;
+use alloc::string::String;
+
+use hv_ept::{Gfn, Mfn};
+use x86::vmx::vmcs::{control, guest, ro};
+
+use crate::exits::{self, ExitCtx, Flow, GuestEnd, StopReason};
+use crate::platform::Platform;
+use crate::views;
+use crate::vm::{Vm, VmError};
+use crate::vmx::exit::{self, Exit};
+use crate::vmx::vmcs::{Vmcs, dump_guest_state};
+use crate::vmx::{self, Cpu, ThisCpu, VmxError};
+use entry::Entry;
+pub use events::GUEST_VPID;
+pub use regs::GuestRegisters;
+
+/// IA32_APIC_BASE at reset: the xAPIC at 0xFEE00000, enabled, boot processor.
+pub const APIC_BASE_RESET: u64 = 0xfee0_0000 | 1 << 11 | 1 << 8;
+
+/// A vCPU's index in its VM, also its index in the altp2m state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct VcpuId(pub u16);
+
+impl VcpuId {
+    /// The bootstrap processor.
+    pub const BSP: Self = Self(0);
+
+    pub fn index(self) -> usize {
+        usize::from(self.0)
+    }
+}
+
+/// A single step in view 0 the hypervisor takes for the guest: an access a
+/// view denied (or a hidden breakpoint) runs once in the host p2m, then the
+/// vCPU returns to `view`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Step {
+    pub view: u16,
+    /// Stepped with the monitor trap flag; otherwise with RFLAGS.TF, and
+    /// `trap_flag` is the guest's own TF, restored after the step.
+    pub mtf: bool,
+    pub trap_flag: bool,
+}
+
+pub struct Vcpu {
+    pub id: VcpuId,
+    pub regs: GuestRegisters,
+    vmcs_region: Mfn,
+    launched: bool,
+    /// The guest's view of IA32_APIC_BASE (the physical one is never touched).
+    pub apic_base: u64,
+    /// The guest's task-priority register as MOV CR8 sees it (the physical
+    /// APIC's TPR is never touched).
+    pub tpr: u8,
+    /// The #VE information page and its frame, when notification is on.
+    pub ve_page: Option<(Gfn, Mfn)>,
+    pub step: Option<Step>,
+}
+
+impl Vcpu {
+    /// A vCPU of `vm` with a VMCS region of its own, not yet loaded.
+    pub fn new(vm: &Vm, id: VcpuId, platform: &mut impl Platform) -> Result<Self, VmError> {
+        let vmcs_region =
+            vmx::alloc_vmx_region(vm.vmcs_revision, platform).map_err(VmError::Vmx)?;
+        let bsp = if id == VcpuId::BSP {
+            APIC_BASE_RESET
+        } else {
+            APIC_BASE_RESET & !(1 << 8)
+        };
+        Ok(Self {
+            id,
+            regs: GuestRegisters::default(),
+            vmcs_region,
+            launched: false,
+            apic_base: bsp,
+            tpr: 0,
+            ve_page: None,
+            step: None,
+        })
+    }
+
+    /// Makes this vCPU's VMCS current on this CPU and writes all of it:
+    /// controls, bitmaps, host state, and the guest's entry state. VMX must
+    /// be on.
+    pub fn load(&mut self, vm: &Vm, cpu: &mut impl Cpu) -> Result<(), VmxError> {
+        cpu.load_vmcs(self.vmcs_region)?;
+        self.write_vmcs(vm, cpu);
+        if vm.controls.vpid {
+            cpu.invvpid(GUEST_VPID);
+        }
+        Ok(())
+    }
+
+    fn write_vmcs(&mut self, vm: &Vm, vmcs: &mut impl Vmcs) {
+        let c = &vm.controls;
+        vmcs.write(control::PINBASED_EXEC_CONTROLS, u64::from(c.pin));
+        vmcs.write(
+            control::PRIMARY_PROCBASED_EXEC_CONTROLS,
+            u64::from(c.primary),
+        );
+        vmcs.write(
+            control::SECONDARY_PROCBASED_EXEC_CONTROLS,
+            u64::from(c.secondary),
+        );
+        vmcs.write(control::VMEXIT_CONTROLS, u64::from(c.exit));
+        vmcs.write(control::VMENTRY_CONTROLS, u64::from(c.entry));
+        vmcs.write(control::PAGE_FAULT_ERR_CODE_MASK, 0);
+        vmcs.write(control::PAGE_FAULT_ERR_CODE_MATCH, 0);
+        vmcs.write(control::CR3_TARGET_COUNT, 0);
+        vmcs.write(control::VMEXIT_MSR_STORE_COUNT, 0);
+        vmcs.write(control::VMEXIT_MSR_LOAD_COUNT, 0);
+        vmcs.write(control::VMENTRY_MSR_LOAD_COUNT, 0);
+        let (msr_bitmap, io_bitmaps) = vm.bitmaps();
+        vmcs.write(control::IO_BITMAP_A_ADDR_FULL, io_bitmaps);
+        vmcs.write(control::IO_BITMAP_B_ADDR_FULL, io_bitmaps + 4096);
+        vmcs.write(control::MSR_BITMAPS_ADDR_FULL, msr_bitmap);
+        vmcs.write(control::EPTP_FULL, vm.p2m.eptp());
+        if c.vpid {
+            vmcs.write(control::VPID, u64::from(GUEST_VPID));
+        }
+        vmx::write_host_state(vmcs, entry::exit_entry_address());
+        let info = u32::try_from(vm.boot_info).unwrap_or(0);
+        state::multiboot_entry(
+            vmcs,
+            &mut self.regs,
+            &vm.cr_fixed,
+            vm.entry,
+            vm.protocol.magic(),
+            info,
+        );
+        if let Some(period) = vm.tick_period {
+            vmcs.write(guest::VMX_PREEMPTION_TIMER_VALUE, u64::from(period));
+        }
+        views::apply(vmcs, vm, self);
+    }
+
+    /// Runs the guest on this vCPU until it exits or is stopped. Its VMCS
+    /// must be current ([`Vcpu::load`]).
+    pub fn run(&mut self, vm: &mut Vm, platform: &mut impl Platform) -> GuestEnd {
+        let mut cpu = ThisCpu;
+        loop {
+            views::flush(vm, &mut cpu, platform);
+            // SAFETY: VMX is on and this vCPU's VMCS is current and complete
+            // (`load`), with the host RIP of `entry::exit_entry_address`.
+            let entered = unsafe { entry::enter(&mut self.regs, self.launched) };
+            if entered != Entry::Exited {
+                return self.entry_failed(entered, vm, &cpu, platform);
+            }
+            self.launched = true;
+            let exit = Exit::from_field(cpu.read(ro::EXIT_REASON) as u32);
+            if let Some(count) = vm.counters.get_mut(usize::from(exit.reason.basic())) {
+                *count += 1;
+            }
+            if exit.entry_failed {
+                let why = format!(
+                    "exit reason {} ({})",
+                    exit.reason.basic(),
+                    exit.reason.name()
+                );
+                return report_entry_failure(why, vm, &cpu, platform);
+            }
+            let synced = views::sync(&cpu, vm, self);
+            let mut ctx = ExitCtx {
+                cpu: &mut cpu,
+                vcpu: self,
+                vm,
+                platform,
+            };
+            if synced.is_err() {
+                return ctx.report_stop(StopReason::Internal(
+                    "the vCPU runs on a view altp2m never allowed",
+                ));
+            }
+            if let Flow::Stop(end) = exits::handle(exit.reason, &mut ctx) {
+                return end;
+            }
+        }
+    }
+
+    fn entry_failed(
+        &mut self,
+        entered: Entry,
+        vm: &mut Vm,
+        cpu: &ThisCpu,
+        platform: &mut impl Platform,
+    ) -> GuestEnd {
+        let why = match entered {
+            Entry::FailValid => {
+                let number = cpu.read(ro::VM_INSTRUCTION_ERROR);
+                format!(
+                    "VM-instruction error {number}: {}",
+                    exit::instruction_error(number)
+                )
+            }
+            _ => String::from("VMfailInvalid (no current VMCS)"),
+        };
+        report_entry_failure(why, vm, cpu, platform)
+    }
+
+    /// Tears the vCPU down (VMCLEAR, frees its VMCS). It is never entered again.
+    pub fn destroy(self, cpu: &mut impl Cpu, platform: &mut impl Platform) {
+        cpu.clear_vmcs(self.vmcs_region);
+        platform.free_frames(self.vmcs_region, 1);
+    }
+}
+
+fn report_entry_failure(
+    why: String,
+    vm: &mut Vm,
+    cpu: &impl Vmcs,
+    platform: &mut impl Platform,
+) -> GuestEnd {
+    vm.console.flush(platform);
+    log::error!("vmx: VM entry failed: {why}");
+    let mut dump = String::new();
+    let _ = dump_guest_state(cpu, &mut dump);
+    for line in dump.lines() {
+        log::error!("{line}");
+    }
+    GuestEnd::Stopped(StopReason::EntryFailed(why))
+}

@@ -1,0 +1,182 @@
+//! Every VMX and privileged instruction the hypervisor executes on the
+//! hardware, each in one small function with the reason it is sound. Code
+//! elsewhere in hv-core reaches the CPU only through these (and through the
+//! [`Cpu`](crate::vmx::Cpu) trait they implement for [`ThisCpu`]), so host
+//! tests can stand a simulated CPU in their place.
+
+use x86_64::registers::control::{Cr0, Cr3, Cr4};
+
+use super::Fail;
+
+fn fail(e: x86::vmx::VmFail) -> Fail {
+    Fail::from(e)
+}
+
+/// VMXON with the region at physical address `pa`.
+///
+/// # Safety
+///
+/// `pa` is a zeroed, page-aligned frame holding the VMCS revision id, owned
+/// by VMX operation until VMXOFF; CR0/CR4 satisfy the VMX fixed bits.
+pub unsafe fn vmxon(pa: u64) -> Result<(), Fail> {
+    // SAFETY: forwarded from the caller.
+    unsafe { x86::bits64::vmx::vmxon(pa) }.map_err(fail)
+}
+
+/// VMXOFF.
+///
+/// # Safety
+///
+/// No VMCS of this CPU is entered afterwards.
+pub unsafe fn vmxoff() -> Result<(), Fail> {
+    // SAFETY: forwarded from the caller.
+    unsafe { x86::bits64::vmx::vmxoff() }.map_err(fail)
+}
+
+/// VMCLEAR of the VMCS at `pa`: flushes its cached state and marks it clear.
+///
+/// # Safety
+///
+/// `pa` is a VMCS region this hypervisor owns, not current on another CPU.
+pub unsafe fn vmclear(pa: u64) -> Result<(), Fail> {
+    // SAFETY: forwarded from the caller.
+    unsafe { x86::bits64::vmx::vmclear(pa) }.map_err(fail)
+}
+
+/// VMPTRLD: makes the VMCS at `pa` current on this CPU.
+///
+/// # Safety
+///
+/// As for [`vmclear`]; the region holds the revision id.
+pub unsafe fn vmptrld(pa: u64) -> Result<(), Fail> {
+    // SAFETY: forwarded from the caller.
+    unsafe { x86::bits64::vmx::vmptrld(pa) }.map_err(fail)
+}
+
+/// VMREAD of the current VMCS. Fails (never touches memory) for a bad field
+/// encoding or without a current VMCS.
+pub fn vmread(field: u32) -> Result<u64, Fail> {
+    // SAFETY: VMREAD only reads the current VMCS into a register.
+    unsafe { x86::bits64::vmx::vmread(field) }.map_err(fail)
+}
+
+/// VMWRITE of the current VMCS. A wrong value is caught by the checks of the
+/// next VM entry, which fails cleanly; the host state is written only by
+/// `write_host_state`.
+pub fn vmwrite(field: u32, value: u64) -> Result<(), Fail> {
+    // SAFETY: VMWRITE only writes the current VMCS, never host memory.
+    unsafe { x86::bits64::vmx::vmwrite(field, value) }.map_err(fail)
+}
+
+/// INVEPT of type `kind` (1: single context `eptp`, 2: all contexts); x86
+/// 0.52 has no wrapper. Returns false if the CPU refused it.
+pub fn invept(kind: u64, eptp: u64) -> bool {
+    let descriptor: [u64; 2] = [eptp, 0];
+    let failed: u8;
+    // SAFETY: INVEPT only drops cached translations; both types are required
+    // by `Controls::compute`, and the descriptor is a 16-byte memory operand.
+    unsafe {
+        core::arch::asm!(
+            "invept {kind}, [{desc}]",
+            "setbe {failed}",
+            kind = in(reg) kind,
+            desc = in(reg) descriptor.as_ptr(),
+            failed = out(reg_byte) failed,
+            options(nostack),
+        );
+    }
+    failed == 0
+}
+
+/// INVVPID single-context for `vpid`; x86 0.52 has no wrapper. Returns
+/// false if the CPU refused it.
+pub fn invvpid_single(vpid: u16) -> bool {
+    let descriptor: [u64; 2] = [u64::from(vpid), 0];
+    let failed: u8;
+    // SAFETY: INVVPID only drops cached translations; single-context is
+    // required whenever VPID is used (`Controls::compute`).
+    unsafe {
+        core::arch::asm!(
+            "invvpid {kind}, [{desc}]",
+            "setbe {failed}",
+            kind = in(reg) 1u64,
+            desc = in(reg) descriptor.as_ptr(),
+            failed = out(reg_byte) failed,
+            options(nostack),
+        );
+    }
+    failed == 0
+}
+
+/// CPUID on this CPU: EAX, EBX, ECX, EDX.
+pub fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
+    let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+    [r.eax, r.ebx, r.ecx, r.edx]
+}
+
+/// XSETBV on this CPU.
+///
+/// # Safety
+///
+/// `value` is a valid XCR0 for this CPU (CPUID.0xD and the XCR0 rules), and
+/// CR4.OSXSAVE is set.
+pub unsafe fn xsetbv(index: u32, value: u64) {
+    // SAFETY: forwarded from the caller; the hypervisor itself uses no
+    // extended state, so the guest's mask may stay loaded.
+    unsafe {
+        core::arch::asm!("xsetbv", in("ecx") index, in("eax") value as u32, in("edx") (value >> 32) as u32)
+    };
+}
+
+/// RDMSR of an MSR the caller knows exists on this CPU.
+///
+/// # Safety
+///
+/// The MSR exists (a missing one raises #GP in the hypervisor).
+pub unsafe fn rdmsr(msr: u32) -> u64 {
+    // SAFETY: forwarded from the caller.
+    unsafe { x86::msr::rdmsr(msr) }
+}
+
+/// WRMSR.
+///
+/// # Safety
+///
+/// The MSR exists and `value` is valid for it, and changing it does not
+/// break the hypervisor's own execution.
+pub unsafe fn wrmsr(msr: u32, value: u64) {
+    // SAFETY: forwarded from the caller.
+    unsafe { x86::msr::wrmsr(msr, value) }
+}
+
+pub fn read_cr0() -> u64 {
+    Cr0::read_raw()
+}
+
+pub fn read_cr3() -> u64 {
+    Cr3::read_raw().0.start_address().as_u64()
+}
+
+pub fn read_cr4() -> u64 {
+    Cr4::read_raw()
+}
+
+/// Writes CR0 and CR4 (VMX fixed bits before VMXON).
+///
+/// # Safety
+///
+/// The new values keep paging, protection and the hypervisor's mappings as
+/// they are; only bits VMX operation requires may change.
+pub unsafe fn write_cr0_cr4(cr0: u64, cr4: u64) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        Cr0::write_raw(cr0);
+        Cr4::write_raw(cr4);
+    }
+}
+
+/// STR: the task register's selector.
+pub fn task_register() -> u16 {
+    // SAFETY: STR only reads the task register.
+    unsafe { x86::task::tr() }.bits()
+}
