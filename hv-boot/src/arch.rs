@@ -2,6 +2,8 @@
 //! entry stubs. An exception in the hypervisor is a bug: the handler prints
 //! the vector, error code and registers, then ends the run with a failure.
 
+use core::sync::atomic::{AtomicBool, Ordering};
+
 use hv_boot::exception::{self, ExceptionFrame};
 use hv_boot::exit;
 use spin::Once;
@@ -16,6 +18,7 @@ use x86_64::structures::tss::TaskStateSegment;
 /// use a possibly broken stack: #DF, NMI, #MC.
 const FAULT_IST: u16 = 0;
 const FAULT_STACK_SIZE: usize = 16 * 1024;
+const NMI_VECTOR: u64 = 2;
 
 #[repr(align(16))]
 struct Stack([u8; FAULT_STACK_SIZE]);
@@ -68,7 +71,21 @@ pub fn init() {
 
 core::arch::global_asm!(include_str!("exception_stubs.s"), handler = sym exception_handler);
 
-extern "C" fn exception_handler(frame: &ExceptionFrame) -> ! {
+/// An NMI reached this CPU while the hypervisor ran: the guest's (guests
+/// own every NMI source but the hypervisor's cross-CPU kicks), noted here
+/// for the next VM entry.
+static NMI_SEEN: AtomicBool = AtomicBool::new(false);
+
+/// Whether an NMI arrived since the last call.
+pub fn take_nmi() -> bool {
+    NMI_SEEN.swap(false, Ordering::AcqRel)
+}
+
+extern "C" fn exception_handler(frame: &ExceptionFrame) {
+    if frame.vector == NMI_VECTOR {
+        NMI_SEEN.store(true, Ordering::Release);
+        return;
+    }
     crate::console::break_lock();
     let cr2 = x86_64::registers::control::Cr2::read_raw();
     crate::console::print(format_args!("hv: {}", frame.report(cr2)));

@@ -23,4 +23,10 @@ pub mod exit {
     pub const PANIC: u8 = 2;
     /// A CPU exception in the hypervisor.
     pub const CPU_EXCEPTION: u8 = 3;
+    /// The hypervisor stopped its guest (a report precedes it).
+    pub const GUEST_STOPPED: u8 = 4;
+    /// The guest reset the machine (i8042, port 0x92 or 0xCF9).
+    pub const GUEST_RESET: u8 = 5;
+    /// The guest powered off (ACPI S5): a clean end, like exit status 0.
+    pub const GUEST_POWERED_OFF: u8 = 0;
 }

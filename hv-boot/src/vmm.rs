@@ -82,6 +82,10 @@ impl Platform for KernelPlatform {
         println!("monitor: {line}");
     }
 
+    fn take_nmi(&mut self) -> bool {
+        crate::arch::take_nmi()
+    }
+
     fn show_text(&mut self, cells: &[u8]) {
         /// The VGA text buffer (80x25 cells), identity-mapped like all low memory.
         const VGA_TEXT: usize = 0xb8000;
@@ -94,7 +98,7 @@ impl Platform for KernelPlatform {
 }
 
 /// Status of a run whose guest the hypervisor had to stop.
-pub const GUEST_STOPPED: u8 = 4;
+pub const GUEST_STOPPED: u8 = exit::GUEST_STOPPED;
 
 /// Boots the guest in the first module, runs it to its end and tears it
 /// down, VMX operation included. Returns the run's status. Every frame the
@@ -200,6 +204,14 @@ fn run_vm(
             info!("vmm: guest exited with status {status}");
             status
         }
+        GuestEnd::Reset(path) => {
+            info!("vmm: guest reset the machine through {path}");
+            exit::GUEST_RESET
+        }
+        GuestEnd::PoweredOff => {
+            info!("vmm: guest powered off (ACPI S5)");
+            exit::GUEST_POWERED_OFF
+        }
         GuestEnd::Stopped(why) => {
             error!("vmm: guest stopped: {why}");
             GUEST_STOPPED
@@ -225,7 +237,11 @@ fn report_exits(counters: &[u64]) {
     let total: u64 = counters.iter().sum();
     let mut line = String::new();
     for (reason, &count) in counters.iter().enumerate().filter(|(_, c)| **c > 0) {
-        let _ = write!(line, "; {} {count}", hv_core::vmx::exit::name(reason as u16));
+        let _ = write!(
+            line,
+            "; {} {count}",
+            hv_core::vmx::exit::name(reason as u16)
+        );
     }
     info!("exits: {total} in all{line}");
 }

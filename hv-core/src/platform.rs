@@ -34,6 +34,10 @@ pub trait Platform: EptMemory {
     /// entry...), one structured line.
     fn monitor_event(&mut self, line: &str);
 
+    /// Whether an NMI reached this CPU while the hypervisor ran (the host
+    /// NMI handler notes it; this clears the note). It belongs to the guest.
+    fn take_nmi(&mut self) -> bool;
+
     /// Shows a text screen (80x25 cells of character and attribute bytes):
     /// the VGA text buffer on a PC.
     fn show_text(&mut self, cells: &[u8]);

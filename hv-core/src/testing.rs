@@ -21,6 +21,8 @@ pub struct SimPlatform {
     pub console: Vec<String>,
     pub events: Vec<String>,
     pub screen: Vec<u8>,
+    /// An NMI the next `take_nmi` reports.
+    pub nmi: bool,
 }
 
 impl SimPlatform {
@@ -115,6 +117,10 @@ impl Platform for SimPlatform {
 
     fn monitor_event(&mut self, line: &str) {
         self.events.push(line.into());
+    }
+
+    fn take_nmi(&mut self) -> bool {
+        core::mem::take(&mut self.nmi)
     }
 
     fn show_text(&mut self, cells: &[u8]) {

@@ -24,10 +24,6 @@ use crate::vmx::vmcs::Vmcs;
 const VMFUNC_EPTP_SWITCHING: u64 = 1;
 /// Secondary control: EPT-violation #VE.
 const SECONDARY_VE: u64 = 1 << 18;
-/// Pin-based control: activate the VMX-preemption timer.
-const PIN_PREEMPTION_TIMER: u64 = 1 << 6;
-/// VM-exit control: save the VMX-preemption timer value.
-const EXIT_SAVE_PREEMPTION_TIMER: u64 = 1 << 22;
 const RFLAGS_TF: u64 = 1 << 8;
 const VECTOR_BP: u64 = vector::BP as u64;
 const VECTOR_MC: u64 = vector::MC as u64;
@@ -90,26 +86,6 @@ pub fn apply(vmcs: &mut impl Vmcs, vm: &Vm, vcpu: &Vcpu) {
         vmcs.write(control::PRIMARY_PROCBASED_EXEC_CONTROLS, primary);
     }
     vmcs.write(control::EXCEPTION_BITMAP, exceptions);
-    if vm.features.tick {
-        // The timer runs only while there is a display to refresh; "save the
-        // timer value" must be off whenever the timer is (SDM Vol. 3C,
-        // checks on VM-execution control fields).
-        let pin = vmcs.read(control::PINBASED_EXEC_CONTROLS);
-        let exit = vmcs.read(control::VMEXIT_CONTROLS);
-        let (pin, exit) = if vm.display.is_some() {
-            (
-                pin | PIN_PREEMPTION_TIMER,
-                exit | EXIT_SAVE_PREEMPTION_TIMER,
-            )
-        } else {
-            (
-                pin & !PIN_PREEMPTION_TIMER,
-                exit & !EXIT_SAVE_PREEMPTION_TIMER,
-            )
-        };
-        vmcs.write(control::PINBASED_EXEC_CONTROLS, pin);
-        vmcs.write(control::VMEXIT_CONTROLS, exit);
-    }
 }
 
 /// After a VM exit: the guest may have switched views with VMFUNC; the

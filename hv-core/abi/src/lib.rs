@@ -24,7 +24,7 @@ pub const VERSION: u64 = 1;
 /// Writing a byte here ends the run with that byte as its status
 /// (QEMU's `isa-debug-exit` convention).
 pub const EXIT_PORT: u16 = 0xf4;
-/// The guest's serial console (COM1); its lines appear in the run's log.
+/// The guest's own serial port (COM1), passed through: its console.
 pub const COM1: u16 = 0x3f8;
 /// Emulator debug port: bytes written appear in the guest's console too.
 pub const DEBUG_PORT: u16 = 0xe9;

@@ -1,6 +1,6 @@
 //! Control-register accesses: guest MOV to CR0/CR4 (and LMSW/CLTS) that touch
-//! bits the hypervisor owns, and MOV to/from CR8, which never reaches the
-//! physical local APIC's TPR. Qualification layout: SDM Vol. 3C table
+//! bits the hypervisor owns, and MOV to/from CR8 on a CPU that cannot run
+//! them natively (the TPR is the guest's: its local APIC is passed through). Qualification layout: SDM Vol. 3C table
 //! "Exit Qualification for Control-Register Accesses".
 
 use x86::vmx::vmcs::guest;
@@ -49,14 +49,13 @@ pub fn handle<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Flow {
             if value > 0xf {
                 Err(Refused::ReservedBits)
             } else {
-                ctx.vcpu.tpr = value as u8;
+                ctx.cpu.write_cr8(value);
                 Ok(())
             }
         }
         (MOV_FROM_CR, 8, _) => {
-            ctx.vcpu
-                .regs
-                .set(register, u64::from(ctx.vcpu.tpr), ctx.cpu);
+            let value = ctx.cpu.read_cr8();
+            ctx.vcpu.regs.set(register, value, ctx.cpu);
             Ok(())
         }
         _ => {

@@ -55,7 +55,7 @@ pub fn violation<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Flow {
     if matches!(flow, Flow::Resume) {
         // The access may have been part of an event's delivery (a #VE or an
         // exception pushing onto a page not yet copied): deliver it again.
-        reinject_vectoring(ctx.cpu);
+        reinject_vectoring(ctx.cpu, &mut ctx.vcpu.pending);
     }
     flow
 }
@@ -149,7 +149,7 @@ pub fn misconfig<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Flow {
     let g = &mut *ctx.vm;
     match g.altp2m.resolve_misconfig(ctx.platform, &mut g.p2m, 0, gpa) {
         Ok(true) => {
-            reinject_vectoring(ctx.cpu);
+            reinject_vectoring(ctx.cpu, &mut ctx.vcpu.pending);
             Flow::Resume
         }
         Ok(false) => ctx.stop(StopReason::Internal(

@@ -1,4 +1,4 @@
-//! Exceptions and NMIs the exception bitmap sends to the hypervisor: #MC
+//! Exceptions and NMIs that exit: NMIs (forwarded to the guest); #MC
 //! always; with altp2m on, #BP (a hidden breakpoint in a view's shadow page
 //! is stepped over in view 0); while a single step with RFLAGS.TF runs,
 //! every exception (the step's #DB ends it; any other means the stepped
@@ -11,12 +11,13 @@ use x86::vmx::vmcs::{guest, ro};
 
 use super::{ExitCtx, Flow, StopReason};
 use crate::platform::Platform;
-use crate::vcpu::events::{PENDING_BS, inject_exception, inject_software_exception, vector};
+use crate::vcpu::events::{
+    PENDING_BS, TYPE_NMI, inject_exception, inject_software_exception, reinject_vectoring, vector,
+};
 use crate::vcpu::paging;
 use crate::views;
 use crate::vmx::Cpu;
 
-const TYPE_NMI: u64 = 2;
 const ERROR_CODE_VALID: u64 = 1 << 11;
 /// #DB exit qualification: breakpoint conditions B0-B3 met.
 const DEBUG_B0_B3: u64 = 0xf;
@@ -25,8 +26,11 @@ pub fn handle<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Flow {
     let info = ctx.cpu.read(ro::VMEXIT_INTERRUPTION_INFO);
     let vector = (info & 0xff) as u8;
     if (info >> 8) & 7 == TYPE_NMI {
-        // A host NMI (NMI exiting): nothing to forward it to yet.
-        log::warn!("vmx: NMI while the guest ran (ignored)");
+        // An NMI while the guest ran (NMI exiting): the guest's own (its
+        // local APIC, LINT1, the I/O APIC); it gets it as soon as it can
+        // take it. An event whose delivery the NMI cut short goes first.
+        ctx.vcpu.pending.nmi = true;
+        reinject_vectoring(ctx.cpu, &mut ctx.vcpu.pending);
         return Flow::Resume;
     }
     if vector == vector::MC {

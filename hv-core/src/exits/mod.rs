@@ -9,7 +9,6 @@ mod cpuid;
 mod cr;
 mod ept;
 mod exception;
-mod hlt;
 mod init_sipi;
 mod io;
 mod msr;
@@ -48,6 +47,10 @@ pub struct ExitCtx<'a, C: Cpu, P: Platform> {
 pub enum GuestEnd {
     /// The guest wrote this status to the exit port.
     Exited(u8),
+    /// The guest reset the machine (which stays the hypervisor's).
+    Reset(crate::devices::ports::ResetPath),
+    /// The guest entered ACPI S5 (power off).
+    PoweredOff,
     /// The hypervisor stopped the guest (the report is in the log).
     Stopped(StopReason),
 }
@@ -111,7 +114,7 @@ impl<C: Cpu, P: Platform> ExitCtx<'_, C, P> {
 
     /// [`ExitCtx::stop`], for callers outside exit dispatch.
     pub fn report_stop(&mut self, why: StopReason) -> GuestEnd {
-        self.vm.console.flush(self.platform);
+        self.vm.devices.console.flush(self.platform);
         log::error!("guest stopped: {why}");
         let mut state = String::new();
         let _ = dump_guest_state(&*self.cpu, &mut state);
@@ -168,15 +171,12 @@ fn dispatch<C: Cpu, P: Platform>(reason: ExitReason, ctx: &mut ExitCtx<'_, C, P>
     use ExitReason as R;
     match reason {
         R::ExceptionOrNmi => exception::handle(ctx),
-        // The hypervisor enables no interrupt source (legacy PICs masked, no
-        // APIC timer), so none should arrive; one that does is acknowledged
-        // on exit and dropped, without an EOI (a known gap: see the README).
-        R::ExternalInterrupt => Flow::Resume,
+        // The events the vCPU owes are injected right before entry.
+        R::InterruptWindow | R::NmiWindow => Flow::Resume,
         R::TripleFault => triple_fault::handle(ctx),
         R::Init => init_sipi::init(ctx),
         R::Sipi => init_sipi::sipi(ctx),
         R::Cpuid => cpuid::handle(ctx),
-        R::Hlt => hlt::handle(ctx),
         R::Vmcall => vmcall::handle(ctx),
         R::CrAccess => cr::handle(ctx),
         R::Io => io::handle(ctx),

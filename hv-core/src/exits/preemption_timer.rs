@@ -1,18 +1,41 @@
-//! The VMX-preemption timer: the hypervisor's periodic tick while a guest
-//! runs. Each tick refreshes the display model. The timer value is saved on
-//! exit, so it must be rearmed here.
+//! The VMX-preemption timer: the hypervisor's own tick while a guest runs
+//! (the guest's timers never exit). Each tick refreshes the display model,
+//! if there is one, and is the watchdog: a vCPU found halted with
+//! interrupts off and nothing owed to it on two ticks in a row can never
+//! wake (with NMI exiting, only the hypervisor could give it an NMI), so
+//! the guest is stopped. The timer value is saved on exit, so it is rearmed
+//! here.
 
 use x86::vmx::vmcs::guest;
 
 use super::{ExitCtx, Flow, StopReason};
 use crate::platform::Platform;
+use crate::vcpu::state::HLT;
 use crate::vm::display;
 use crate::vmx::Cpu;
 
+const RFLAGS_IF: u64 = 1 << 9;
+/// Ticks in a row a vCPU may be seen halted for good before it is stopped.
+const HALTED_TICKS: u8 = 2;
+
 pub fn handle<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Flow {
-    if let Some(period) = ctx.vm.tick_period {
-        ctx.cpu
-            .write(guest::VMX_PREEMPTION_TIMER_VALUE, u64::from(period));
+    ctx.cpu.write(
+        guest::VMX_PREEMPTION_TIMER_VALUE,
+        u64::from(ctx.vm.tick_period()),
+    );
+    let halted_for_good = ctx.cpu.read(guest::ACTIVITY_STATE) == HLT
+        && ctx.cpu.read(guest::RFLAGS) & RFLAGS_IF == 0
+        && ctx.vcpu.pending == Default::default();
+    ctx.vcpu.halted_ticks = if halted_for_good {
+        ctx.vcpu.halted_ticks.saturating_add(1)
+    } else {
+        0
+    };
+    if ctx.vcpu.halted_ticks >= HALTED_TICKS {
+        return ctx.stop(StopReason::Halted);
+    }
+    if ctx.vm.display.is_none() {
+        return Flow::Resume;
     }
     match display::refresh(ctx.vm, ctx.platform) {
         Ok(_) => Flow::Resume,

@@ -34,6 +34,10 @@ fn config(image: &[u8]) -> GuestConfig<'_> {
         cmdline: "scenario=test",
         force_multiboot1: false,
         altp2m_mode: hv_abi::Altp2mMode::Mixed,
+        host: std::boxed::Box::leak(std::boxed::Box::new(
+            crate::devices::acpi::HostPlatform::pc(),
+        )),
+        apic_ids: &[0],
     }
 }
 
@@ -117,11 +121,29 @@ fn guest_ram_follows_the_pc_layout_and_holds_the_image() {
     assert_eq!(entry(0).ty, P2mType::RamRw);
     assert_eq!(entry(0x9e).ty, P2mType::RamRw);
     assert_eq!(
-        entry(0x9f).mfn,
-        None,
-        "EBDA page and legacy hole are not RAM"
+        entry(0x9f).ty,
+        P2mType::RamRw,
+        "the legacy area is backed by guest pages"
     );
-    assert_eq!(entry(0xc0).mfn, None);
+    assert_eq!(entry(0xc0).ty, P2mType::RamRw);
+    assert!(
+        guest
+            .memory_map
+            .iter()
+            .any(|e| e.start == 0x9_f000 && e.end == 0x10_0000 && !e.available),
+        "but reserved in the memory map"
+    );
+    let mut rsdp = [0u8; 8];
+    guest.read(&platform, 0xe_0000, &mut rsdp).unwrap();
+    assert_eq!(&rsdp, b"RSD PTR ", "the ACPI tables are there");
+    let apic = entry(0xfee00);
+    assert_eq!(
+        (apic.mfn, apic.ty),
+        (Some(hv_ept::Mfn(0xfee00)), P2mType::MmioDirect),
+        "the local APIC is passed through"
+    );
+    assert_eq!(entry(0xfec00).ty, P2mType::MmioDirect, "and the I/O APIC");
+    assert_eq!(entry(0xfed00).mfn, None, "and nothing else of the hole");
     assert_eq!(entry(0x100).ty, P2mType::RamRw);
     assert_eq!(
         entry(0x200).order,
@@ -145,7 +167,7 @@ fn guest_ram_follows_the_pc_layout_and_holds_the_image() {
         "boot information after the image"
     );
     let ram = guest.ram_frames();
-    assert_eq!(ram, 0x9f + (8 << 8) - 0x100);
+    assert_eq!(ram, 8 << 8, "RAM and the legacy area: 8 MiB of frames");
     guest.destroy(&mut platform);
     assert_eq!(
         platform.outstanding(),
@@ -191,12 +213,14 @@ fn a_bad_image_is_refused_before_any_memory_is_taken() {
 }
 
 #[test]
-fn serial_output_becomes_lines_and_the_exit_port_ends_the_run() {
+fn debug_port_output_becomes_lines_and_the_exit_port_ends_the_run() {
     let mut m = Machine::new();
     for &byte in b"hi\n" {
         m.vcpu.regs.rax = u64::from(byte);
-        m.vmcs
-            .write(ro::EXIT_QUALIFICATION, u64::from(crate::abi::COM1) << 16);
+        m.vmcs.write(
+            ro::EXIT_QUALIFICATION,
+            u64::from(crate::abi::DEBUG_PORT) << 16,
+        );
         assert!(stopped(m.exit(ExitReason::Io)).is_none());
     }
     assert_eq!(m.platform.console, ["hi"]);
@@ -210,14 +234,29 @@ fn serial_output_becomes_lines_and_the_exit_port_ends_the_run() {
 }
 
 #[test]
+fn a_reset_through_the_keyboard_controller_ends_the_run() {
+    let mut m = Machine::new();
+    m.vcpu.regs.rax = 0xfe;
+    m.vmcs.write(ro::EXIT_QUALIFICATION, 0x64 << 16);
+    assert_eq!(
+        stopped(m.exit(ExitReason::Io)),
+        Some(GuestEnd::Reset(crate::devices::ports::ResetPath::I8042))
+    );
+    assert!(
+        m.vmcs.port_writes.is_empty(),
+        "the real i8042 never sees it"
+    );
+}
+
+#[test]
 fn reads_of_absent_ports_give_all_ones_into_al_only() {
     let mut m = Machine::new();
     m.vcpu.regs.rax = 0x1234_5678_9abc_de00;
-    m.vmcs.write(ro::EXIT_QUALIFICATION, 0x80 << 16 | 1 << 3);
+    m.vmcs.write(ro::EXIT_QUALIFICATION, 0x2f8 << 16 | 1 << 3);
     m.exit(ExitReason::Io);
     assert_eq!(m.vcpu.regs.rax, 0x1234_5678_9abc_deff);
     m.vmcs
-        .write(ro::EXIT_QUALIFICATION, 0x80 << 16 | 1 << 3 | 3);
+        .write(ro::EXIT_QUALIFICATION, 0x2f8 << 16 | 1 << 3 | 3);
     m.exit(ExitReason::Io);
     assert_eq!(
         m.vcpu.regs.rax, 0xffff_ffff,
@@ -241,8 +280,8 @@ fn exit_counts_hypercall_checks_its_buffer() {
     m.vm.read(&m.platform, 0x30_0000 + 10 * 8, &mut counter)
         .unwrap();
     assert_eq!(u64::from_le_bytes(counter), 7);
-    // The legacy hole, beyond RAM, and straddling the end of RAM all fail.
-    for bad in [0xa_0000, 0x1_0000_0000, (8 << 20) - 8] {
+    // Device pages, beyond RAM, and straddling the end of RAM all fail.
+    for bad in [0xfee0_0000, 0x1_0000_0000, (8 << 20) - 8] {
         m.vcpu.regs = GuestRegisters {
             rax: crate::abi::call::EXIT_COUNTS,
             rdi: bad,
@@ -657,15 +696,20 @@ fn the_display_copies_exactly_the_pages_written_and_matches_the_framebuffer() {
     let fb = 0x400u64;
     assert_eq!(m.call(call::DISPLAY_SET, &[fb, 65]), error::EINVAL);
     assert_eq!(
-        m.call(call::DISPLAY_SET, &[0x9e, 4]),
+        m.call(call::DISPLAY_SET, &[0x7fe, 4]),
         error::EFAULT,
-        "over the legacy hole"
+        "past the end of RAM"
     );
+    let watchdog = m.vm.tick_period();
     assert_eq!(m.call(call::DISPLAY_SET, &[fb, 4]), 0);
-    assert_ne!(
-        m.vmcs.read(control::PINBASED_EXEC_CONTROLS) & 1 << 6,
-        0,
-        "the tick runs"
+    assert!(
+        m.vm.tick_period() < watchdog,
+        "the tick runs at the display's rate"
+    );
+    assert_eq!(
+        m.vmcs.read(g::VMX_PREEMPTION_TIMER_VALUE),
+        u64::from(m.vm.tick_period()),
+        "at once"
     );
     assert_eq!(m.call(call::DISPLAY_REFRESH, &[]), 0, "nothing written yet");
     // The guest writes page 2: the CPU faults, the hypervisor logs it.
@@ -684,9 +728,9 @@ fn the_display_copies_exactly_the_pages_written_and_matches_the_framebuffer() {
     );
     assert_eq!(m.call(call::DISPLAY_SET, &[0, 0]), 0);
     assert_eq!(
-        m.vmcs.read(control::PINBASED_EXEC_CONTROLS) & 1 << 6,
-        0,
-        "no display, no tick"
+        m.vmcs.read(g::VMX_PREEMPTION_TIMER_VALUE),
+        u64::from(watchdog),
+        "no display: the watchdog's tick again"
     );
     assert_eq!(
         m.vm.p2m.get_entry(&m.platform, Gfn(fb)).unwrap().ty,
@@ -702,7 +746,7 @@ fn log_dirty_fetch_checks_its_buffer_before_clearing_anything() {
     assert_eq!(m.call(call::LOGDIRTY_TRACK, &[0x500, 8]), 0);
     assert!(stopped(m.touch(0x50_3000, true)).is_none());
     assert_eq!(
-        m.call(call::LOGDIRTY_FETCH, &[0x500, 8, 0xa_0000]),
+        m.call(call::LOGDIRTY_FETCH, &[0x500, 8, 0xfec0_0000]),
         error::EFAULT
     );
     assert_eq!(
@@ -728,12 +772,12 @@ fn outside_64_bit_mode_hypercalls_see_the_low_halves_of_registers() {
 }
 
 #[test]
-fn mov_cr8_stays_in_the_guest_and_pae_paging_loads_pdptes() {
+fn mov_cr8_reaches_the_guests_own_tpr_and_pae_paging_loads_pdptes() {
     let mut m = Machine::new();
     m.vcpu.regs.rcx = 0x9;
     m.vmcs.write(ro::EXIT_QUALIFICATION, 8 | 1 << 8);
     m.exit(ExitReason::CrAccess);
-    assert_eq!(m.vcpu.tpr, 9);
+    assert_eq!(m.vmcs.cr8, 9);
     m.vmcs.write(ro::EXIT_QUALIFICATION, 8 | 1 << 4 | 2 << 8);
     m.exit(ExitReason::CrAccess);
     assert_eq!(m.vcpu.regs.rdx, 9, "MOV from CR8");
@@ -830,5 +874,60 @@ fn a_fault_in_a_stepped_instruction_ends_the_step_and_reaches_the_view() {
         m.vmcs.read(g::PENDING_DBG_EXCEPTIONS) & crate::vcpu::events::PENDING_BS,
         0,
         "no #DB the guest did not ask for"
+    );
+}
+
+#[test]
+fn a_guest_nmi_is_forwarded_once_the_guest_can_take_it() {
+    let mut m = Machine::new();
+    m.vmcs.write(ro::VMEXIT_INTERRUPTION_INFO, 0x8000_0202);
+    assert!(stopped(m.exit(ExitReason::ExceptionOrNmi)).is_none());
+    assert!(m.vcpu.pending.nmi, "owed to the guest");
+    m.vmcs
+        .write(g::INTERRUPTIBILITY_STATE, crate::vcpu::events::BLOCKING_NMI);
+    m.vcpu.pending.deliver(&mut m.vmcs);
+    assert_eq!(
+        m.injected() & (1 << 31),
+        0,
+        "the guest still handles an NMI"
+    );
+    assert!(m.vcpu.pending.nmi);
+    // The NMI-window exit: the guest's handler returned.
+    m.vmcs.write(g::INTERRUPTIBILITY_STATE, 0);
+    assert!(stopped(m.exit(ExitReason::NmiWindow)).is_none());
+    m.vcpu.pending.deliver(&mut m.vmcs);
+    assert_eq!(m.injected(), 0x8000_0202, "NMI, vector 2");
+    assert!(!m.vcpu.pending.nmi);
+}
+
+#[test]
+fn the_watchdog_stops_a_guest_halted_for_good_and_only_that() {
+    let mut m = Machine::new();
+    let halted = |m: &mut Machine, rflags: u64| {
+        m.vmcs.write(g::ACTIVITY_STATE, crate::vcpu::state::HLT);
+        m.vmcs.write(g::RFLAGS, rflags);
+        m.exit(ExitReason::PreemptionTimer)
+    };
+    // Halted with interrupts on: its own timer wakes it.
+    for _ in 0..5 {
+        assert!(stopped(halted(&mut m, 0x202)).is_none());
+    }
+    assert_eq!(
+        m.vmcs.read(g::VMX_PREEMPTION_TIMER_VALUE),
+        u64::from(m.vm.tick_period()),
+        "the tick is rearmed"
+    );
+    // An NMI owed to it would wake it.
+    m.vcpu.pending.nmi = true;
+    assert!(stopped(halted(&mut m, 0x2)).is_none());
+    assert!(stopped(halted(&mut m, 0x2)).is_none());
+    m.vcpu.pending.nmi = false;
+    assert!(
+        stopped(halted(&mut m, 0x2)).is_none(),
+        "one tick is not enough"
+    );
+    assert_eq!(
+        stopped(halted(&mut m, 0x2)),
+        Some(GuestEnd::Stopped(StopReason::Halted))
     );
 }

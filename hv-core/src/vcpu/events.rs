@@ -1,6 +1,8 @@
 //! The small state changes exit handlers make to a vCPU: advance RIP past
 //! an instruction, inject an exception, deliver again an event an exit cut
-//! short, and read the privilege level and mode.
+//! short, and read the privilege level and mode; and the events a vCPU owes
+//! its guest ([`Pending`]: NMIs, interrupts cut short) with the window exits
+//! that deliver them as soon as the guest can take them, in order.
 
 use x86::vmx::vmcs::{control, guest, ro};
 
@@ -8,6 +10,8 @@ use crate::vmx::vmcs::Vmcs;
 
 /// Interruption types for VM-entry event injection (SDM Vol. 3C
 /// "VM-Entry Controls for Event Injection").
+pub const TYPE_EXTERNAL_INTERRUPT: u64 = 0;
+pub const TYPE_NMI: u64 = 2;
 const TYPE_HARDWARE_EXCEPTION: u64 = 3;
 pub const TYPE_SOFTWARE_INTERRUPT: u64 = 4;
 pub const TYPE_PRIVILEGED_SOFTWARE_EXCEPTION: u64 = 5;
@@ -17,6 +21,12 @@ pub const VALID: u64 = 1 << 31;
 
 /// Interruptibility: blocking by STI (bit 0) and by MOV SS (bit 1).
 pub const BLOCKING_STI_MOVSS: u64 = 0b11;
+/// Interruptibility: (virtual-)NMI blocking (bit 3).
+pub const BLOCKING_NMI: u64 = 1 << 3;
+const RFLAGS_IF: u64 = 1 << 9;
+/// Primary processor-based controls: interrupt- and NMI-window exiting.
+const PRIMARY_INTERRUPT_WINDOW: u64 = 1 << 2;
+const PRIMARY_NMI_WINDOW: u64 = 1 << 22;
 /// Pending debug exceptions: single step (BS).
 pub const PENDING_BS: u64 = 1 << 14;
 const RFLAGS_TF: u64 = 1 << 8;
@@ -57,6 +67,7 @@ pub fn advance_rip(vmcs: &mut impl Vmcs) {
 /// Exception vectors the hypervisor injects or intercepts.
 pub mod vector {
     pub const DB: u8 = 1;
+    pub const NMI: u8 = 2;
     pub const BP: u8 = 3;
     pub const UD: u8 = 6;
     pub const GP: u8 = 13;
@@ -88,13 +99,79 @@ pub fn injecting(vmcs: &impl Vmcs) -> bool {
     vmcs.read(control::VMENTRY_INTERRUPTION_INFO_FIELD) & VALID != 0
 }
 
+/// Events the vCPU owes the guest that it could not deliver yet. Nothing
+/// here is ever dropped: [`Pending::deliver`] injects them, one per VM
+/// entry, as soon as the guest's state allows, and asks for an interrupt-
+/// or NMI-window exit otherwise.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pending {
+    /// An NMI for the guest (one: NMIs do not queue on hardware either).
+    pub nmi: bool,
+    /// An external interrupt whose delivery a VM exit cut short while
+    /// another event was being injected (its vector: it is already
+    /// acknowledged at the local APIC, so only injection can deliver it).
+    pub interrupt: Option<u8>,
+}
+
+impl Pending {
+    /// Right before VM entry: injects the oldest owed event the guest can
+    /// take now (NMI before interrupt, as the CPU orders them), unless the
+    /// entry already injects one; asks for the window exits still needed.
+    pub fn deliver(&mut self, vmcs: &mut impl Vmcs) {
+        let state = vmcs.read(guest::INTERRUPTIBILITY_STATE);
+        let busy = injecting(vmcs);
+        // Some CPUs refuse NMI injection under STI blocking (SDM Vol. 3C
+        // 26.3.1.5): wait for all three to clear.
+        if self.nmi && !busy && state & (BLOCKING_STI_MOVSS | BLOCKING_NMI) == 0 {
+            vmcs.write(
+                control::VMENTRY_INTERRUPTION_INFO_FIELD,
+                u64::from(vector::NMI) | TYPE_NMI << 8 | VALID,
+            );
+            self.nmi = false;
+        }
+        let busy = injecting(vmcs);
+        let open = vmcs.read(guest::RFLAGS) & RFLAGS_IF != 0 && state & BLOCKING_STI_MOVSS == 0;
+        if let Some(vector) = self.interrupt
+            && !busy
+            && open
+        {
+            vmcs.write(
+                control::VMENTRY_INTERRUPTION_INFO_FIELD,
+                u64::from(vector) | TYPE_EXTERNAL_INTERRUPT << 8 | VALID,
+            );
+            self.interrupt = None;
+        }
+        let primary = vmcs.read(control::PRIMARY_PROCBASED_EXEC_CONTROLS)
+            & !(PRIMARY_INTERRUPT_WINDOW | PRIMARY_NMI_WINDOW);
+        let wants = if self.nmi { PRIMARY_NMI_WINDOW } else { 0 }
+            | if self.interrupt.is_some() {
+                PRIMARY_INTERRUPT_WINDOW
+            } else {
+                0
+            };
+        vmcs.write(control::PRIMARY_PROCBASED_EXEC_CONTROLS, primary | wants);
+    }
+}
+
 /// If the exit interrupted the delivery of an event (IDT-vectoring
 /// information valid), delivers it again on the next entry (SDM Vol. 3C
 /// 27.2.4, "Information for VM Exits During Event Delivery"). Returns
-/// whether there was one.
-pub fn reinject_vectoring(vmcs: &mut impl Vmcs) -> bool {
+/// whether there was one. If the next entry already injects an event, an
+/// interrupted NMI or external interrupt is kept in `pending` instead, to
+/// follow it.
+pub fn reinject_vectoring(vmcs: &mut impl Vmcs, pending: &mut Pending) -> bool {
     let info = vmcs.read(ro::IDT_VECTORING_INFO);
-    if info & VALID == 0 || injecting(vmcs) {
+    if info & VALID == 0 {
+        return false;
+    }
+    if injecting(vmcs) {
+        match (info >> 8) & 7 {
+            TYPE_NMI => pending.nmi = true,
+            TYPE_EXTERNAL_INTERRUPT => pending.interrupt = Some(info as u8),
+            // An exception or software interrupt is raised again when the
+            // instruction runs again.
+            _ => {}
+        }
         return false;
     }
     if info & DELIVER_ERROR_CODE != 0 {
@@ -184,15 +261,84 @@ mod tests {
             VALID | 3 << 8 | DELIVER_ERROR_CODE | 14,
         );
         vmcs.write(ro::IDT_VECTORING_ERR_CODE, 2);
-        assert!(reinject_vectoring(&mut vmcs));
+        let mut pending = Pending::default();
+        assert!(reinject_vectoring(&mut vmcs, &mut pending));
         assert_eq!(
             vmcs.read(control::VMENTRY_INTERRUPTION_INFO_FIELD),
             VALID | 3 << 8 | DELIVER_ERROR_CODE | 14
         );
         assert_eq!(vmcs.read(control::VMENTRY_EXCEPTION_ERR_CODE), 2);
         assert!(
-            !reinject_vectoring(&mut vmcs),
+            !reinject_vectoring(&mut vmcs, &mut pending),
             "an injection is already set up"
         );
+        assert_eq!(
+            pending,
+            Pending::default(),
+            "an exception comes back by itself"
+        );
+    }
+
+    #[test]
+    fn an_interrupt_cut_short_behind_an_injection_waits_for_its_window() {
+        let mut vmcs = FakeVmcs::default();
+        let mut pending = Pending::default();
+        inject_exception(&mut vmcs, vector::GP, None);
+        vmcs.write(ro::IDT_VECTORING_INFO, VALID | 0x31);
+        assert!(!reinject_vectoring(&mut vmcs, &mut pending));
+        assert_eq!(pending.interrupt, Some(0x31));
+        // The #GP goes first; the interrupt waits for an interrupt window.
+        pending.deliver(&mut vmcs);
+        assert_eq!(
+            vmcs.read(control::VMENTRY_INTERRUPTION_INFO_FIELD) & 0xff,
+            13
+        );
+        assert_ne!(
+            vmcs.read(control::PRIMARY_PROCBASED_EXEC_CONTROLS) & PRIMARY_INTERRUPT_WINDOW,
+            0
+        );
+        // The window exit: nothing injected, IF set, no shadow.
+        vmcs.write(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
+        vmcs.write(guest::RFLAGS, 0x2 | RFLAGS_IF);
+        pending.deliver(&mut vmcs);
+        assert_eq!(
+            vmcs.read(control::VMENTRY_INTERRUPTION_INFO_FIELD),
+            VALID | 0x31,
+            "an external interrupt, vector 0x31"
+        );
+        assert_eq!(pending, Pending::default());
+        assert_eq!(
+            vmcs.read(control::PRIMARY_PROCBASED_EXEC_CONTROLS) & PRIMARY_INTERRUPT_WINDOW,
+            0
+        );
+    }
+
+    #[test]
+    fn an_nmi_waits_while_the_guest_blocks_nmis_and_goes_before_interrupts() {
+        let mut vmcs = FakeVmcs::default();
+        let mut pending = Pending {
+            nmi: true,
+            interrupt: Some(0x40),
+        };
+        vmcs.write(guest::RFLAGS, 0x2 | RFLAGS_IF);
+        vmcs.write(guest::INTERRUPTIBILITY_STATE, BLOCKING_NMI);
+        pending.deliver(&mut vmcs);
+        assert_eq!(
+            vmcs.read(control::VMENTRY_INTERRUPTION_INFO_FIELD),
+            VALID | 0x40,
+            "the interrupt may go while the NMI waits"
+        );
+        assert_ne!(
+            vmcs.read(control::PRIMARY_PROCBASED_EXEC_CONTROLS) & PRIMARY_NMI_WINDOW,
+            0
+        );
+        vmcs.write(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
+        vmcs.write(guest::INTERRUPTIBILITY_STATE, 0);
+        pending.deliver(&mut vmcs);
+        assert_eq!(
+            vmcs.read(control::VMENTRY_INTERRUPTION_INFO_FIELD),
+            VALID | TYPE_NMI << 8 | 2
+        );
+        assert!(!pending.nmi);
     }
 }

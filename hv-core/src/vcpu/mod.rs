@@ -1,5 +1,5 @@
 //! A virtual CPU: its general registers, its VMCS, its virtual
-//! IA32_APIC_BASE and TPR, its #VE information page and single-step state
+//! IA32_APIC_BASE, its #VE information page and single-step state
 //! (the view it runs on lives in the VM's altp2m state, by vCPU id); making
 //! it, entering the guest and dispatching its exits, tearing it down.
 
@@ -62,12 +62,13 @@ pub struct Vcpu {
     launched: bool,
     /// The guest's view of IA32_APIC_BASE (the physical one is never touched).
     pub apic_base: u64,
-    /// The guest's task-priority register as MOV CR8 sees it (the physical
-    /// APIC's TPR is never touched).
-    pub tpr: u8,
     /// The #VE information page and its frame, when notification is on.
     pub ve_page: Option<(Gfn, Mfn)>,
     pub step: Option<Step>,
+    /// Events owed to the guest (NMIs, interrupts cut short).
+    pub pending: events::Pending,
+    /// Watchdog ticks in a row that found the vCPU halted with interrupts off.
+    pub halted_ticks: u8,
 }
 
 impl Vcpu {
@@ -86,9 +87,10 @@ impl Vcpu {
             vmcs_region,
             launched: false,
             apic_base: bsp,
-            tpr: 0,
             ve_page: None,
             step: None,
+            pending: events::Pending::default(),
+            halted_ticks: 0,
         })
     }
 
@@ -141,9 +143,10 @@ impl Vcpu {
             vm.protocol.magic(),
             info,
         );
-        if let Some(period) = vm.tick_period {
-            vmcs.write(guest::VMX_PREEMPTION_TIMER_VALUE, u64::from(period));
-        }
+        vmcs.write(
+            guest::VMX_PREEMPTION_TIMER_VALUE,
+            u64::from(vm.tick_period()),
+        );
         views::apply(vmcs, vm, self);
     }
 
@@ -153,6 +156,11 @@ impl Vcpu {
         let mut cpu = ThisCpu;
         loop {
             views::flush(vm, &mut cpu, platform);
+            // An NMI that reached the hypervisor while it ran is the guest's.
+            if platform.take_nmi() {
+                self.pending.nmi = true;
+            }
+            self.pending.deliver(&mut cpu);
             // SAFETY: VMX is on and this vCPU's VMCS is current and complete
             // (`load`), with the host RIP of `entry::exit_entry_address`.
             let entered = unsafe { entry::enter(&mut self.regs, self.launched) };
@@ -223,7 +231,7 @@ fn report_entry_failure(
     cpu: &impl Vmcs,
     platform: &mut impl Platform,
 ) -> GuestEnd {
-    vm.console.flush(platform);
+    vm.devices.console.flush(platform);
     log::error!("vmx: VM entry failed: {why}");
     let mut dump = String::new();
     let _ = dump_guest_state(cpu, &mut dump);

@@ -71,6 +71,7 @@ pub const AR_TSS_BUSY: u32 = 0x8b;
 pub const AR_UNUSABLE: u32 = 1 << 16;
 /// Activity states.
 pub const ACTIVE: u64 = 0;
+pub const HLT: u64 = 1;
 pub const WAIT_FOR_SIPI: u64 = 3;
 /// PAT at reset.
 const PAT_RESET: u64 = 0x0007_0406_0007_0406;

@@ -15,9 +15,6 @@ use crate::vm::{PAGE, Vm};
 pub const MAX_PAGES: u64 = 64;
 /// 80 x 25 text cells of character and attribute.
 const TEXT_BYTES: usize = 80 * 25 * 2;
-/// Tick period in preemption-timer units (TSC >> rate): a few per second
-/// in Bochs, which counts emulated instructions.
-pub const TICK_PERIOD: u32 = 20_000_000;
 
 pub struct Display {
     pub first: Gfn,
@@ -103,9 +100,6 @@ pub fn set(
         refreshes: 0,
         pages_copied: pages,
     });
-    if guest.features.tick {
-        guest.tick_period = Some(TICK_PERIOD);
-    }
     log::info!("display: tracking {pages} pages from gfn {:#x}", first.0);
     Ok(())
 }
@@ -129,7 +123,6 @@ fn stop(guest: &mut Vm, platform: &mut impl Platform) -> Result<(), i64> {
     if let Some(display) = guest.display.take() {
         display.destroy(platform);
     }
-    guest.tick_period = None;
     log::info!("display: tracking stopped");
     Ok(())
 }

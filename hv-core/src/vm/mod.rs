@@ -5,6 +5,7 @@
 //! its exit counters, and the VMX controls and bitmaps every vCPU runs with.
 
 pub mod display;
+pub mod layout;
 pub mod memory;
 
 use alloc::vec::Vec;
@@ -14,9 +15,10 @@ use hv_abi::Altp2mMode;
 use hv_altp2m::Altp2m;
 use hv_ept::{DirtyBitmap, EptCaps, Gfn, Mfn, Order, P2m, P2mAccess, P2mType};
 
-use x86::vmx::vmcs::control::{ExitControls, PrimaryControls};
+use x86::vmx::vmcs::control::PrimaryControls;
 
-use crate::devices::uart::{Console, Uart};
+use crate::devices::acpi::{self, HostPlatform};
+use crate::devices::ports::{self, Devices};
 use crate::exits::{PASS_READ_ONLY, PASS_WRITE};
 use crate::loader::{self, ImageError, MapEntry, Protocol};
 use crate::platform::Platform;
@@ -26,14 +28,12 @@ use crate::vmx::exit::NUM_REASONS;
 use crate::vmx::vmcs::{self, Controls, MissingFeature, Wants};
 use crate::vmx::{Cpu, VmxError};
 use display::Display;
+use layout::{HOLE_START, Layout};
 
 pub use memory::NotGuestRam;
 
 pub const PAGE: u64 = 4096;
-/// Guest RAM below the legacy hole (the EBDA page at 0x9F000 is left out).
-pub const LOW_RAM_END: u64 = 0x9_f000;
-/// The legacy hole (VGA, option ROMs, BIOS) ends at 1 MiB.
-pub const HIGH_RAM_START: u64 = 0x10_0000;
+pub use layout::{HIGH_RAM_START, LOW_RAM_END};
 
 #[derive(Clone, Debug)]
 pub struct GuestConfig<'a> {
@@ -47,6 +47,10 @@ pub struct GuestConfig<'a> {
     pub force_multiboot1: bool,
     /// What the guest may call of the altp2m interface.
     pub altp2m_mode: Altp2mMode,
+    /// The machine's interrupt hardware, which the guest gets.
+    pub host: &'a HostPlatform,
+    /// The APIC ids of the physical CPUs the vCPUs run on, BSP first.
+    pub apic_ids: &'a [u32],
 }
 
 /// What the CPU lets the hypervisor offer this guest beyond the base set.
@@ -57,8 +61,6 @@ pub struct Features {
     pub vmfunc: bool,
     /// EPT-violation #VE.
     pub ve: bool,
-    /// The VMX-preemption timer (the display refresh tick).
-    pub tick: bool,
     /// The monitor trap flag: single steps without touching RFLAGS.TF.
     pub mtf: bool,
     /// Guest translations are tagged with `vcpu::GUEST_VPID`.
@@ -66,6 +68,30 @@ pub struct Features {
     /// The wait-for-SIPI activity state (IA32_VMX_MISC bit 8), for INIT.
     pub wait_for_sipi: bool,
 }
+
+/// The pages of the machine's interrupt hardware a guest gets: its I/O
+/// APICs and the local APIC. Only pages in the MMIO hole below 4 GiB: the
+/// firmware's tables are trusted for where the hardware is, never to hand a
+/// guest RAM or anything above the hole.
+fn mmio_pages(host: &HostPlatform) -> Vec<u64> {
+    let mut pages: Vec<u64> = host
+        .io_apics
+        .iter()
+        .map(|io| u64::from(io.address))
+        .chain([host.local_apic])
+        .map(|address| address & !(PAGE - 1))
+        .filter(|page| (HOLE_START..layout::FOUR_GIB).contains(page))
+        .collect();
+    pages.sort_unstable();
+    pages.dedup();
+    pages
+}
+
+/// The watchdog tick, in TSC cycles: about a second of Bochs's emulated
+/// time (it counts instructions at ~200 M/s), a tenth on a 3 GHz CPU.
+pub const WATCHDOG_TICK_TSC: u64 = 1 << 28;
+/// The display refresh tick, in TSC cycles: a few per second in Bochs.
+pub const DISPLAY_TICK_TSC: u64 = 20_000_000;
 
 /// Drop-log entries kept between two drains.
 const DROP_LOG: usize = 256;
@@ -134,8 +160,8 @@ pub struct Vm {
     ram: Vec<RamChunk>,
     /// The guest-physical memory map the guest is told about.
     pub memory_map: Vec<MapEntry>,
-    pub console: Console,
-    pub uart: Uart,
+    /// What the hypervisor emulates or filters for the guest.
+    pub devices: Devices,
     /// VM exits by basic reason, all vCPUs together.
     pub counters: [u64; NUM_REASONS],
     /// EPT violations outside the guest's memory so far.
@@ -143,8 +169,8 @@ pub struct Vm {
     pub dirty: DirtyBitmap,
     /// The CPU's VMX fixed bits for CR0/CR4, which guest CR writes must keep.
     pub cr_fixed: Fixed,
-    /// Period of the hypervisor's tick (VMX-preemption timer units), if any.
-    pub tick_period: Option<u32>,
+    /// The VMX-preemption timer counts TSC cycles >> this (IA32_VMX_MISC[4:0]).
+    pub timer_shift: u8,
     pub protocol: Protocol,
     /// Guest-physical address of the Multiboot information.
     pub boot_info: u64,
@@ -177,14 +203,9 @@ impl Vm {
         config: &GuestConfig<'_>,
         platform: &mut impl Platform,
     ) -> Result<Self, VmError> {
-        let save_timer = caps
-            .exit()
-            .allows(ExitControls::SAVE_VMX_PREEMPTION_TIMER.bits());
         let features = Features {
             vmfunc: caps.eptp_switching() && caps.ept_violation_ve(),
             ve: caps.ept_violation_ve(),
-            // The tick needs the timer value saved across exits.
-            tick: caps.preemption_timer() && save_timer,
             mtf: caps
                 .procbased()
                 .allows(PrimaryControls::MONITOR_TRAP_FLAG.bits()),
@@ -192,7 +213,6 @@ impl Vm {
             wait_for_sipi: caps.msrs.misc & 1 << 8 != 0,
         };
         let wants = Wants {
-            preemption_timer: features.tick,
             vm_functions: features.vmfunc,
             virtualization_exceptions: features.ve,
         };
@@ -214,10 +234,10 @@ impl Vm {
                 GuestError::BadConfig("guest memory must be between 2 MiB and 1 TiB").into(),
             );
         }
-        let ram_end = config.memory_mib << 20;
-        let ram_ranges = [(0, LOW_RAM_END), (HIGH_RAM_START, ram_end)];
+        let mmio = mmio_pages(config.host);
+        let layout = Layout::new(config.memory_mib, &mmio);
         // Check the image before taking any memory.
-        let plan = loader::plan(config.image, &ram_ranges, config.force_multiboot1)
+        let plan = loader::plan(config.image, &layout.ram, config.force_multiboot1)
             .map_err(GuestError::Image)?;
         let p2m = P2m::new(platform, ept_caps).map_err(GuestError::from)?;
         let altp2m = match Altp2m::new(platform, 1, DROP_LOG) {
@@ -243,36 +263,19 @@ impl Vm {
             msr_bitmap.hpa(),
             &vmcs::msr_bitmap(PASS_WRITE.iter().chain(PASS_READ_ONLY), PASS_WRITE),
         );
-        let all_ones = [0xffu8; 4096];
-        platform.write_phys(io_bitmaps.hpa(), &all_ones);
-        platform.write_phys(io_bitmaps.hpa() + 4096, &all_ones);
+        let io = ports::io_bitmaps();
+        platform.write_phys(io_bitmaps.hpa(), &io[..4096]);
+        platform.write_phys(io_bitmaps.hpa() + 4096, &io[4096..]);
         let mut vm = Vm {
             p2m,
             ram: Vec::new(),
-            memory_map: alloc::vec![
-                MapEntry {
-                    start: 0,
-                    end: LOW_RAM_END,
-                    available: true
-                },
-                MapEntry {
-                    start: LOW_RAM_END,
-                    end: HIGH_RAM_START,
-                    available: false
-                },
-                MapEntry {
-                    start: HIGH_RAM_START,
-                    end: ram_end,
-                    available: true
-                },
-            ],
-            console: Console::default(),
-            uart: Uart::default(),
+            memory_map: layout.map.clone(),
+            devices: Devices::default(),
             counters: [0; NUM_REASONS],
             stray_accesses: 0,
             dirty: DirtyBitmap::new(),
             cr_fixed,
-            tick_period: None,
+            timer_shift: (caps.msrs.misc & 0x1f) as u8,
             protocol: plan.protocol,
             boot_info: 0,
             entry: plan.entry,
@@ -288,7 +291,9 @@ impl Vm {
             io_bitmaps,
         };
         let built = vm
-            .populate(&ram_ranges, platform)
+            .populate(&layout.backed(), platform)
+            .and_then(|()| vm.map_mmio(&mmio, platform))
+            .and_then(|()| vm.write_acpi_tables(config, platform))
             .and_then(|()| vm.load(config, &plan, platform));
         match built {
             Ok(()) => Ok(vm),
@@ -299,9 +304,49 @@ impl Vm {
         }
     }
 
+    /// The period of the hypervisor's tick, in VMX-preemption timer units:
+    /// the display refresh rate while there is a display, otherwise the
+    /// watchdog's, slow enough to cost an idle guest next to nothing.
+    pub fn tick_period(&self) -> u32 {
+        let tsc = if self.display.is_some() {
+            DISPLAY_TICK_TSC
+        } else {
+            WATCHDOG_TICK_TSC
+        };
+        u32::try_from(tsc >> self.timer_shift).unwrap_or(u32::MAX)
+    }
+
     /// The MSR bitmap's and I/O bitmaps' addresses, for each vCPU's VMCS.
     pub fn bitmaps(&self) -> (u64, u64) {
         (self.msr_bitmap.hpa(), self.io_bitmaps.hpa())
+    }
+
+    /// Maps the interrupt hardware's pages (I/O APICs, the local APIC at
+    /// its reset base) guest-physical = host-physical, uncached: the guest
+    /// programs them itself.
+    fn map_mmio(&mut self, pages: &[u64], platform: &mut impl Platform) -> Result<(), GuestError> {
+        for &page in pages {
+            self.p2m.set_entry(
+                platform,
+                Gfn(page / PAGE),
+                Mfn(page / PAGE),
+                Order::PAGE_4K,
+                P2mType::MmioDirect,
+                P2mAccess::Rwx,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Writes the guest's ACPI tables into the legacy area.
+    fn write_acpi_tables(
+        &mut self,
+        config: &GuestConfig<'_>,
+        platform: &mut impl Platform,
+    ) -> Result<(), GuestError> {
+        let tables = acpi::tables(config.host, config.apic_ids);
+        self.write(platform, acpi::TABLES_AT, &tables)
+            .map_err(|_| GuestError::BadConfig("no room for the ACPI tables"))
     }
 
     /// Backs the RAM ranges with zeroed frames: 2 MiB pages where a 2 MiB

@@ -175,6 +175,41 @@ pub unsafe fn write_cr0_cr4(cr0: u64, cr4: u64) {
     }
 }
 
+pub fn read_cr8() -> u64 {
+    let value: u64;
+    // SAFETY: reading CR8 has no side effect.
+    unsafe { core::arch::asm!("mov {}, cr8", out(reg) value, options(nomem, nostack)) };
+    value
+}
+
+/// Writes CR8 (the local APIC's task priority).
+///
+/// # Safety
+///
+/// Raising the task priority must not hide an interrupt the caller waits for.
+pub unsafe fn write_cr8(value: u64) {
+    // SAFETY: forwarded from the caller.
+    unsafe { core::arch::asm!("mov cr8, {}", in(reg) value, options(nomem, nostack)) };
+}
+
+/// IN of a byte.
+pub fn inb(port: u16) -> u8 {
+    // SAFETY: reading a port has no effect on memory; the callers read only
+    // ports whose reads have no effect the hypervisor depends on.
+    unsafe { x86::io::inb(port) }
+}
+
+/// OUT of a byte.
+///
+/// # Safety
+///
+/// The write must not reset the machine, turn A20 off or otherwise change
+/// what the hypervisor depends on.
+pub unsafe fn outb(port: u16, value: u8) {
+    // SAFETY: forwarded from the caller.
+    unsafe { x86::io::outb(port, value) }
+}
+
 /// STR: the task register's selector.
 pub fn task_register() -> u16 {
     // SAFETY: STR only reads the task register.

@@ -14,6 +14,7 @@ use core::fmt;
 use hv_ept::Mfn;
 use x86::vmx::vmcs::host;
 
+use crate::devices::ports::PortIo;
 use crate::platform::Platform;
 use caps::{FeatureControl, VmxCaps};
 use vmcs::Vmcs;
@@ -21,7 +22,7 @@ use vmcs::Vmcs;
 /// The CPU a vCPU runs on, as exit handling needs it: its current VMCS and
 /// the instructions handlers execute for the guest. [`ThisCpu`] is the real
 /// one; host tests use a simulated CPU.
-pub trait Cpu: Vmcs {
+pub trait Cpu: Vmcs + PortIo {
     /// CPUID on the physical CPU: EAX, EBX, ECX, EDX.
     fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4];
 
@@ -35,6 +36,11 @@ pub trait Cpu: Vmcs {
     /// XSETBV (the guest's extended-state mask stays loaded: the hypervisor
     /// itself uses no extended state). Only values valid for this CPU.
     fn xsetbv(&mut self, index: u32, value: u64);
+
+    /// CR8, the local APIC's task priority (the guest's own: its APIC is
+    /// passed through), for a CPU that cannot let MOV CR8 run natively.
+    fn read_cr8(&self) -> u64;
+    fn write_cr8(&mut self, value: u64);
 
     /// Makes the VMCS at `region` clear and current (VMCLEAR, VMPTRLD).
     fn load_vmcs(&mut self, region: Mfn) -> Result<(), VmxError>;
@@ -58,6 +64,18 @@ impl Vmcs for ThisCpu {
         if let Err(e) = instructions::vmwrite(field, value) {
             log::error!("vmx: VMWRITE {field:#x} = {value:#x} failed: {e:?}");
         }
+    }
+}
+
+impl PortIo for ThisCpu {
+    fn inb(&mut self, port: u16) -> u8 {
+        instructions::inb(port)
+    }
+
+    fn outb(&mut self, port: u16, value: u8) {
+        // SAFETY: only the filtered ports of `devices::ports` (the i8042,
+        // port 0x92) are written, with their reset and A20 bits cleaned.
+        unsafe { instructions::outb(port, value) }
     }
 }
 
@@ -86,6 +104,16 @@ impl Cpu for ThisCpu {
         // SAFETY: the XSETBV handler passes only values valid on this CPU
         // (its rules and CPUID.0xD), and the kernel set CR4.OSXSAVE at boot.
         unsafe { instructions::xsetbv(index, value) }
+    }
+
+    fn read_cr8(&self) -> u64 {
+        instructions::read_cr8()
+    }
+
+    fn write_cr8(&mut self, value: u64) {
+        // SAFETY: the hypervisor runs with interrupts off and never uses the
+        // task priority, so the guest's value cannot affect it.
+        unsafe { instructions::write_cr8(value) }
     }
 
     fn load_vmcs(&mut self, region: Mfn) -> Result<(), VmxError> {

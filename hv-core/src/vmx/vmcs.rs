@@ -48,8 +48,6 @@ pub struct Controls {
 /// Optional features a guest may ask for on top of the base set.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Wants {
-    /// A periodic tick from the VMX-preemption timer.
-    pub preemption_timer: bool,
     /// VMFUNC EPTP switching (altp2m).
     pub vm_functions: bool,
     /// EPT-violation #VE (altp2m).
@@ -97,31 +95,43 @@ impl Controls {
             return Err(MissingFeature("single- and all-context INVEPT"));
         }
 
-        let mut pin = PinbasedControls::EXTERNAL_INTERRUPT_EXITING | PinbasedControls::NMI_EXITING;
-        if wants.preemption_timer {
-            need(
-                pin_allowed,
-                PinbasedControls::VMX_PREEMPTION_TIMER.bits(),
-                "the VMX-preemption timer",
-            )?;
-            pin |= PinbasedControls::VMX_PREEMPTION_TIMER;
-        }
-
-        // CR8 loads and stores exit so that MOV CR8 never reaches the
-        // physical APIC's TPR (SDM Vol. 3C 25.3).
+        // External interrupts go straight to the guest through its own IDT
+        // (no exit): the local APIC, I/O APIC and legacy timers are the
+        // guest's. NMIs exit: the hypervisor needs them to reach a CPU that
+        // runs a guest (cross-CPU invalidations), and forwards the guest's
+        // own, tracking NMI blocking itself (virtual NMIs, NMI-window exits).
+        // The VMX-preemption timer is the hypervisor's only tick (watchdog,
+        // display refresh, control channel): it is required.
+        let pin = PinbasedControls::NMI_EXITING
+            | PinbasedControls::VIRTUAL_NMIS
+            | PinbasedControls::VMX_PREEMPTION_TIMER;
+        need(
+            pin_allowed,
+            PinbasedControls::VIRTUAL_NMIS.bits(),
+            "virtual NMIs",
+        )?;
+        need(
+            pin_allowed,
+            PinbasedControls::VMX_PREEMPTION_TIMER.bits(),
+            "the VMX-preemption timer",
+        )?;
         need(
             primary_allowed,
-            (P::CR8_LOAD_EXITING | P::CR8_STORE_EXITING).bits(),
-            "CR8-load/store exiting",
+            (P::INTERRUPT_WINDOW_EXITING | P::NMI_WINDOW_EXITING).bits(),
+            "interrupt- and NMI-window exiting",
         )?;
-        let primary = P::CR8_LOAD_EXITING
-            | P::CR8_STORE_EXITING
-            | P::HLT_EXITING
-            | P::MWAIT_EXITING
+        // HLT runs natively (an idle guest costs no exits: its own timer
+        // wakes it); the watchdog tick catches a guest halted for good.
+        // CR8 is the guest's own TPR in its own local APIC.
+        let mut primary = P::MWAIT_EXITING
             | P::MONITOR_EXITING
             | P::USE_IO_BITMAPS
             | P::USE_MSR_BITMAPS
             | P::SECONDARY_CONTROLS;
+        // Guest writes to IA32_TIME_STAMP_COUNTER become an offset.
+        if primary_allowed.allows(P::USE_TSC_OFFSETTING.bits()) {
+            primary |= P::USE_TSC_OFFSETTING;
+        }
 
         let mut secondary = S::ENABLE_EPT | S::UNRESTRICTED_GUEST;
         // Guest instructions that fault (#UD) unless enabled, when the CPU has
@@ -152,20 +162,18 @@ impl Controls {
             secondary |= S::EPT_VIOLATION_VE;
         }
 
-        let mut exit = ExitControls::HOST_ADDRESS_SPACE_SIZE
-            | ExitControls::ACK_INTERRUPT_ON_EXIT
+        // The timer value is saved on exit, or every VM entry would restart
+        // the countdown.
+        let exit = ExitControls::HOST_ADDRESS_SPACE_SIZE
             | ExitControls::SAVE_IA32_EFER
             | ExitControls::LOAD_IA32_EFER
             | ExitControls::SAVE_IA32_PAT
-            | ExitControls::LOAD_IA32_PAT;
-        if wants.preemption_timer {
-            // Without saving, every VM entry would restart the countdown.
-            exit |= ExitControls::SAVE_VMX_PREEMPTION_TIMER;
-        }
+            | ExitControls::LOAD_IA32_PAT
+            | ExitControls::SAVE_VMX_PREEMPTION_TIMER;
         need(
             caps.exit(),
             exit.bits(),
-            "64-bit host with EFER/PAT switching on VM exit",
+            "64-bit host with EFER/PAT switching and a saved preemption timer on VM exit",
         )?;
         let entry = EntryControls::LOAD_IA32_EFER | EntryControls::LOAD_IA32_PAT;
         need(caps.entry(), entry.bits(), "EFER/PAT loading on VM entry")?;
@@ -280,6 +288,9 @@ pub(crate) mod tests {
         pub inveptions: std::vec::Vec<Option<u64>>,
         pub invvpids: std::vec::Vec<u16>,
         pub current: Option<hv_ept::Mfn>,
+        pub cr8: u64,
+        /// Bytes written to hardware ports, in order.
+        pub port_writes: std::vec::Vec<(u16, u8)>,
         pub cleared: std::vec::Vec<hv_ept::Mfn>,
     }
 
@@ -289,6 +300,16 @@ pub(crate) mod tests {
         }
         fn write(&mut self, field: u32, value: u64) {
             self.fields.insert(field, value);
+        }
+    }
+
+    impl crate::devices::ports::PortIo for FakeVmcs {
+        fn inb(&mut self, port: u16) -> u8 {
+            port as u8
+        }
+
+        fn outb(&mut self, port: u16, value: u8) {
+            self.port_writes.push((port, value));
         }
     }
 
@@ -313,6 +334,14 @@ pub(crate) mod tests {
             self.xcr0 = Some(value);
         }
 
+        fn read_cr8(&self) -> u64 {
+            self.cr8
+        }
+
+        fn write_cr8(&mut self, value: u64) {
+            self.cr8 = value;
+        }
+
         fn load_vmcs(&mut self, region: hv_ept::Mfn) -> Result<(), crate::vmx::VmxError> {
             self.current = Some(region);
             Ok(())
@@ -327,7 +356,6 @@ pub(crate) mod tests {
     fn bochs_controls_have_ept_vpid_and_unrestricted_guest() {
         let caps = VmxCaps::new(bochs_skylake_x(), 39);
         let wants = Wants {
-            preemption_timer: true,
             vm_functions: true,
             virtualization_exceptions: true,
         };
@@ -341,12 +369,26 @@ pub(crate) mod tests {
                 | SecondaryControls::EPT_VIOLATION_VE
         ));
         assert!(c.vpid);
+        let pin = PinbasedControls::from_bits_truncate(c.pin);
+        assert!(pin.contains(
+            PinbasedControls::VMX_PREEMPTION_TIMER
+                | PinbasedControls::NMI_EXITING
+                | PinbasedControls::VIRTUAL_NMIS
+        ));
         assert!(
-            PinbasedControls::from_bits_truncate(c.pin)
-                .contains(PinbasedControls::VMX_PREEMPTION_TIMER)
+            !pin.contains(PinbasedControls::EXTERNAL_INTERRUPT_EXITING),
+            "external interrupts go to the guest without exits"
         );
         let primary = PrimaryControls::from_bits_truncate(c.primary);
-        assert!(primary.contains(PrimaryControls::USE_MSR_BITMAPS | PrimaryControls::HLT_EXITING));
+        assert!(primary.contains(PrimaryControls::USE_MSR_BITMAPS));
+        assert!(
+            !primary.intersects(
+                PrimaryControls::HLT_EXITING
+                    | PrimaryControls::CR8_LOAD_EXITING
+                    | PrimaryControls::CR8_STORE_EXITING
+            ),
+            "HLT and CR8 run natively"
+        );
         // True controls let CR3 loads and stores run without exits.
         assert!(!primary.contains(PrimaryControls::CR3_LOAD_EXITING));
     }

@@ -1,11 +1,11 @@
-//! The guest's serial console as the hypervisor emulates it: a 16550 at
-//! COM1 whose bytes become lines for the run's log.
+//! The guest's debug console (port 0xE9): its bytes become lines of the
+//! run's log. (The guest's real console, COM1, is its own.)
 
 use alloc::string::String;
 
 use crate::platform::Platform;
 
-/// The guest's serial console: bytes become lines for the run's log.
+/// Bytes written to the debug port, as lines for the run's log.
 #[derive(Default)]
 pub struct Console {
     line: String,
@@ -39,14 +39,4 @@ impl Console {
             self.line.clear();
         }
     }
-}
-
-/// The guest's emulated 16550 at COM1: enough for a polling driver.
-#[derive(Default)]
-pub struct Uart {
-    /// Line control register (bit 7: divisor latch access).
-    pub lcr: u8,
-    pub ier: u8,
-    pub mcr: u8,
-    pub scratch: u8,
 }
