@@ -50,7 +50,7 @@ extern "C" fn kmain(magic: u32, info_address: u32) -> ! {
     if let Err(e) = heap::init() {
         fatal(format_args!("heap: {e}"));
     }
-    acpi::discover(boot.acpi_root);
+    let machine = acpi::discover(boot.acpi_root);
     let caps = match hv_core::vmx::caps::probe_this_cpu() {
         Ok(caps) => {
             log::debug!("vmx: capability MSRs {:x?}", caps.msrs);
@@ -71,7 +71,7 @@ extern "C" fn kmain(magic: u32, info_address: u32) -> ! {
     }
     println!("hv: ready (tsc {})", platform::rdtsc());
     let status = match (&caps, boot.modules.is_empty()) {
-        (Some(caps), false) => vmm::run_guest(caps, &boot, &options),
+        (Some(caps), false) => vmm::run_guest(caps, &boot, &options, machine.as_ref()),
         (None, false) => {
             error!("vmm: a guest was given, but this CPU cannot run it without VMX");
             vmm::GUEST_STOPPED

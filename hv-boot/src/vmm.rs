@@ -8,6 +8,7 @@ use core::fmt::Write;
 use hv_boot::bootinfo::BootInfo;
 use hv_boot::cmdline::Options;
 use hv_boot::exit;
+use hv_core::devices::acpi::HostPlatform;
 use hv_core::exits::GuestEnd;
 use hv_core::platform::Platform;
 use hv_core::vcpu::{Vcpu, VcpuId};
@@ -104,7 +105,12 @@ pub const GUEST_STOPPED: u8 = exit::GUEST_STOPPED;
 /// down, VMX operation included. Returns the run's status. Every frame the
 /// guest and VMX took must be back at the end, and the hypervisor's code and
 /// page tables unchanged: both are checked and reported.
-pub fn run_guest(caps: &VmxCaps, boot: &BootInfo, options: &Options) -> u8 {
+pub fn run_guest(
+    caps: &VmxCaps,
+    boot: &BootInfo,
+    options: &Options,
+    machine: Option<&crate::acpi::Cpus>,
+) -> u8 {
     let Some(module) = boot.modules.first() else {
         info!("vmm: no guest module given; nothing to run");
         return exit::OK;
@@ -117,12 +123,27 @@ pub fn run_guest(caps: &VmxCaps, boot: &BootInfo, options: &Options) -> u8 {
             (module.end - module.start) as usize,
         )
     };
+    // Without a MADT the firmware said nothing of I/O APICs: the guest gets
+    // its local APIC and the legacy PICs only.
+    let fallback = HostPlatform {
+        io_apics: alloc::vec::Vec::new(),
+        overrides: alloc::vec::Vec::new(),
+        lapic_nmis: alloc::vec::Vec::new(),
+        ..HostPlatform::pc()
+    };
+    let host = machine.map_or(&fallback, |m| &m.platform);
+    // The guest's one vCPU runs on this CPU, the BSP.
+    let bsp_apic_id = raw_cpuid::CpuId::new()
+        .get_feature_info()
+        .map_or(0, |f| u32::from(f.initial_local_apic_id()));
     let config = GuestConfig {
         memory_mib: options.guest_memory_mib,
         image,
         cmdline: &module.cmdline,
         force_multiboot1: options.guest_multiboot1,
         altp2m_mode: options.altp2m_mode,
+        host,
+        apic_ids: &[bsp_apic_id],
     };
     let mut platform = KernelPlatform;
     let free_before = memory::free_frames();
