@@ -1,14 +1,18 @@
-//! Guest images: Multiboot 1 and 2 kernels given as boot modules. This module
-//! checks an image and plans where its bytes go in guest-physical memory,
-//! and builds the Multiboot information the guest finds at entry. It never
-//! trusts the image: every offset and size is checked before use.
+//! Multiboot 1 and 2 guests: checks an image and plans where its bytes go
+//! in guest-physical memory, places the boot modules after it, and builds
+//! the Multiboot information the guest finds at entry.
 
+use alloc::borrow::Cow;
 use alloc::vec::Vec;
-use core::fmt;
 use core::ops::Range;
 
 use elf::ElfBytes;
 use elf::endian::AnyEndian;
+
+use super::layout::{LIMIT_32, Layout};
+use super::{
+    BootPlan, Content, EntryState, ImageError, MemoryKind, MemoryRegion, Module, PAGE, Placement,
+};
 
 /// Which Multiboot protocol the guest is started with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,80 +27,6 @@ impl Protocol {
         match self {
             Self::Multiboot1 => 0x2bad_b002,
             Self::Multiboot2 => 0x36d7_6289,
-        }
-    }
-}
-
-/// Why an image is refused.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ImageError {
-    NoMultibootHeader,
-    /// Multiboot 1 flags in bits 0..16 that this loader does not provide.
-    UnsupportedMultibootFlags(u32),
-    NotElf,
-    /// ELF magic, but the headers do not parse (a cut-off or corrupt file).
-    MalformedElf,
-    /// Not a 32- or 64-bit x86 executable.
-    UnsupportedElf(&'static str),
-    /// A segment's bytes lie beyond the end of the file.
-    Truncated {
-        offset: u64,
-        size: u64,
-        file: u64,
-    },
-    /// A segment (or the a.out-kludge load range) is not inside guest RAM.
-    OutsideRam {
-        start: u64,
-        end: u64,
-    },
-    /// Two loaded ranges overlap.
-    Overlap {
-        first: (u64, u64),
-        second: (u64, u64),
-    },
-    /// The entry point is not inside a loaded range or not below 4 GiB.
-    BadEntry(u64),
-    /// The Multiboot 1 address fields are inconsistent.
-    BadAddressFields,
-    NothingToLoad,
-}
-
-impl fmt::Display for ImageError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::NoMultibootHeader => f.write_str("no Multiboot 1 or 2 header in the image"),
-            Self::UnsupportedMultibootFlags(flags) => {
-                write!(
-                    f,
-                    "the Multiboot 1 header requires features this loader lacks (flags {flags:#x})"
-                )
-            }
-            Self::NotElf => f.write_str("not an ELF file"),
-            Self::MalformedElf => f.write_str("truncated or corrupt ELF headers"),
-            Self::UnsupportedElf(why) => write!(f, "unsupported ELF image: {why}"),
-            Self::Truncated { offset, size, file } => {
-                write!(
-                    f,
-                    "truncated: a segment needs bytes {offset:#x}+{size:#x} of a {file:#x}-byte file"
-                )
-            }
-            Self::OutsideRam { start, end } => {
-                write!(
-                    f,
-                    "segment {start:#x}..{end:#x} lies outside the guest's RAM"
-                )
-            }
-            Self::Overlap { first, second } => write!(
-                f,
-                "segments {:#x}..{:#x} and {:#x}..{:#x} overlap",
-                first.0, first.1, second.0, second.1
-            ),
-            Self::BadEntry(entry) => write!(
-                f,
-                "entry point {entry:#x} is not in a loaded segment below 4 GiB"
-            ),
-            Self::BadAddressFields => f.write_str("inconsistent Multiboot 1 address fields"),
-            Self::NothingToLoad => f.write_str("the image has no loadable segment"),
         }
     }
 }
@@ -133,7 +63,7 @@ impl LoadPlan {
 const MB2_MAGIC: u32 = 0xe852_50d6;
 const MB1_MAGIC: u32 = 0x1bad_b002;
 /// Multiboot 1 flag bits a loader must understand (0..16) that we do:
-/// page-aligned modules (there are none) and memory information.
+/// page-aligned modules (every module is) and memory information.
 const MB1_SUPPORTED_REQUIREMENTS: u32 = 0b11;
 const MB1_ADDRESS_FIELDS: u32 = 1 << 16;
 
@@ -335,7 +265,105 @@ fn kludge_pieces(image: &[u8], at: usize) -> Result<(Vec<Piece>, u64), ImageErro
     Ok((alloc::vec![piece], entry))
 }
 
-/// A region of the guest's memory map, as Multiboot types it (1 = RAM, 2 = reserved).
+/// Whether the image has a Multiboot 1 or 2 header.
+pub(super) fn has_header(image: &[u8]) -> bool {
+    find_mb2(image).is_some() || find_mb1(image).is_some()
+}
+
+/// Plans a Multiboot guest: the image's pieces, then the boot information
+/// and the modules, page-aligned, in the first free RAM after the image and
+/// below 4 GiB (the info's address and module fields are 32-bit).
+pub(super) fn plan_boot<'a>(
+    image: &'a [u8],
+    modules: &[Module<'a>],
+    map: &[MemoryRegion],
+    mut layout: Layout,
+    cmdline: &str,
+    force_mb1: bool,
+) -> Result<BootPlan<'a>, ImageError> {
+    let load = plan(image, layout.ram(), force_mb1)?;
+    let mut writes = Vec::new();
+    for piece in &load.pieces {
+        layout.take(piece.gpa, piece.end());
+        writes.push(Placement {
+            gpa: piece.gpa,
+            bytes: Cow::Borrowed(&image[piece.file.clone()]),
+            zeroed: piece.zero,
+            content: Content::Image,
+        });
+    }
+    let after = load.end().next_multiple_of(PAGE);
+    let mut place = |what: Content, size: u64| {
+        let at = layout
+            .lowest(after, size, PAGE, LIMIT_32)
+            .ok_or(ImageError::NoRoom { what, size })?;
+        layout.take(at, at + size);
+        Ok::<u64, ImageError>(at)
+    };
+    // The information's size does not depend on the addresses in it.
+    let mut records: Vec<ModuleRecord<'_>> = modules
+        .iter()
+        .map(|m| ModuleRecord {
+            start: 0,
+            end: 0,
+            cmdline: m.cmdline,
+        })
+        .collect();
+    let info_len = info(load.protocol, 0, cmdline, map, &records).len();
+    let info_at = place(Content::BootInformation, info_len as u64)?;
+    for (i, (module, record)) in modules.iter().zip(&mut records).enumerate() {
+        let size = module.bytes.len() as u64;
+        let at = place(Content::Module(i), size)?;
+        // Below LIMIT_32, so both fit in 32 bits.
+        (record.start, record.end) = (at as u32, (at + size) as u32);
+        writes.push(Placement {
+            gpa: at,
+            bytes: Cow::Borrowed(module.bytes),
+            zeroed: 0,
+            content: Content::Module(i),
+        });
+    }
+    let info_at = info_at as u32;
+    writes.push(Placement {
+        gpa: u64::from(info_at),
+        bytes: Cow::Owned(info(load.protocol, info_at, cmdline, map, &records)),
+        zeroed: 0,
+        content: Content::BootInformation,
+    });
+    Ok(BootPlan {
+        writes,
+        entry: EntryState::Multiboot {
+            eip: load.entry,
+            eax: load.protocol.magic(),
+            ebx: info_at,
+        },
+    })
+}
+
+/// A module as the Multiboot information lists it.
+#[derive(Clone, Copy, Debug)]
+struct ModuleRecord<'a> {
+    start: u32,
+    /// Exclusive, as GRUB gives it.
+    end: u32,
+    cmdline: &'a str,
+}
+
+fn info(
+    protocol: Protocol,
+    base: u32,
+    cmdline: &str,
+    map: &[MemoryRegion],
+    modules: &[ModuleRecord<'_>],
+) -> Vec<u8> {
+    match protocol {
+        Protocol::Multiboot1 => mb1_info(base, cmdline, map, modules),
+        Protocol::Multiboot2 => mb2_info(cmdline, map, modules),
+    }
+}
+
+/// A region of the guest's memory map, as Multiboot types it (1 = RAM, 2 =
+/// reserved). Kept for `guest.rs`; [`MemoryRegion`] has every kind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapEntry {
     pub start: u64,
@@ -343,11 +371,15 @@ pub struct MapEntry {
     pub available: bool,
 }
 
+fn regions(map: &[MapEntry]) -> Vec<MemoryRegion> {
+    map.iter().map(|&e| e.into()).collect()
+}
+
 /// `mem_lower`/`mem_upper` in KiB: RAM below 640 KiB and contiguous RAM from 1 MiB.
-fn basic_memory(map: &[MapEntry]) -> (u32, u32) {
+fn basic_memory(map: &[MemoryRegion]) -> (u32, u32) {
     let ram_from = |at: u64| {
         map.iter()
-            .find(|e| e.available && e.start <= at && at < e.end)
+            .find(|e| e.kind == MemoryKind::Ram && e.start <= at && at < e.end)
             .map(|e| e.end - at)
     };
     let lower = ram_from(0).unwrap_or(0).min(640 << 10) >> 10;
@@ -355,14 +387,20 @@ fn basic_memory(map: &[MapEntry]) -> (u32, u32) {
     (lower as u32, upper.min(u64::from(u32::MAX)) as u32)
 }
 
+/// Multiboot 2 boot information without modules (see [`mb2_info`]).
+pub fn multiboot2_info(cmdline: &str, map: &[MapEntry]) -> Vec<u8> {
+    mb2_info(cmdline, &regions(map), &[])
+}
+
 /// Multiboot 2 boot information (Multiboot 2 spec 3.6): command line,
-/// loader name, basic memory information and memory map. Position
+/// loader name, modules, basic memory information and memory map. Position
 /// independent (place it 8-byte aligned). Written by hand like the Multiboot
 /// 1 record: the `multiboot2` crate builds it only with an allocator feature
 /// that would force one on every kernel linking the crate (the test guest).
-pub fn multiboot2_info(cmdline: &str, map: &[MapEntry]) -> Vec<u8> {
+fn mb2_info(cmdline: &str, map: &[MemoryRegion], modules: &[ModuleRecord<'_>]) -> Vec<u8> {
     const CMDLINE: u32 = 1;
     const LOADER_NAME: u32 = 2;
+    const MODULE: u32 = 3;
     const BASIC_MEMINFO: u32 = 4;
     const MMAP: u32 = 6;
     const END: u32 = 0;
@@ -380,6 +418,12 @@ pub fn multiboot2_info(cmdline: &str, map: &[MapEntry]) -> Vec<u8> {
     };
     tag(&mut out, CMDLINE, &string(cmdline));
     tag(&mut out, LOADER_NAME, &string("hv"));
+    for m in modules {
+        let mut body = Vec::from(m.start.to_le_bytes());
+        body.extend_from_slice(&m.end.to_le_bytes());
+        body.extend_from_slice(&string(m.cmdline));
+        tag(&mut out, MODULE, &body);
+    }
     let (lower, upper) = basic_memory(map);
     let mut meminfo = Vec::from(lower.to_le_bytes());
     meminfo.extend_from_slice(&upper.to_le_bytes());
@@ -390,7 +434,7 @@ pub fn multiboot2_info(cmdline: &str, map: &[MapEntry]) -> Vec<u8> {
     for e in map {
         mmap.extend_from_slice(&e.start.to_le_bytes());
         mmap.extend_from_slice(&(e.end - e.start).to_le_bytes());
-        mmap.extend_from_slice(&(if e.available { 1u32 } else { 2 }).to_le_bytes());
+        mmap.extend_from_slice(&e.kind.e820_type().to_le_bytes());
         mmap.extend_from_slice(&0u32.to_le_bytes());
     }
     tag(&mut out, MMAP, &mmap);
@@ -402,18 +446,31 @@ pub fn multiboot2_info(cmdline: &str, map: &[MapEntry]) -> Vec<u8> {
 
 /// Bytes [`multiboot1_info`] produces for this command line and map.
 pub fn multiboot1_info_len(cmdline: &str, map: &[MapEntry]) -> usize {
-    88 + 24 * map.len() + cmdline.len() + 1 + 3
+    multiboot1_info(0, cmdline, map).len()
+}
+
+/// Multiboot 1 boot information without modules (see [`mb1_info`]).
+pub fn multiboot1_info(base: u32, cmdline: &str, map: &[MapEntry]) -> Vec<u8> {
+    mb1_info(base, cmdline, &regions(map), &[])
 }
 
 /// Multiboot 1 boot information placed at guest-physical `base`, which the
-/// caller keeps low enough that `base` + [`multiboot1_info_len`] fits in 32 bits: the info
-/// structure, then the memory map, the command line and the loader name
-/// (all pointers absolute). Written by hand: it is a fixed 88-byte record,
-/// and the `multiboot` crate can only build it through an allocator of its own.
-pub fn multiboot1_info(base: u32, cmdline: &str, map: &[MapEntry]) -> Vec<u8> {
+/// caller keeps low enough that the whole record fits in 32 bits: the info
+/// structure, then the memory map, the module list, the command line, the
+/// loader name and the module command lines (all pointers absolute).
+/// Written by hand: it is a fixed 88-byte record, and the `multiboot` crate
+/// can only build it through an allocator of its own.
+fn mb1_info(
+    base: u32,
+    cmdline: &str,
+    map: &[MemoryRegion],
+    modules: &[ModuleRecord<'_>],
+) -> Vec<u8> {
     const INFO_SIZE: usize = 88;
+    const MODULE_SIZE: usize = 16;
     const FLAG_MEMORY: u32 = 1 << 0;
     const FLAG_CMDLINE: u32 = 1 << 2;
+    const FLAG_MODS: u32 = 1 << 3;
     const FLAG_MMAP: u32 = 1 << 6;
     const FLAG_LOADER_NAME: u32 = 1 << 9;
     let mut out = alloc::vec![0u8; INFO_SIZE];
@@ -422,29 +479,43 @@ pub fn multiboot1_info(base: u32, cmdline: &str, map: &[MapEntry]) -> Vec<u8> {
         out.extend_from_slice(&20u32.to_le_bytes());
         out.extend_from_slice(&e.start.to_le_bytes());
         out.extend_from_slice(&(e.end - e.start).to_le_bytes());
-        out.extend_from_slice(&(if e.available { 1u32 } else { 2 }).to_le_bytes());
+        out.extend_from_slice(&e.kind.e820_type().to_le_bytes());
     }
     let mmap_len = out.len() - mmap_at;
-    let cmdline_at = out.len();
-    out.extend_from_slice(cmdline.as_bytes());
-    out.push(0);
-    let name_at = out.len();
-    out.extend_from_slice(b"hv\0");
-    let (lower, upper) = basic_memory(map);
+    let mods_at = out.len();
+    out.resize(mods_at + MODULE_SIZE * modules.len(), 0);
     let put = |out: &mut Vec<u8>, offset: usize, value: u32| {
         out[offset..offset + 4].copy_from_slice(&value.to_le_bytes())
     };
-    put(
-        &mut out,
-        0,
-        FLAG_MEMORY | FLAG_CMDLINE | FLAG_MMAP | FLAG_LOADER_NAME,
-    );
+    let string = |out: &mut Vec<u8>, s: &str| {
+        let at = base + out.len() as u32;
+        out.extend_from_slice(s.as_bytes());
+        out.push(0);
+        at
+    };
+    let cmdline_ptr = string(&mut out, cmdline);
+    let name_ptr = string(&mut out, "hv");
+    for (i, m) in modules.iter().enumerate() {
+        let entry = mods_at + i * MODULE_SIZE;
+        let string_ptr = string(&mut out, m.cmdline);
+        put(&mut out, entry, m.start);
+        put(&mut out, entry + 4, m.end);
+        put(&mut out, entry + 8, string_ptr);
+    }
+    let (lower, upper) = basic_memory(map);
+    let mut flags = FLAG_MEMORY | FLAG_CMDLINE | FLAG_MMAP | FLAG_LOADER_NAME;
+    if !modules.is_empty() {
+        flags |= FLAG_MODS;
+        put(&mut out, 20, modules.len() as u32);
+        put(&mut out, 24, base + mods_at as u32);
+    }
+    put(&mut out, 0, flags);
     put(&mut out, 4, lower);
     put(&mut out, 8, upper);
-    put(&mut out, 16, base + cmdline_at as u32);
+    put(&mut out, 16, cmdline_ptr);
     put(&mut out, 44, mmap_len as u32);
     put(&mut out, 48, base + mmap_at as u32);
-    put(&mut out, 64, base + name_at as u32);
+    put(&mut out, 64, name_ptr);
     out
 }
 
@@ -670,21 +741,35 @@ pub(crate) mod tests {
         );
     }
 
+    /// Guest memory for the `multiboot` crate's parser: `bytes` at `base`.
+    struct Guest<'a>(u64, &'a [u8]);
+
+    impl multiboot::information::MemoryManagement for Guest<'_> {
+        unsafe fn paddr_to_slice(&self, addr: u64, len: usize) -> Option<&'static [u8]> {
+            let at = usize::try_from(addr.checked_sub(self.0)?).ok()?;
+            let slice = self.1.get(at..at + len)?;
+            // SAFETY: the test's buffer outlives every use of the parsed info.
+            Some(unsafe { core::slice::from_raw_parts(slice.as_ptr(), len) })
+        }
+        unsafe fn allocate(&mut self, _: usize) -> Option<(u64, &mut [u8])> {
+            None
+        }
+        unsafe fn deallocate(&mut self, _: u64) {}
+    }
+
+    /// Parses Multiboot 2 information from an 8-byte aligned copy.
+    fn with_mb2_info(bytes: &[u8], check: impl FnOnce(&multiboot2::BootInformation<'_>)) {
+        let mut words = vec![0u64; bytes.len().div_ceil(8)];
+        for (i, b) in bytes.iter().enumerate() {
+            words[i / 8] |= u64::from(*b) << (8 * (i % 8));
+        }
+        // SAFETY: an aligned, live copy of the structure.
+        let info = unsafe { multiboot2::BootInformation::load(words.as_ptr().cast()) }.unwrap();
+        check(&info);
+    }
+
     #[test]
     fn multiboot1_info_parses_back() {
-        struct Guest<'a>(u64, &'a [u8]);
-        impl multiboot::information::MemoryManagement for Guest<'_> {
-            unsafe fn paddr_to_slice(&self, addr: u64, len: usize) -> Option<&'static [u8]> {
-                let at = usize::try_from(addr.checked_sub(self.0)?).ok()?;
-                let slice = self.1.get(at..at + len)?;
-                // SAFETY: the test's buffer outlives every use of the parsed info.
-                Some(unsafe { core::slice::from_raw_parts(slice.as_ptr(), len) })
-            }
-            unsafe fn allocate(&mut self, _: usize) -> Option<(u64, &mut [u8])> {
-                None
-            }
-            unsafe fn deallocate(&mut self, _: u64) {}
-        }
         let base = 0x30_0000;
         let bytes = multiboot1_info(base, "scenario=msr", &map());
         let mut guest = Guest(u64::from(base), &bytes);
@@ -695,9 +780,186 @@ pub(crate) mod tests {
         assert_eq!(info.command_line(), Some("scenario=msr"));
         assert_eq!(info.boot_loader_name(), Some("hv"));
         assert_eq!(info.lower_memory_bound(), Some(0x9f000 / 1024));
+        assert!(!info.has_modules(), "no modules, no flag");
         let regions: std::vec::Vec<_> = info.memory_regions().unwrap().collect();
         assert_eq!(regions.len(), 3);
         assert_eq!(regions[2].base_address(), 0x10_0000);
         assert_eq!(regions[2].length(), 0x3f0_0000);
+    }
+
+    use crate::loader::tests::{assert_sound, map as regions_of, read};
+    use crate::loader::{BootOptions, plan_guest};
+
+    fn two_modules<'a>(a: &'a [u8], b: &'a [u8]) -> [Module<'a>; 2] {
+        [
+            Module {
+                bytes: a,
+                cmdline: "initrd.img",
+            },
+            Module {
+                bytes: b,
+                cmdline: "config debug=1",
+            },
+        ]
+    }
+
+    #[test]
+    fn multiboot1_guests_get_their_modules() {
+        let image = elf(0x20_0000, 0x2000, 0x5000, 0x20_0040, Some(0), false);
+        let (a, b) = (vec![0xa5u8; 0x1800], b"x=1".to_vec());
+        let map = regions_of(64 << 20);
+        let plan = plan_guest(
+            &image,
+            &two_modules(&a, &b),
+            &map,
+            "scenario=modules",
+            &BootOptions::default(),
+        )
+        .unwrap();
+        assert_sound(&plan, &map);
+        let EntryState::Multiboot { eip, eax, ebx } = plan.entry else {
+            panic!("{:?}", plan.entry)
+        };
+        assert_eq!((eip, eax), (0x20_0040, 0x2bad_b002));
+        assert_eq!(ebx, 0x20_5000, "the information right after the image");
+        let memory = read(&plan, 0, 0x30_0000);
+        let mut guest = Guest(0, &memory);
+        // SAFETY: the translation only hands out slices of `memory`.
+        let info =
+            unsafe { multiboot::information::Multiboot::from_ptr(u64::from(ebx), &mut guest) }
+                .unwrap();
+        assert_eq!(info.command_line(), Some("scenario=modules"));
+        let modules: std::vec::Vec<_> = info.modules().unwrap().collect();
+        assert_eq!(modules.len(), 2);
+        // Page-aligned, after the information, in order.
+        assert_eq!((modules[0].start, modules[0].end), (0x20_6000, 0x20_7800));
+        assert_eq!((modules[1].start, modules[1].end), (0x20_8000, 0x20_8003));
+        assert_eq!(modules[0].string, Some("initrd.img"));
+        assert_eq!(modules[1].string, Some("config debug=1"));
+        assert_eq!(&memory[0x20_6000..0x20_7800], &a[..]);
+        assert_eq!(&memory[0x20_8000..0x20_8003], b"x=1");
+        assert_eq!(info.memory_regions().unwrap().count(), 3);
+    }
+
+    #[test]
+    fn multiboot2_guests_get_their_modules() {
+        let image = elf(0x20_0000, 0x2000, 0x5000, 0x20_0040, None, true);
+        let (a, b) = (vec![0x5au8; 0x2000], vec![7u8; 1]);
+        let map = regions_of(64 << 20);
+        let plan = plan_guest(
+            &image,
+            &two_modules(&a, &b),
+            &map,
+            "scenario=modules",
+            &BootOptions::default(),
+        )
+        .unwrap();
+        assert_sound(&plan, &map);
+        let EntryState::Multiboot { eax, ebx, .. } = plan.entry else {
+            panic!("{:?}", plan.entry)
+        };
+        assert_eq!((eax, ebx), (0x36d7_6289, 0x20_5000));
+        let memory = read(&plan, 0, 0x30_0000);
+        let total = u32_at(&memory, ebx as usize).unwrap() as usize;
+        with_mb2_info(&memory[ebx as usize..ebx as usize + total], |info| {
+            let modules: std::vec::Vec<_> = info.module_tags().collect();
+            assert_eq!(modules.len(), 2);
+            let range = |m: &multiboot2::ModuleTag| (m.start_address(), m.end_address());
+            assert_eq!(range(modules[0]), (0x20_6000, 0x20_8000));
+            assert_eq!(range(modules[1]), (0x20_8000, 0x20_8001));
+            assert_eq!(modules[0].cmdline(), Ok("initrd.img"));
+            assert_eq!(modules[1].cmdline(), Ok("config debug=1"));
+            assert_eq!(
+                info.command_line_tag().unwrap().cmdline(),
+                Ok("scenario=modules")
+            );
+            assert_eq!(info.memory_map_tag().unwrap().memory_areas().len(), 3);
+        });
+        assert_eq!(&memory[0x20_6000..0x20_8000], &a[..]);
+        assert_eq!(memory[0x20_8000], 7);
+    }
+
+    #[test]
+    fn without_modules_the_plan_matches_the_old_layout() {
+        // What guest.rs writes today: the information at the first page after the image.
+        let image = elf(0x20_0000, 0x2000, 0x5000, 0x20_0040, Some(0), true);
+        let old_map = map();
+        let new_map: std::vec::Vec<MemoryRegion> = old_map.iter().map(|&e| e.into()).collect();
+        for (force_mb1, expected) in [
+            (false, multiboot2_info("a b", &old_map)),
+            (true, multiboot1_info(0x20_5000, "a b", &old_map)),
+        ] {
+            let options = BootOptions {
+                force_multiboot1: force_mb1,
+                ..BootOptions::default()
+            };
+            let plan = plan_guest(&image, &[], &new_map, "a b", &options).unwrap();
+            let info = plan
+                .writes
+                .iter()
+                .find(|w| w.content == Content::BootInformation)
+                .unwrap();
+            assert_eq!(info.gpa, 0x20_5000);
+            assert_eq!(info.bytes[..], expected[..]);
+            assert_eq!(multiboot1_info_len("a b", &old_map), 88 + 24 * 3 + 4 + 3);
+        }
+    }
+
+    #[test]
+    fn modules_that_do_not_fit_are_refused() {
+        let image = elf(0x20_0000, 0x2000, 0x5000, 0x20_0040, None, true);
+        let big = vec![0u8; 0x20_0000];
+        let module = [Module {
+            bytes: &big,
+            cmdline: "",
+        }];
+        // A 4 MiB guest: 0x20_6000..0x40_0000 is free, less than 2 MiB.
+        assert_eq!(
+            plan_guest(
+                &image,
+                &module,
+                &regions_of(4 << 20),
+                "",
+                &BootOptions::default()
+            )
+            .unwrap_err(),
+            ImageError::NoRoom {
+                what: Content::Module(0),
+                size: 0x20_0000
+            }
+        );
+        // RAM above 4 GiB does not help: the module fields are 32-bit.
+        let mut high = regions_of(0x20_6000);
+        high.push(MemoryRegion {
+            start: 1 << 32,
+            end: 2 << 32,
+            kind: MemoryKind::Ram,
+        });
+        let small = [Module {
+            bytes: &big[..0x1000],
+            cmdline: "",
+        }];
+        assert_eq!(
+            plan_guest(&image, &small, &high, "", &BootOptions::default()).unwrap_err(),
+            ImageError::NoRoom {
+                what: Content::Module(0),
+                size: 0x1000
+            }
+        );
+        // Even the information needs room.
+        assert_eq!(
+            plan_guest(
+                &image,
+                &[],
+                &regions_of(0x20_5000),
+                "",
+                &BootOptions::default()
+            )
+            .unwrap_err(),
+            ImageError::NoRoom {
+                what: Content::BootInformation,
+                size: multiboot2_info("", &map()).len() as u64
+            }
+        );
     }
 }

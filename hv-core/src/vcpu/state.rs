@@ -62,6 +62,8 @@ const DATA_SEGMENTS: [Segment; 5] = [
 
 /// Access rights (SDM Vol. 3C "Guest Register State"): type, S, DPL, P, D/B, G.
 pub const AR_CODE32: u32 = 0xc09b;
+/// 64-bit code: L set, D/B clear (SDM Vol. 3C 26.3.1.2: with L, D must be 0).
+pub const AR_CODE64: u32 = 0xa09b;
 pub const AR_DATA32: u32 = 0xc093;
 pub const AR_CODE16: u32 = 0x9b;
 pub const AR_DATA16: u32 = 0x93;
