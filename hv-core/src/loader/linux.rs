@@ -18,14 +18,15 @@
 //!   non-relocatable kernel loads at 1 MiB and moves itself to
 //!   `pref_address`: both ranges are kept.
 //! - The zero page, the GDT, the identity page tables (64-bit entry) and the
-//!   command line go in that order in the lowest free RAM from 4 KiB (the
-//!   first page, with the real-mode IVT and BIOS data area the kernel reads,
-//!   is left alone): with the usual map, 0x1000, 0x2000, 0x3000..0x9000 and
-//!   then the command line. They stay RAM in the E820 map: the kernel copies
-//!   the zero page and the command line early, drops the GDT and tables for
-//!   its own (the decompressor loads its own GDT and CR3 before it
-//!   decompresses, inside its `init_size` span, which never covers the first
-//!   megabyte), and keeps the first megabyte out of its allocator anyway.
+//!   command line go, first fit in that order, in the lowest free RAM from
+//!   4 KiB (the first page, with the real-mode IVT and BIOS data area the
+//!   kernel reads, is left alone): with the usual map, 0x1000, 0x2000,
+//!   0x3000..0x9000, and the command line right after the GDT (0x2020).
+//!   They stay RAM in the E820 map: the kernel copies the zero page and the
+//!   command line early, drops the GDT and tables for its own (the
+//!   decompressor loads its own GDT and CR3 before it decompresses, inside
+//!   its `init_size` span, which never covers the first megabyte), and
+//!   keeps the first megabyte out of its allocator anyway.
 //! - The page tables map the first 4 GiB with 2 MiB pages (PML4, PDPT, four
 //!   page directories: 24 KiB), so everything placed here is mapped: it all
 //!   lies below 4 GiB, as do the kernel, initrd and command line, which
@@ -780,7 +781,7 @@ pub(crate) mod tests {
 
         let cmd_line_ptr = le(&zp, 0x228, 4) | le(&zp, 0xc8, 4) << 32;
         assert_eq!(cstr(&memory, cmd_line_ptr), cmdline);
-        assert!(cmd_line_ptr < 0xa_0000, "the command line is low");
+        assert_eq!(cmd_line_ptr, 0x2020, "the command line after the GDT");
 
         // The initrd: at the top of RAM, below initrd_addr_max.
         let ramdisk = le(&zp, 0x218, 4) | le(&zp, 0xc0, 4) << 32;
