@@ -4,7 +4,7 @@
 
 use alloc::vec::Vec;
 
-use super::{ImageError, MemoryKind, MemoryRegion};
+use super::{Content, ImageError, MemoryKind, MemoryRegion};
 
 /// Exclusive end of what 32-bit pointer fields can describe, ends included
 /// (Multiboot's `mod_end`, `ramdisk_image + ramdisk_size`).
@@ -96,6 +96,22 @@ impl Layout {
             let end = start.checked_add(len)?;
             (end <= b.min(limit)).then_some(start)
         })
+    }
+
+    /// Takes `size` bytes for `what` at the lowest `align`-aligned free RAM
+    /// from `from` that ends below 4 GiB ([`LIMIT_32`]).
+    pub fn place(
+        &mut self,
+        what: Content,
+        from: u64,
+        size: u64,
+        align: u64,
+    ) -> Result<u64, ImageError> {
+        let at = self
+            .lowest(from, size, align, LIMIT_32)
+            .ok_or(ImageError::NoRoom { what, size })?;
+        self.take(at, at + size);
+        Ok(at)
     }
 
     /// The highest `align`-aligned start at or above `from` where `len`

@@ -374,13 +374,7 @@ pub(super) fn plan<'a>(
 
     let kernel = place_kernel(&hdr, &layout)?;
     layout.take(kernel.kept.0, kernel.kept.1);
-    let mut low = |what: Content, size: u64, align: u64| {
-        let at = layout
-            .lowest(LOW_DATA, size, align, LIMIT_32)
-            .ok_or(ImageError::NoRoom { what, size })?;
-        layout.take(at, at + size);
-        Ok::<u64, ImageError>(at)
-    };
+    let mut low = |what, size, align| layout.place(what, LOW_DATA, size, align);
     let zero_page_at = low(Content::BootParams, bp::SIZE as u64, PAGE)?;
     let gdt_at = low(Content::Gdt, (GDT_ENTRIES * 8) as u64, 16)?;
     let tables_at = if long_mode {

@@ -9,7 +9,7 @@ use core::ops::Range;
 use elf::ElfBytes;
 use elf::endian::AnyEndian;
 
-use super::layout::{LIMIT_32, Layout};
+use super::layout::Layout;
 use super::{
     BootPlan, Content, EntryState, ImageError, MemoryKind, MemoryRegion, Module, PAGE, Placement,
 };
@@ -292,14 +292,10 @@ pub(super) fn plan_boot<'a>(
             content: Content::Image,
         });
     }
-    let after = load.end().next_multiple_of(PAGE);
-    let mut place = |what: Content, size: u64| {
-        let at = layout
-            .lowest(after, size, PAGE, LIMIT_32)
-            .ok_or(ImageError::NoRoom { what, size })?;
-        layout.take(at, at + size);
-        Ok::<u64, ImageError>(at)
-    };
+    let after = load
+        .end()
+        .checked_next_multiple_of(PAGE)
+        .unwrap_or(u64::MAX);
     // The information's size does not depend on the addresses in it.
     let mut records: Vec<ModuleRecord<'_>> = modules
         .iter()
@@ -310,10 +306,10 @@ pub(super) fn plan_boot<'a>(
         })
         .collect();
     let info_len = info(load.protocol, 0, cmdline, map, &records).len();
-    let info_at = place(Content::BootInformation, info_len as u64)?;
+    let info_at = layout.place(Content::BootInformation, after, info_len as u64, PAGE)?;
     for (i, (module, record)) in modules.iter().zip(&mut records).enumerate() {
         let size = module.bytes.len() as u64;
-        let at = place(Content::Module(i), size)?;
+        let at = layout.place(Content::Module(i), after, size, PAGE)?;
         // Below LIMIT_32, so both fit in 32 bits.
         (record.start, record.end) = (at as u32, (at + size) as u32);
         writes.push(Placement {
@@ -803,26 +799,27 @@ pub(crate) mod tests {
         ]
     }
 
-    #[test]
-    fn multiboot1_guests_get_their_modules() {
-        let image = elf(0x20_0000, 0x2000, 0x5000, 0x20_0040, Some(0), false);
-        let (a, b) = (vec![0xa5u8; 0x1800], b"x=1".to_vec());
+    /// Plans `image` with modules `a` and `b` in a 64 MiB guest: the
+    /// Multiboot entry state and the guest's first 3 MiB.
+    fn with_two_modules(image: &[u8], a: &[u8], b: &[u8]) -> (u32, u32, u32, std::vec::Vec<u8>) {
         let map = regions_of(64 << 20);
-        let plan = plan_guest(
-            &image,
-            &two_modules(&a, &b),
-            &map,
-            "scenario=modules",
-            &BootOptions::default(),
-        )
-        .unwrap();
+        let modules = two_modules(a, b);
+        let options = BootOptions::default();
+        let plan = plan_guest(image, &modules, &map, "scenario=modules", &options).unwrap();
         assert_sound(&plan, &map);
         let EntryState::Multiboot { eip, eax, ebx } = plan.entry else {
             panic!("{:?}", plan.entry)
         };
+        (eip, eax, ebx, read(&plan, 0, 0x30_0000))
+    }
+
+    #[test]
+    fn multiboot1_guests_get_their_modules() {
+        let image = elf(0x20_0000, 0x2000, 0x5000, 0x20_0040, Some(0), false);
+        let (a, b) = (vec![0xa5u8; 0x1800], b"x=1".to_vec());
+        let (eip, eax, ebx, memory) = with_two_modules(&image, &a, &b);
         assert_eq!((eip, eax), (0x20_0040, 0x2bad_b002));
         assert_eq!(ebx, 0x20_5000, "the information right after the image");
-        let memory = read(&plan, 0, 0x30_0000);
         let mut guest = Guest(0, &memory);
         // SAFETY: the translation only hands out slices of `memory`.
         let info =
@@ -845,21 +842,8 @@ pub(crate) mod tests {
     fn multiboot2_guests_get_their_modules() {
         let image = elf(0x20_0000, 0x2000, 0x5000, 0x20_0040, None, true);
         let (a, b) = (vec![0x5au8; 0x2000], vec![7u8; 1]);
-        let map = regions_of(64 << 20);
-        let plan = plan_guest(
-            &image,
-            &two_modules(&a, &b),
-            &map,
-            "scenario=modules",
-            &BootOptions::default(),
-        )
-        .unwrap();
-        assert_sound(&plan, &map);
-        let EntryState::Multiboot { eax, ebx, .. } = plan.entry else {
-            panic!("{:?}", plan.entry)
-        };
+        let (_, eax, ebx, memory) = with_two_modules(&image, &a, &b);
         assert_eq!((eax, ebx), (0x36d7_6289, 0x20_5000));
-        let memory = read(&plan, 0, 0x30_0000);
         let total = u32_at(&memory, ebx as usize).unwrap() as usize;
         with_mb2_info(&memory[ebx as usize..ebx as usize + total], |info| {
             let modules: std::vec::Vec<_> = info.module_tags().collect();
