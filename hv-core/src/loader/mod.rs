@@ -1,35 +1,38 @@
-//! Guest images: Multiboot 1 and 2 kernels given as boot modules. This module
-//! checks an image and plans where its bytes go in guest-physical memory,
-//! and builds the Multiboot information the guest finds at entry. It never
-//! trusts the image: every offset and size is checked before use.
+//! Guest images: Multiboot 1 and 2 kernels and Linux bzImages, given as
+//! boot modules with more modules after them (Multiboot modules, or the
+//! Linux initrd). [`plan_guest`] checks everything and plans where each byte
+//! goes in guest-physical memory and the register state at entry, before the
+//! caller takes any memory. Nothing from an image is trusted: every offset
+//! and size is checked before use.
+//!
+//! - `multiboot`: ELF and a.out-kludge images, Multiboot 1/2 information.
+//! - `linux`: the Linux x86 boot protocol (32- and 64-bit entry).
+//! - `bootparams`: the Linux zero page as byte-offset fields.
+//! - `layout`: where free guest RAM is.
 
+use alloc::borrow::Cow;
 use alloc::vec::Vec;
 use core::fmt;
-use core::ops::Range;
 
-use elf::ElfBytes;
-use elf::endian::AnyEndian;
+pub mod bootparams;
+mod layout;
+mod linux;
+mod multiboot;
 
-/// Which Multiboot protocol the guest is started with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Protocol {
-    Multiboot1,
-    Multiboot2,
-}
+pub use linux::{BOOT_CS, BOOT_DS, LinuxError, LinuxHeader, linux_header};
+pub use multiboot::{
+    LoadPlan, MapEntry, Piece, Protocol, multiboot1_info, multiboot1_info_len, multiboot2_info,
+    plan,
+};
 
-impl Protocol {
-    /// The value in EAX at the guest's entry.
-    pub const fn magic(self) -> u32 {
-        match self {
-            Self::Multiboot1 => 0x2bad_b002,
-            Self::Multiboot2 => 0x36d7_6289,
-        }
-    }
-}
+/// Guest pages are 4 KiB.
+const PAGE: u64 = 4096;
 
-/// Why an image is refused.
+/// Why an image (or the plan around it) is refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ImageError {
+    /// Neither a Multiboot header nor a Linux boot sector.
+    UnknownFormat,
     NoMultibootHeader,
     /// Multiboot 1 flags in bits 0..16 that this loader does not provide.
     UnsupportedMultibootFlags(u32),
@@ -59,11 +62,30 @@ pub enum ImageError {
     /// The Multiboot 1 address fields are inconsistent.
     BadAddressFields,
     NothingToLoad,
+    /// The caller's memory map has an empty or inverted region.
+    BadMemoryMap {
+        start: u64,
+        end: u64,
+    },
+    /// No free guest RAM (below 4 GiB) is left for this.
+    NoRoom {
+        what: Content,
+        size: u64,
+    },
+    /// A Linux bzImage refused.
+    Linux(LinuxError),
+}
+
+impl From<LinuxError> for ImageError {
+    fn from(e: LinuxError) -> Self {
+        Self::Linux(e)
+    }
 }
 
 impl fmt::Display for ImageError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Self::UnknownFormat => f.write_str("neither a Multiboot 1/2 image nor a Linux bzImage"),
             Self::NoMultibootHeader => f.write_str("no Multiboot 1 or 2 header in the image"),
             Self::UnsupportedMultibootFlags(flags) => {
                 write!(
@@ -97,607 +119,328 @@ impl fmt::Display for ImageError {
             ),
             Self::BadAddressFields => f.write_str("inconsistent Multiboot 1 address fields"),
             Self::NothingToLoad => f.write_str("the image has no loadable segment"),
-        }
-    }
-}
-
-/// One piece of the image: `file` bytes copied to `gpa`, then `zero` bytes of zeroes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Piece {
-    pub gpa: u64,
-    pub file: Range<usize>,
-    pub zero: u64,
-}
-
-impl Piece {
-    pub fn end(&self) -> u64 {
-        self.gpa + self.file.len() as u64 + self.zero
-    }
-}
-
-/// Where the image goes and where it starts.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LoadPlan {
-    pub protocol: Protocol,
-    pub entry: u32,
-    pub pieces: Vec<Piece>,
-}
-
-impl LoadPlan {
-    /// First byte after everything loaded.
-    pub fn end(&self) -> u64 {
-        self.pieces.iter().map(Piece::end).max().unwrap_or(0)
-    }
-}
-
-const MB2_MAGIC: u32 = 0xe852_50d6;
-const MB1_MAGIC: u32 = 0x1bad_b002;
-/// Multiboot 1 flag bits a loader must understand (0..16) that we do:
-/// page-aligned modules (there are none) and memory information.
-const MB1_SUPPORTED_REQUIREMENTS: u32 = 0b11;
-const MB1_ADDRESS_FIELDS: u32 = 1 << 16;
-
-fn u32_at(image: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(image.get(at..at + 4)?.try_into().ok()?))
-}
-
-/// Offset of a valid Multiboot 2 header (first 32 KiB, 8-byte aligned).
-fn find_mb2(image: &[u8]) -> Option<usize> {
-    (0..image.len().min(32768)).step_by(8).find(|&at| {
-        let field = |offset| u32_at(image, at + offset);
-        match (field(0), field(4), field(8), field(12)) {
-            (Some(MB2_MAGIC), Some(0), Some(len), Some(sum)) => {
-                len >= 16 && MB2_MAGIC.wrapping_add(len).wrapping_add(sum) == 0
+            Self::BadMemoryMap { start, end } => {
+                write!(f, "bad memory map region {start:#x}..{end:#x}")
             }
-            _ => false,
+            Self::NoRoom { what, size } => write!(
+                f,
+                "no room in guest RAM below 4 GiB for {what} ({size:#x} bytes)"
+            ),
+            Self::Linux(e) => write!(f, "Linux bzImage: {e}"),
         }
-    })
+    }
 }
 
-/// Offset of a valid Multiboot 1 header (first 8 KiB, 4-byte aligned).
-fn find_mb1(image: &[u8]) -> Option<usize> {
-    (0..image.len().min(8192)).step_by(4).find(|&at| {
-        match (
-            u32_at(image, at),
-            u32_at(image, at + 4),
-            u32_at(image, at + 8),
-        ) {
-            (Some(MB1_MAGIC), Some(flags), Some(sum)) => {
-                MB1_MAGIC.wrapping_add(flags).wrapping_add(sum) == 0
-            }
-            _ => false,
-        }
-    })
-}
-
-/// Checks `image` and plans its loading into guest RAM (`ram`: byte ranges).
-/// With `force_mb1` an image that has both headers is started as Multiboot 1.
-pub fn plan(image: &[u8], ram: &[(u64, u64)], force_mb1: bool) -> Result<LoadPlan, ImageError> {
-    let mb2 = find_mb2(image).filter(|_| !force_mb1);
-    let mb1 = find_mb1(image);
-    let (protocol, pieces, entry) = match (mb2, mb1) {
-        (Some(_), _) => {
-            let (pieces, entry) = elf_pieces(image)?;
-            (Protocol::Multiboot2, pieces, entry)
-        }
-        (None, Some(at)) => {
-            let flags = u32_at(image, at + 4).unwrap_or(0);
-            let required = flags & 0xffff & !MB1_SUPPORTED_REQUIREMENTS;
-            if required != 0 {
-                return Err(ImageError::UnsupportedMultibootFlags(flags));
-            }
-            let (pieces, entry) = if flags & MB1_ADDRESS_FIELDS != 0 {
-                kludge_pieces(image, at)?
-            } else {
-                elf_pieces(image)?
-            };
-            (Protocol::Multiboot1, pieces, entry)
-        }
-        (None, None) => return Err(ImageError::NoMultibootHeader),
-    };
-    if pieces.is_empty() {
-        return Err(ImageError::NothingToLoad);
-    }
-    for (i, p) in pieces.iter().enumerate() {
-        if !ram
-            .iter()
-            .any(|&(start, end)| start <= p.gpa && p.end() <= end)
-        {
-            return Err(ImageError::OutsideRam {
-                start: p.gpa,
-                end: p.end(),
-            });
-        }
-        if let Some(q) = pieces[..i]
-            .iter()
-            .find(|q| q.gpa < p.end() && p.gpa < q.end())
-        {
-            return Err(ImageError::Overlap {
-                first: (q.gpa, q.end()),
-                second: (p.gpa, p.end()),
-            });
-        }
-    }
-    let entry_ok = entry < 1 << 32 && pieces.iter().any(|p| p.gpa <= entry && entry < p.end());
-    if !entry_ok {
-        return Err(ImageError::BadEntry(entry));
-    }
-    Ok(LoadPlan {
-        protocol,
-        entry: entry as u32,
-        pieces,
-    })
-}
-
-/// The PT_LOAD segments of an x86 ELF executable, by physical address.
-fn elf_pieces(image: &[u8]) -> Result<(Vec<Piece>, u64), ImageError> {
-    let file = ElfBytes::<AnyEndian>::minimal_parse(image).map_err(|_| {
-        if image.starts_with(b"\x7fELF") {
-            ImageError::MalformedElf
-        } else {
-            ImageError::NotElf
-        }
-    })?;
-    let header = &file.ehdr;
-    if !matches!(header.e_machine, elf::abi::EM_X86_64 | elf::abi::EM_386) {
-        return Err(ImageError::UnsupportedElf("not an x86 image"));
-    }
-    if header.e_type != elf::abi::ET_EXEC {
-        return Err(ImageError::UnsupportedElf("not an executable (ET_EXEC)"));
-    }
-    let segments = file
-        .segments()
-        .ok_or(ImageError::UnsupportedElf("no program headers"))?;
-    let mut pieces = Vec::new();
-    for ph in segments
-        .iter()
-        .filter(|ph| ph.p_type == elf::abi::PT_LOAD && ph.p_memsz > 0)
-    {
-        if ph.p_filesz > ph.p_memsz {
-            return Err(ImageError::UnsupportedElf(
-                "a segment's file size exceeds its memory size",
-            ));
-        }
-        let truncated = ImageError::Truncated {
-            offset: ph.p_offset,
-            size: ph.p_filesz,
-            file: image.len() as u64,
-        };
-        let file_end = ph
-            .p_offset
-            .checked_add(ph.p_filesz)
-            .ok_or(truncated.clone())?;
-        if file_end > image.len() as u64 {
-            return Err(truncated);
-        }
-        ph.p_paddr
-            .checked_add(ph.p_memsz)
-            .ok_or(ImageError::OutsideRam {
-                start: ph.p_paddr,
-                end: u64::MAX,
-            })?;
-        pieces
-            .try_reserve(1)
-            .map_err(|_| ImageError::UnsupportedElf("too many segments"))?;
-        pieces.push(Piece {
-            gpa: ph.p_paddr,
-            file: ph.p_offset as usize..file_end as usize,
-            zero: ph.p_memsz - ph.p_filesz,
-        });
-    }
-    Ok((pieces, header.e_entry))
-}
-
-/// Multiboot 1 "a.out kludge": the header's address fields say where the
-/// file goes (Multiboot spec 3.1.3).
-fn kludge_pieces(image: &[u8], at: usize) -> Result<(Vec<Piece>, u64), ImageError> {
-    let field = |i: usize| {
-        u32_at(image, at + 12 + 4 * i)
-            .map(u64::from)
-            .ok_or(ImageError::BadAddressFields)
-    };
-    let (header_addr, load_addr, load_end, bss_end, entry) =
-        (field(0)?, field(1)?, field(2)?, field(3)?, field(4)?);
-    // The file byte at offset `at` is loaded at `header_addr`.
-    let skip = header_addr
-        .checked_sub(load_addr)
-        .ok_or(ImageError::BadAddressFields)?;
-    let file_start = (at as u64)
-        .checked_sub(skip)
-        .ok_or(ImageError::BadAddressFields)?;
-    let file_len = if load_end == 0 {
-        image.len() as u64 - file_start
-    } else {
-        load_end
-            .checked_sub(load_addr)
-            .ok_or(ImageError::BadAddressFields)?
-    };
-    let file_end = file_start + file_len;
-    if file_end > image.len() as u64 {
-        return Err(ImageError::Truncated {
-            offset: file_start,
-            size: file_len,
-            file: image.len() as u64,
-        });
-    }
-    let zero = if bss_end == 0 {
-        0
-    } else {
-        bss_end
-            .checked_sub(load_addr + file_len)
-            .ok_or(ImageError::BadAddressFields)?
-    };
-    let piece = Piece {
-        gpa: load_addr,
-        file: file_start as usize..file_end as usize,
-        zero,
-    };
-    Ok((alloc::vec![piece], entry))
-}
-
-/// A region of the guest's memory map, as Multiboot types it (1 = RAM, 2 = reserved).
+/// What a guest-physical range is, as the guest's memory map says. The
+/// numbers are the E820 types, which Multiboot 1 and 2 use too.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MapEntry {
+pub enum MemoryKind {
+    Ram,
+    Reserved,
+    /// ACPI tables; RAM once the OS has read them.
+    AcpiReclaimable,
+    AcpiNvs,
+    Unusable,
+}
+
+impl MemoryKind {
+    pub const fn e820_type(self) -> u32 {
+        match self {
+            Self::Ram => 1,
+            Self::Reserved => 2,
+            Self::AcpiReclaimable => 3,
+            Self::AcpiNvs => 4,
+            Self::Unusable => 5,
+        }
+    }
+}
+
+/// One region of the guest's memory map: `start..end`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryRegion {
     pub start: u64,
     pub end: u64,
-    pub available: bool,
+    pub kind: MemoryKind,
 }
 
-/// `mem_lower`/`mem_upper` in KiB: RAM below 640 KiB and contiguous RAM from 1 MiB.
-fn basic_memory(map: &[MapEntry]) -> (u32, u32) {
-    let ram_from = |at: u64| {
-        map.iter()
-            .find(|e| e.available && e.start <= at && at < e.end)
-            .map(|e| e.end - at)
-    };
-    let lower = ram_from(0).unwrap_or(0).min(640 << 10) >> 10;
-    let upper = ram_from(1 << 20).unwrap_or(0) >> 10;
-    (lower as u32, upper.min(u64::from(u32::MAX)) as u32)
-}
-
-/// Multiboot 2 boot information (Multiboot 2 spec 3.6): command line,
-/// loader name, basic memory information and memory map. Position
-/// independent (place it 8-byte aligned). Written by hand like the Multiboot
-/// 1 record: the `multiboot2` crate builds it only with an allocator feature
-/// that would force one on every kernel linking the crate (the test guest).
-pub fn multiboot2_info(cmdline: &str, map: &[MapEntry]) -> Vec<u8> {
-    const CMDLINE: u32 = 1;
-    const LOADER_NAME: u32 = 2;
-    const BASIC_MEMINFO: u32 = 4;
-    const MMAP: u32 = 6;
-    const END: u32 = 0;
-    let mut out = alloc::vec![0u8; 8];
-    let tag = |out: &mut Vec<u8>, typ: u32, body: &[u8]| {
-        out.extend_from_slice(&typ.to_le_bytes());
-        out.extend_from_slice(&(8 + body.len() as u32).to_le_bytes());
-        out.extend_from_slice(body);
-        out.resize(out.len().next_multiple_of(8), 0);
-    };
-    let string = |s: &str| {
-        let mut v = Vec::from(s.as_bytes());
-        v.push(0);
-        v
-    };
-    tag(&mut out, CMDLINE, &string(cmdline));
-    tag(&mut out, LOADER_NAME, &string("hv"));
-    let (lower, upper) = basic_memory(map);
-    let mut meminfo = Vec::from(lower.to_le_bytes());
-    meminfo.extend_from_slice(&upper.to_le_bytes());
-    tag(&mut out, BASIC_MEMINFO, &meminfo);
-    // entry_size 24, entry_version 0, then (base, length, type, reserved) entries.
-    let mut mmap = Vec::from(24u32.to_le_bytes());
-    mmap.extend_from_slice(&0u32.to_le_bytes());
-    for e in map {
-        mmap.extend_from_slice(&e.start.to_le_bytes());
-        mmap.extend_from_slice(&(e.end - e.start).to_le_bytes());
-        mmap.extend_from_slice(&(if e.available { 1u32 } else { 2 }).to_le_bytes());
-        mmap.extend_from_slice(&0u32.to_le_bytes());
+impl From<MapEntry> for MemoryRegion {
+    fn from(e: MapEntry) -> Self {
+        Self {
+            start: e.start,
+            end: e.end,
+            kind: if e.available {
+                MemoryKind::Ram
+            } else {
+                MemoryKind::Reserved
+            },
+        }
     }
-    tag(&mut out, MMAP, &mmap);
-    tag(&mut out, END, &[]);
-    let total = out.len() as u32;
-    out[..4].copy_from_slice(&total.to_le_bytes());
-    out
 }
 
-/// Bytes [`multiboot1_info`] produces for this command line and map.
-pub fn multiboot1_info_len(cmdline: &str, map: &[MapEntry]) -> usize {
-    88 + 24 * map.len() + cmdline.len() + 1 + 3
+/// A boot module after the guest image: its bytes and its command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Module<'a> {
+    pub bytes: &'a [u8],
+    pub cmdline: &'a str,
 }
 
-/// Multiboot 1 boot information placed at guest-physical `base`, which the
-/// caller keeps low enough that `base` + [`multiboot1_info_len`] fits in 32 bits: the info
-/// structure, then the memory map, the command line and the loader name
-/// (all pointers absolute). Written by hand: it is a fixed 88-byte record,
-/// and the `multiboot` crate can only build it through an allocator of its own.
-pub fn multiboot1_info(base: u32, cmdline: &str, map: &[MapEntry]) -> Vec<u8> {
-    const INFO_SIZE: usize = 88;
-    const FLAG_MEMORY: u32 = 1 << 0;
-    const FLAG_CMDLINE: u32 = 1 << 2;
-    const FLAG_MMAP: u32 = 1 << 6;
-    const FLAG_LOADER_NAME: u32 = 1 << 9;
-    let mut out = alloc::vec![0u8; INFO_SIZE];
-    let mmap_at = INFO_SIZE;
-    for e in map {
-        out.extend_from_slice(&20u32.to_le_bytes());
-        out.extend_from_slice(&e.start.to_le_bytes());
-        out.extend_from_slice(&(e.end - e.start).to_le_bytes());
-        out.extend_from_slice(&(if e.available { 1u32 } else { 2 }).to_le_bytes());
+/// Which Linux entry point to use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LinuxEntry {
+    /// The 64-bit one when the kernel has it (`XLF_KERNEL_64`), else 32-bit.
+    #[default]
+    Auto,
+    /// The 32-bit one (every bzImage has it).
+    Force32,
+    /// The 64-bit one; a kernel without it is refused.
+    Force64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BootOptions {
+    /// Start an image that has both Multiboot headers as Multiboot 1.
+    pub force_multiboot1: bool,
+    pub linux_entry: LinuxEntry,
+    /// The ACPI RSDP's address for a Linux guest (`acpi_rsdp_addr`), which
+    /// spares the kernel its search of the BIOS areas.
+    pub acpi_rsdp: Option<u64>,
+}
+
+/// What a placed range holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Content {
+    /// A piece of a Multiboot image.
+    Image,
+    /// The Multiboot information.
+    BootInformation,
+    /// Module `n` (0 = the first after the image); a Linux initrd part.
+    Module(usize),
+    /// The protected-mode part of a bzImage.
+    Kernel,
+    /// The Linux zero page.
+    BootParams,
+    CommandLine,
+    Gdt,
+    PageTables,
+}
+
+impl fmt::Display for Content {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Image => f.write_str("the image"),
+            Self::BootInformation => f.write_str("the Multiboot information"),
+            Self::Module(n) => write!(f, "module {n}"),
+            Self::Kernel => f.write_str("the kernel"),
+            Self::BootParams => f.write_str("boot_params"),
+            Self::CommandLine => f.write_str("the command line"),
+            Self::Gdt => f.write_str("the GDT"),
+            Self::PageTables => f.write_str("the page tables"),
+        }
     }
-    let mmap_len = out.len() - mmap_at;
-    let cmdline_at = out.len();
-    out.extend_from_slice(cmdline.as_bytes());
-    out.push(0);
-    let name_at = out.len();
-    out.extend_from_slice(b"hv\0");
-    let (lower, upper) = basic_memory(map);
-    let put = |out: &mut Vec<u8>, offset: usize, value: u32| {
-        out[offset..offset + 4].copy_from_slice(&value.to_le_bytes())
-    };
-    put(
-        &mut out,
-        0,
-        FLAG_MEMORY | FLAG_CMDLINE | FLAG_MMAP | FLAG_LOADER_NAME,
-    );
-    put(&mut out, 4, lower);
-    put(&mut out, 8, upper);
-    put(&mut out, 16, base + cmdline_at as u32);
-    put(&mut out, 44, mmap_len as u32);
-    put(&mut out, 48, base + mmap_at as u32);
-    put(&mut out, 64, base + name_at as u32);
-    out
+}
+
+/// Bytes to write at `gpa`, then `zeroed` zero bytes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Placement<'a> {
+    pub gpa: u64,
+    /// Borrowed from the image or a module, or generated.
+    pub bytes: Cow<'a, [u8]>,
+    /// Zero bytes after `bytes` (an ELF segment's bss). Guest RAM starts
+    /// zeroed, so a caller that zeroes all RAM first can skip them.
+    pub zeroed: u64,
+    pub content: Content,
+}
+
+impl Placement<'_> {
+    pub fn end(&self) -> u64 {
+        self.gpa + self.bytes.len() as u64 + self.zeroed
+    }
+}
+
+/// Where and how much, not the bytes (a kernel is megabytes).
+impl fmt::Debug for Placement<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:?} at {:#x}..{:#x} ({:#x} bytes",
+            self.content,
+            self.gpa,
+            self.end(),
+            self.bytes.len()
+        )?;
+        if self.zeroed != 0 {
+            write!(f, " + {:#x} zeroed", self.zeroed)?;
+        }
+        f.write_str(")")
+    }
+}
+
+/// A descriptor-table register value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Gdtr {
+    pub base: u64,
+    pub limit: u16,
+}
+
+/// The guest's register state at entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryState {
+    /// 32-bit protected mode, flat segments, paging off (Multiboot 1 spec
+    /// 3.2, Multiboot 2 spec 3.3).
+    Multiboot { eip: u32, eax: u32, ebx: u32 },
+    /// boot.rst "32-bit Boot Protocol": protected mode, paging off, CS
+    /// 0x10 and DS/ES/SS 0x18 flat in `gdt`, ESI = boot_params.
+    Linux32 { eip: u32, esi: u32, gdt: Gdtr },
+    /// boot.rst "64-bit Boot Protocol": long mode on the identity tables
+    /// at `cr3`, same selectors, RSI = boot_params.
+    Linux64 {
+        rip: u64,
+        rsi: u64,
+        cr3: u64,
+        gdt: Gdtr,
+    },
+}
+
+impl fmt::Display for EntryState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Self::Multiboot { eip, eax, ebx } => {
+                let version = if eax == Protocol::Multiboot1.magic() {
+                    1
+                } else {
+                    2
+                };
+                write!(
+                    f,
+                    "Multiboot {version} entry {eip:#x}, information at {ebx:#x}"
+                )
+            }
+            Self::Linux32 { eip, esi, .. } => {
+                write!(f, "Linux 32-bit entry {eip:#x}, boot_params at {esi:#x}")
+            }
+            Self::Linux64 { rip, rsi, cr3, .. } => write!(
+                f,
+                "Linux 64-bit entry {rip:#x}, boot_params at {rsi:#x}, page tables at {cr3:#x}"
+            ),
+        }
+    }
+}
+
+/// What to write where, and how the guest starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BootPlan<'a> {
+    /// Non-overlapping, each inside one RAM region of the memory map.
+    pub writes: Vec<Placement<'a>>,
+    pub entry: EntryState,
+}
+
+/// Plans a guest: `image` (a Multiboot 1/2 ELF or a.out-kludge image, or a
+/// Linux bzImage) with its command line, the `modules` after it (Multiboot
+/// modules, or the Linux initrd: several are concatenated, as GRUB does), and
+/// the `memory_map` the guest will be told about (its RAM regions are where
+/// things may go). Checks everything before the caller takes any memory.
+pub fn plan_guest<'a>(
+    image: &'a [u8],
+    modules: &[Module<'a>],
+    memory_map: &[MemoryRegion],
+    cmdline: &str,
+    options: &BootOptions,
+) -> Result<BootPlan<'a>, ImageError> {
+    let layout = layout::Layout::new(memory_map)?;
+    if multiboot::has_header(image) {
+        multiboot::plan_boot(
+            image,
+            modules,
+            memory_map,
+            layout,
+            cmdline,
+            options.force_multiboot1,
+        )
+    } else if linux::is_linux(image) {
+        linux::plan(image, modules, memory_map, layout, cmdline, options)
+    } else {
+        Err(ImageError::UnknownFormat)
+    }
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     extern crate std;
-    use std::vec;
 
+    pub(crate) use super::multiboot::tests::elf;
     use super::*;
 
-    const RAM: &[(u64, u64)] = &[(0, 0x9f000), (0x10_0000, 0x400_0000)];
-
-    /// A minimal ELF64 executable with one PT_LOAD segment and a Multiboot
-    /// header (v1 and/or v2) in its first bytes.
-    pub(crate) fn elf(
-        paddr: u64,
-        filesz: u64,
-        memsz: u64,
-        entry: u64,
-        mb1: Option<u32>,
-        mb2: bool,
-    ) -> std::vec::Vec<u8> {
-        let mut f = vec![0u8; 0x1000];
-        f[..4].copy_from_slice(b"\x7fELF");
-        f[4] = 2; // 64-bit
-        f[5] = 1; // little endian
-        f[6] = 1;
-        f[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-        f[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86-64
-        f[20..24].copy_from_slice(&1u32.to_le_bytes());
-        f[24..32].copy_from_slice(&entry.to_le_bytes());
-        f[32..40].copy_from_slice(&64u64.to_le_bytes()); // phoff
-        f[52..54].copy_from_slice(&64u16.to_le_bytes()); // ehsize
-        f[54..56].copy_from_slice(&56u16.to_le_bytes()); // phentsize
-        f[56..58].copy_from_slice(&1u16.to_le_bytes()); // phnum
-        let ph = 64;
-        f[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-        f[ph + 4..ph + 8].copy_from_slice(&5u32.to_le_bytes()); // R+X
-        f[ph + 8..ph + 16].copy_from_slice(&0x1000u64.to_le_bytes()); // offset
-        f[ph + 16..ph + 24].copy_from_slice(&paddr.to_le_bytes());
-        f[ph + 24..ph + 32].copy_from_slice(&paddr.to_le_bytes());
-        f[ph + 32..ph + 40].copy_from_slice(&filesz.to_le_bytes());
-        f[ph + 40..ph + 48].copy_from_slice(&memsz.to_le_bytes());
-        let mut body = vec![0u8; filesz as usize];
-        if mb2 {
-            let words = [MB2_MAGIC, 0, 16, 0u32.wrapping_sub(MB2_MAGIC + 16)];
-            for (i, w) in words.iter().enumerate() {
-                body[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
-            }
-        }
-        if let Some(flags) = mb1 {
-            let words = [
-                MB1_MAGIC,
-                flags,
-                0u32.wrapping_sub(MB1_MAGIC.wrapping_add(flags)),
-            ];
-            for (i, w) in words.iter().enumerate() {
-                body[16 + i * 4..16 + i * 4 + 4].copy_from_slice(&w.to_le_bytes());
-            }
-        }
-        f.extend_from_slice(&body);
-        f
-    }
-
-    #[test]
-    fn multiboot2_elf_is_planned_by_segments() {
-        let image = elf(0x20_0000, 0x2000, 0x5000, 0x20_0040, Some(0), true);
-        let plan = plan(&image, RAM, false).unwrap();
-        assert_eq!(plan.protocol, Protocol::Multiboot2);
-        assert_eq!(plan.entry, 0x20_0040);
-        assert_eq!(
-            plan.pieces,
-            [Piece {
-                gpa: 0x20_0000,
-                file: 0x1000..0x3000,
-                zero: 0x3000
-            }]
-        );
-        assert_eq!(plan.end(), 0x20_5000);
-        // Forced to Multiboot 1, the same image uses its v1 header.
-        assert_eq!(
-            super::plan(&image, RAM, true).unwrap().protocol,
-            Protocol::Multiboot1
-        );
-    }
-
-    #[test]
-    fn bad_images_are_refused_with_the_reason() {
-        let no_header = elf(0x20_0000, 0x1000, 0x1000, 0x20_0000, None, false);
-        assert_eq!(
-            plan(&no_header, RAM, false),
-            Err(ImageError::NoMultibootHeader)
-        );
-        assert_eq!(
-            plan(b"not an elf file at all", RAM, false),
-            Err(ImageError::NoMultibootHeader)
-        );
-        let mut not_elf = elf(0x20_0000, 0x1000, 0x1000, 0x20_0000, None, true);
-        not_elf[0] = b'X';
-        assert_eq!(plan(&not_elf, RAM, false), Err(ImageError::NotElf));
-        let mut cut_headers = elf(0x20_0000, 0x1000, 0x1000, 0x20_0000, None, true);
-        cut_headers[56..58].copy_from_slice(&0x100u16.to_le_bytes()); // 256 headers: past the end of the file
-        assert_eq!(
-            plan(&cut_headers, RAM, false),
-            Err(ImageError::MalformedElf)
-        );
-        let outside = elf(0x3ff_f000, 0x1000, 0x2000, 0x3ff_f000, None, true);
-        assert_eq!(
-            plan(&outside, RAM, false),
-            Err(ImageError::OutsideRam {
-                start: 0x3ff_f000,
-                end: 0x400_1000
-            })
-        );
-        let in_hole = elf(0xa_0000, 0x1000, 0x1000, 0xa_0000, None, true);
-        assert!(matches!(
-            plan(&in_hole, RAM, false),
-            Err(ImageError::OutsideRam { .. })
-        ));
-        let bad_entry = elf(0x20_0000, 0x1000, 0x1000, 0x90_0000, None, true);
-        assert_eq!(
-            plan(&bad_entry, RAM, false),
-            Err(ImageError::BadEntry(0x90_0000))
-        );
-        let mut truncated = elf(0x20_0000, 0x2000, 0x2000, 0x20_0000, None, true);
-        truncated.truncate(0x2800);
-        assert!(matches!(
-            plan(&truncated, RAM, false),
-            Err(ImageError::Truncated { .. })
-        ));
-        let video = elf(0x20_0000, 0x1000, 0x1000, 0x20_0000, Some(0b100), false);
-        assert_eq!(
-            plan(&video, RAM, false),
-            Err(ImageError::UnsupportedMultibootFlags(0b100))
-        );
-    }
-
-    #[test]
-    fn overlapping_segments_are_refused() {
-        let mut image = elf(0x20_0000, 0x2000, 0x2000, 0x20_0000, None, true);
-        // Duplicate the program header as a second, overlapping segment.
-        image[56..58].copy_from_slice(&2u16.to_le_bytes());
-        let ph: std::vec::Vec<u8> = image[64..120].to_vec();
-        image[120..176].copy_from_slice(&ph);
-        image[120 + 16..120 + 24].copy_from_slice(&0x20_1000u64.to_le_bytes());
-        assert!(matches!(
-            plan(&image, RAM, false),
-            Err(ImageError::Overlap { .. })
-        ));
-    }
-
-    #[test]
-    fn multiboot1_address_fields_place_the_file() {
-        // Header at file offset 0x1010, says the header is at 0x20_0010 and the
-        // image loads from 0x20_0000: file offset 0x1000 goes to 0x20_0000.
-        let mut image = elf(0x20_0000, 0x100, 0x100, 0x20_0000, None, false);
-        let flags = MB1_ADDRESS_FIELDS | 0b10;
-        let fields = [
-            MB1_MAGIC,
-            flags,
-            0u32.wrapping_sub(MB1_MAGIC.wrapping_add(flags)),
-            0x20_0010,
-            0x20_0000,
-            0x20_0100,
-            0x20_3000,
-            0x20_0020,
-        ];
-        for (i, w) in fields.iter().enumerate() {
-            image[0x1010 + i * 4..0x1014 + i * 4].copy_from_slice(&w.to_le_bytes());
-        }
-        let plan = plan(&image, RAM, false).unwrap();
-        assert_eq!(plan.protocol, Protocol::Multiboot1);
-        assert_eq!(plan.entry, 0x20_0020);
-        assert_eq!(
-            plan.pieces,
-            [Piece {
-                gpa: 0x20_0000,
-                file: 0x1000..0x1100,
-                zero: 0x2f00
-            }]
-        );
-    }
-
-    fn map() -> [MapEntry; 3] {
-        [
-            MapEntry {
-                start: 0,
-                end: 0x9f000,
-                available: true,
-            },
-            MapEntry {
-                start: 0x9f000,
-                end: 0x10_0000,
-                available: false,
-            },
-            MapEntry {
-                start: 0x10_0000,
-                end: 0x400_0000,
-                available: true,
-            },
+    /// The map every loader test uses: 64 MiB with the legacy hole reserved.
+    pub(crate) fn map(ram_end: u64) -> std::vec::Vec<MemoryRegion> {
+        let region = |start, end, kind| MemoryRegion { start, end, kind };
+        std::vec![
+            region(0, 0x9_f000, MemoryKind::Ram),
+            region(0x9_f000, 0x10_0000, MemoryKind::Reserved),
+            region(0x10_0000, ram_end, MemoryKind::Ram),
         ]
     }
 
-    #[test]
-    fn multiboot2_info_parses_back() {
-        let bytes = multiboot2_info("scenario=basic", &map());
-        let mut words = vec![0u64; bytes.len().div_ceil(8)];
-        for (i, b) in bytes.iter().enumerate() {
-            words[i / 8] |= u64::from(*b) << (8 * (i % 8));
+    /// Checks what every plan must satisfy: each write inside one RAM region
+    /// of `map`, and no two writes overlapping.
+    pub(crate) fn assert_sound(plan: &BootPlan<'_>, map: &[MemoryRegion]) {
+        for (i, w) in plan.writes.iter().enumerate() {
+            assert!(
+                map.iter()
+                    .any(|r| r.kind == MemoryKind::Ram && r.start <= w.gpa && w.end() <= r.end),
+                "{:?} at {:#x}..{:#x} is not inside RAM",
+                w.content,
+                w.gpa,
+                w.end()
+            );
+            for v in &plan.writes[..i] {
+                assert!(
+                    v.end() <= w.gpa || w.end() <= v.gpa,
+                    "{:?} and {:?} overlap",
+                    v.content,
+                    w.content
+                );
+            }
         }
-        // SAFETY: an aligned, live copy of the structure.
-        let info = unsafe { multiboot2::BootInformation::load(words.as_ptr().cast()) }.unwrap();
+    }
+
+    /// The bytes the plan puts at `gpa..gpa + len` (zero where nothing is written).
+    pub(crate) fn read(plan: &BootPlan<'_>, gpa: u64, len: usize) -> std::vec::Vec<u8> {
+        let mut out = std::vec![0u8; len];
+        let end = gpa + len as u64;
+        for w in &plan.writes {
+            let (from, to) = (w.gpa.max(gpa), (w.gpa + w.bytes.len() as u64).min(end));
+            if from < to {
+                out[(from - gpa) as usize..(to - gpa) as usize]
+                    .copy_from_slice(&w.bytes[(from - w.gpa) as usize..(to - w.gpa) as usize]);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn unknown_images_are_refused() {
+        let options = BootOptions::default();
         assert_eq!(
-            info.command_line_tag().unwrap().cmdline(),
-            Ok("scenario=basic")
+            plan_guest(&[0u8; 0x1000], &[], &map(64 << 20), "", &options),
+            Err(ImageError::UnknownFormat)
         );
-        let areas = info.memory_map_tag().unwrap().memory_areas();
-        assert_eq!(areas.len(), 3);
-        assert_eq!(areas[2].start_address(), 0x10_0000);
         assert_eq!(
-            info.basic_memory_info_tag().unwrap().memory_upper(),
-            (0x400_0000 - 0x10_0000) / 1024
+            plan_guest(b"short", &[], &map(64 << 20), "", &options),
+            Err(ImageError::UnknownFormat)
         );
     }
 
     #[test]
-    fn multiboot1_info_parses_back() {
-        struct Guest<'a>(u64, &'a [u8]);
-        impl multiboot::information::MemoryManagement for Guest<'_> {
-            unsafe fn paddr_to_slice(&self, addr: u64, len: usize) -> Option<&'static [u8]> {
-                let at = usize::try_from(addr.checked_sub(self.0)?).ok()?;
-                let slice = self.1.get(at..at + len)?;
-                // SAFETY: the test's buffer outlives every use of the parsed info.
-                Some(unsafe { core::slice::from_raw_parts(slice.as_ptr(), len) })
-            }
-            unsafe fn allocate(&mut self, _: usize) -> Option<(u64, &mut [u8])> {
-                None
-            }
-            unsafe fn deallocate(&mut self, _: u64) {}
-        }
-        let base = 0x30_0000;
-        let bytes = multiboot1_info(base, "scenario=msr", &map());
-        let mut guest = Guest(u64::from(base), &bytes);
-        // SAFETY: the translation only hands out slices of `bytes`.
-        let info =
-            unsafe { multiboot::information::Multiboot::from_ptr(u64::from(base), &mut guest) }
-                .unwrap();
-        assert_eq!(info.command_line(), Some("scenario=msr"));
-        assert_eq!(info.boot_loader_name(), Some("hv"));
-        assert_eq!(info.lower_memory_bound(), Some(0x9f000 / 1024));
-        let regions: std::vec::Vec<_> = info.memory_regions().unwrap().collect();
-        assert_eq!(regions.len(), 3);
-        assert_eq!(regions[2].base_address(), 0x10_0000);
-        assert_eq!(regions[2].length(), 0x3f0_0000);
+    fn inverted_map_regions_are_refused() {
+        let image = elf(0x20_0000, 0x1000, 0x1000, 0x20_0000, None, true);
+        let mut bad = map(64 << 20);
+        bad[1].end = bad[1].start;
+        assert_eq!(
+            plan_guest(&image, &[], &bad, "", &BootOptions::default()),
+            Err(ImageError::BadMemoryMap {
+                start: 0x9_f000,
+                end: 0x9_f000
+            })
+        );
     }
 }
