@@ -3,10 +3,10 @@
 use core::ptr::NonNull;
 
 use acpi::madt::{Madt, MadtEntry};
-use alloc::vec::Vec;
-use hv_core::devices::acpi::{HostPlatform, InterruptOverride, IoApic, LapicNmi};
 use acpi::{AcpiHandler, AcpiTables, PhysicalMapping};
+use alloc::vec::Vec;
 use hv_boot::bootinfo::AcpiRoot;
+use hv_core::devices::acpi::{HostPlatform, InterruptOverride, IoApic, LapicNmi};
 use log::{info, warn};
 
 /// ACPI tables are read in place through the direct map.

@@ -1,5 +1,5 @@
-//! The hypervisor's console: COM1 (the serial log) mirrored to the emulator
-//! debug port 0xE9, and the `log` logger on top of it.
+//! The hypervisor's console: COM2 (the serial log; COM1 is the guest's)
+//! mirrored to the emulator debug port 0xE9, and the `log` logger on top.
 
 use core::fmt::{self, Write};
 use core::sync::atomic::{AtomicBool, Ordering};
@@ -10,7 +10,9 @@ use uart_16550::backend::PioBackend;
 use uart_16550::spec::registers::LSR;
 use uart_16550::{BaudRate, Config, Uart16550};
 
-const COM1: u16 = 0x3f8;
+/// The hypervisor's serial port: COM2. COM1 belongs to the guest, COM3 to
+/// the control channel.
+const COM2: u16 = 0x2f8;
 const DEBUG_PORT: u16 = 0xe9;
 /// Polls of the line status register before a byte is given up: a machine
 /// without a serial port must not hang the hypervisor.
@@ -44,7 +46,7 @@ impl Write for Console {
     }
 }
 
-/// Sets up COM1 and the debug port, and installs the logger at `Info`.
+/// Sets up COM2 and the debug port, and installs the logger at `Info`.
 pub fn init() {
     DEBUG_PORT_PRESENT.store(crate::platform::inb(DEBUG_PORT) == 0xe9, Ordering::Relaxed);
     // 115200 baud: at the default 9600, Bochs's paced UART spends about 200k
@@ -55,8 +57,8 @@ pub fn init() {
         check_cts_before_sending: false,
         ..Config::DEFAULT
     };
-    // SAFETY: COM1's eight ports belong to the console alone.
-    let serial = unsafe { Uart16550::new_port(COM1) }
+    // SAFETY: COM2's eight ports belong to the console alone.
+    let serial = unsafe { Uart16550::new_port(COM2) }
         .ok()
         .and_then(|mut uart| uart.init(config).ok().map(|_| uart));
     CONSOLE.lock().serial = serial;
@@ -71,7 +73,7 @@ pub fn print(args: fmt::Arguments<'_>) {
     let _ = CONSOLE.lock().write_fmt(args);
 }
 
-/// Waits (boundedly) until COM1 has sent every queued byte, so that a run
+/// Waits (boundedly) until COM2 has sent every queued byte, so that a run
 /// ending right after its last line does not cut that line off.
 pub fn flush() {
     let mut console = CONSOLE.lock();

@@ -6,7 +6,7 @@ use spin::Once;
 
 /// Writes a byte to an I/O port.
 pub fn outb(port: u16, value: u8) {
-    // SAFETY: the ports this kernel writes (COM1, 0xE9, the emulator exit
+    // SAFETY: the ports this kernel writes (COM2, 0xE9, the emulator exit
     // ports) have no effect on memory safety.
     unsafe { x86::io::outb(port, value) }
 }

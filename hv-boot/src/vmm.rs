@@ -10,6 +10,7 @@ use hv_boot::cmdline::Options;
 use hv_boot::exit;
 use hv_core::devices::acpi::HostPlatform;
 use hv_core::exits::GuestEnd;
+use hv_core::loader::{BootOptions, Module};
 use hv_core::platform::Platform;
 use hv_core::vcpu::{Vcpu, VcpuId};
 use hv_core::vm::{GuestConfig, Vm, VmError};
@@ -115,14 +116,23 @@ pub fn run_guest(
         info!("vmm: no guest module given; nothing to run");
         return exit::OK;
     };
-    // SAFETY: the loader placed the module at this identity-mapped range, which
-    // the frame allocator keeps reserved for the whole run.
-    let image = unsafe {
-        core::slice::from_raw_parts(
-            module.start as *const u8,
-            (module.end - module.start) as usize,
-        )
+    // SAFETY: the loader placed the modules at these identity-mapped ranges,
+    // which the frame allocator keeps reserved for the whole run.
+    let bytes = |m: &hv_boot::bootinfo::Module| unsafe {
+        core::slice::from_raw_parts(m.start as *const u8, (m.end - m.start) as usize)
     };
+    let image = bytes(module);
+    // The modules after the first are the guest's (Multiboot modules, or
+    // the parts of a Linux initrd).
+    let mut modules = alloc::vec::Vec::new();
+    if modules.try_reserve(boot.modules.len()).is_err() {
+        error!("vmm: no memory for the module list");
+        return exit::BOOT_FAILED;
+    }
+    modules.extend(boot.modules[1..].iter().map(|m| Module {
+        bytes: bytes(m),
+        cmdline: &m.cmdline,
+    }));
     // Without a MADT the firmware said nothing of I/O APICs: the guest gets
     // its local APIC and the legacy PICs only.
     let fallback = HostPlatform {
@@ -140,7 +150,11 @@ pub fn run_guest(
         memory_mib: options.guest_memory_mib,
         image,
         cmdline: &module.cmdline,
-        force_multiboot1: options.guest_multiboot1,
+        modules: &modules,
+        boot: BootOptions {
+            force_multiboot1: options.guest_multiboot1,
+            ..BootOptions::default()
+        },
         altp2m_mode: options.altp2m_mode,
         host,
         apic_ids: &[bsp_apic_id],
@@ -209,15 +223,13 @@ fn run_vm(
         return GUEST_STOPPED;
     }
     info!(
-        "vmm: guest of {} MiB ({} frames), {:?} entry {:#x}, boot information at {:#x}, altp2m mode {:?}, \
-         command line '{}'",
+        "vmm: guest of {} MiB ({} frames), {}, altp2m mode {:?}, command line '{}', {} module(s)",
         options.guest_memory_mib,
         vm.ram_frames(),
-        vm.protocol,
         vm.entry,
-        vm.boot_info,
         options.altp2m_mode,
-        config.cmdline
+        config.cmdline,
+        config.modules.len()
     );
     println!("vmx: launching the guest (tsc {})", platform::rdtsc());
     let status = match vcpu.run(&mut vm, platform) {

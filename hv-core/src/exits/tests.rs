@@ -32,7 +32,8 @@ fn config(image: &[u8]) -> GuestConfig<'_> {
         memory_mib: 8,
         image,
         cmdline: "scenario=test",
-        force_multiboot1: false,
+        modules: &[],
+        boot: crate::loader::BootOptions::default(),
         altp2m_mode: hv_abi::Altp2mMode::Mixed,
         host: std::boxed::Box::leak(std::boxed::Box::new(
             crate::devices::acpi::HostPlatform::pc(),
@@ -127,10 +128,9 @@ fn guest_ram_follows_the_pc_layout_and_holds_the_image() {
     );
     assert_eq!(entry(0xc0).ty, P2mType::RamRw);
     assert!(
-        guest
-            .memory_map
-            .iter()
-            .any(|e| e.start == 0x9_f000 && e.end == 0x10_0000 && !e.available),
+        guest.memory_map.iter().any(|e| e.start == 0x9_f000
+            && e.end == 0x10_0000
+            && e.kind == crate::loader::MemoryKind::Reserved),
         "but reserved in the memory map"
     );
     let mut rsdp = [0u8; 8];
@@ -161,8 +161,11 @@ fn guest_ram_follows_the_pc_layout_and_holds_the_image() {
     let mut bss = [0xffu8; 16];
     guest.read(&platform, IMAGE_AT + 0x3000, &mut bss).unwrap();
     assert_eq!(bss, [0; 16], "bss and fresh RAM are zero");
+    let crate::loader::EntryState::Multiboot { ebx, .. } = guest.entry else {
+        panic!("{:?}", guest.entry)
+    };
     assert_eq!(
-        guest.boot_info,
+        u64::from(ebx),
         IMAGE_AT + 0x4000,
         "boot information after the image"
     );

@@ -134,15 +134,7 @@ impl Vcpu {
             vmcs.write(control::VPID, u64::from(GUEST_VPID));
         }
         vmx::write_host_state(vmcs, entry::exit_entry_address());
-        let info = u32::try_from(vm.boot_info).unwrap_or(0);
-        state::multiboot_entry(
-            vmcs,
-            &mut self.regs,
-            &vm.cr_fixed,
-            vm.entry,
-            vm.protocol.magic(),
-            info,
-        );
+        state::boot_entry(vmcs, &mut self.regs, &vm.cr_fixed, &vm.entry);
         vmcs.write(
             guest::VMX_PREEMPTION_TIMER_VALUE,
             u64::from(vm.tick_period()),

@@ -6,7 +6,7 @@
 
 use alloc::vec::Vec;
 
-use crate::loader::MapEntry;
+use crate::loader::{MemoryKind, MemoryRegion};
 
 /// Guest RAM below the legacy area (the EBDA page at 0x9F000 is not RAM).
 pub const LOW_RAM_END: u64 = 0x9_f000;
@@ -25,7 +25,7 @@ pub struct Layout {
     pub legacy: (u64, u64),
     /// The memory map given to the guest: RAM, the legacy area and the
     /// MMIO pages (`mmio`), reserved, sorted by address.
-    pub map: Vec<MapEntry>,
+    pub map: Vec<MemoryRegion>,
 }
 
 impl Layout {
@@ -38,25 +38,14 @@ impl Layout {
         if bytes > HOLE_START {
             ram.push((FOUR_GIB, FOUR_GIB + (bytes - HOLE_START)));
         }
-        let mut map: Vec<MapEntry> = ram
+        let region = |start, end, kind| MemoryRegion { start, end, kind };
+        let mut map: Vec<MemoryRegion> = ram
             .iter()
-            .map(|&(start, end)| MapEntry {
-                start,
-                end,
-                available: true,
-            })
+            .map(|&(start, end)| region(start, end, MemoryKind::Ram))
             .collect();
-        map.push(MapEntry {
-            start: LOW_RAM_END,
-            end: HIGH_RAM_START,
-            available: false,
-        });
+        map.push(region(LOW_RAM_END, HIGH_RAM_START, MemoryKind::Reserved));
         for &page in mmio {
-            map.push(MapEntry {
-                start: page,
-                end: page + 4096,
-                available: false,
-            });
+            map.push(region(page, page + 4096, MemoryKind::Reserved));
         }
         map.sort_by_key(|e| e.start);
         map.dedup_by_key(|e| e.start);
@@ -88,7 +77,7 @@ mod tests {
             small
                 .map
                 .iter()
-                .map(|e| (e.start, e.available))
+                .map(|e| (e.start, e.kind == MemoryKind::Ram))
                 .collect::<Vec<_>>(),
             [
                 (0, true),

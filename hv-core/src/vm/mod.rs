@@ -20,7 +20,7 @@ use x86::vmx::vmcs::control::PrimaryControls;
 use crate::devices::acpi::{self, HostPlatform};
 use crate::devices::ports::{self, Devices};
 use crate::exits::{PASS_READ_ONLY, PASS_WRITE};
-use crate::loader::{self, ImageError, MapEntry, Protocol};
+use crate::loader::{self, BootOptions, BootPlan, EntryState, ImageError, MemoryRegion, Module};
 use crate::platform::Platform;
 use crate::vcpu::cr::Fixed;
 use crate::vmx::caps::VmxCaps;
@@ -39,12 +39,14 @@ pub use layout::{HIGH_RAM_START, LOW_RAM_END};
 pub struct GuestConfig<'a> {
     /// RAM size in MiB (at least 2).
     pub memory_mib: u64,
-    /// The Multiboot image.
+    /// The guest image: a Multiboot 1/2 kernel or a Linux bzImage.
     pub image: &'a [u8],
     /// The guest's own command line.
     pub cmdline: &'a str,
-    /// Start an image that has both headers as Multiboot 1.
-    pub force_multiboot1: bool,
+    /// Boot modules after the image: Multiboot modules, or the initrd.
+    pub modules: &'a [Module<'a>],
+    /// Which Multiboot protocol or Linux entry point to prefer.
+    pub boot: BootOptions,
     /// What the guest may call of the altp2m interface.
     pub altp2m_mode: Altp2mMode,
     /// The machine's interrupt hardware, which the guest gets.
@@ -159,7 +161,7 @@ pub struct Vm {
     pub p2m: P2m,
     ram: Vec<RamChunk>,
     /// The guest-physical memory map the guest is told about.
-    pub memory_map: Vec<MapEntry>,
+    pub memory_map: Vec<MemoryRegion>,
     /// What the hypervisor emulates or filters for the guest.
     pub devices: Devices,
     /// VM exits by basic reason, all vCPUs together.
@@ -171,10 +173,8 @@ pub struct Vm {
     pub cr_fixed: Fixed,
     /// The VMX-preemption timer counts TSC cycles >> this (IA32_VMX_MISC[4:0]).
     pub timer_shift: u8,
-    pub protocol: Protocol,
-    /// Guest-physical address of the Multiboot information.
-    pub boot_info: u64,
-    pub entry: u32,
+    /// How the boot vCPU starts (the boot protocol's entry state).
+    pub entry: EntryState,
     /// The guest's views. Every host p2m change goes through it.
     pub altp2m: Altp2m,
     pub altp2m_mode: Altp2mMode,
@@ -237,8 +237,18 @@ impl Vm {
         let mmio = mmio_pages(config.host);
         let layout = Layout::new(config.memory_mib, &mmio);
         // Check the image before taking any memory.
-        let plan = loader::plan(config.image, &layout.ram, config.force_multiboot1)
-            .map_err(GuestError::Image)?;
+        let options = BootOptions {
+            acpi_rsdp: Some(acpi::TABLES_AT),
+            ..config.boot
+        };
+        let plan = loader::plan_guest(
+            config.image,
+            config.modules,
+            &layout.map,
+            config.cmdline,
+            &options,
+        )
+        .map_err(GuestError::Image)?;
         let p2m = P2m::new(platform, ept_caps).map_err(GuestError::from)?;
         let altp2m = match Altp2m::new(platform, 1, DROP_LOG) {
             Ok(altp2m) => altp2m,
@@ -276,8 +286,6 @@ impl Vm {
             dirty: DirtyBitmap::new(),
             cr_fixed,
             timer_shift: (caps.msrs.misc & 0x1f) as u8,
-            protocol: plan.protocol,
-            boot_info: 0,
             entry: plan.entry,
             altp2m,
             altp2m_mode: config.altp2m_mode,
@@ -294,7 +302,7 @@ impl Vm {
             .populate(&layout.backed(), platform)
             .and_then(|()| vm.map_mmio(&mmio, platform))
             .and_then(|()| vm.write_acpi_tables(config, platform))
-            .and_then(|()| vm.load(config, &plan, platform));
+            .and_then(|()| vm.load(&plan, platform));
         match built {
             Ok(()) => Ok(vm),
             Err(e) => {
@@ -395,41 +403,17 @@ impl Vm {
         Ok(())
     }
 
-    /// Copies the image's pieces and writes the boot information after them.
+    /// Writes what the boot plan places: image or kernel, modules, boot
+    /// information. RAM starts zeroed, so the zero-filled tails are done.
     fn load(
         &mut self,
-        config: &GuestConfig<'_>,
-        plan: &loader::LoadPlan,
+        plan: &BootPlan<'_>,
         platform: &mut impl Platform,
     ) -> Result<(), GuestError> {
-        for piece in &plan.pieces {
-            let bytes = &config.image[piece.file.clone()];
-            self.write(platform, piece.gpa, bytes)
-                .map_err(|_| GuestError::BadConfig("image outside RAM"))?;
-            // RAM starts zeroed, so the rest of the piece (bss) already is.
+        for placement in &plan.writes {
+            self.write(platform, placement.gpa, &placement.bytes)
+                .map_err(|_| GuestError::BadConfig("a boot plan write outside RAM"))?;
         }
-        let info_at = plan.end().next_multiple_of(PAGE);
-        // EBX holds the address, and Multiboot 1 pointers are 32-bit: the
-        // whole structure must lie below 4 GiB.
-        let too_high = GuestError::BadConfig("the boot information would lie above 4 GiB");
-        let limit = |len: usize| {
-            info_at
-                .checked_add(len as u64)
-                .filter(|&end| end <= 1 << 32)
-        };
-        let info = match plan.protocol {
-            Protocol::Multiboot2 => loader::multiboot2_info(config.cmdline, &self.memory_map),
-            Protocol::Multiboot1 => {
-                let len = loader::multiboot1_info_len(config.cmdline, &self.memory_map);
-                limit(len).ok_or(too_high.clone())?;
-                loader::multiboot1_info(info_at as u32, config.cmdline, &self.memory_map)
-            }
-        };
-        limit(info.len()).ok_or(too_high)?;
-        self.write(platform, info_at, &info).map_err(|_| {
-            GuestError::BadConfig("no room for the boot information after the image")
-        })?;
-        self.boot_info = info_at;
         Ok(())
     }
 

@@ -44,6 +44,7 @@ pub fn rdtsc() -> u64 {
 
 extern "C" fn kmain(magic: u32, info: u32) -> ! {
     ENTRY_TSC.store(rdtsc(), Ordering::Relaxed);
+    console::init();
     // SAFETY: reading the stub table exported by the assembly.
     let stubs = unsafe { &exception_stubs };
     IDT.call_once(|| hv_boot::exception::idt(stubs, None))
