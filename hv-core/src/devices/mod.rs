@@ -4,4 +4,5 @@
 
 pub mod acpi;
 pub mod console;
+pub mod mtrr;
 pub mod ports;

@@ -934,3 +934,55 @@ fn the_watchdog_stops_a_guest_halted_for_good_and_only_that() {
         Some(GuestEnd::Stopped(StopReason::Halted))
     );
 }
+
+fn wrmsr(m: &mut Machine, msr: u32, value: u64) -> u64 {
+    m.vmcs.write(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
+    m.vcpu.regs.rcx = u64::from(msr);
+    m.vcpu.regs.set_edx_eax(value);
+    assert!(stopped(m.exit(ExitReason::Wrmsr)).is_none());
+    m.injected()
+}
+
+#[test]
+fn the_local_apic_page_follows_the_guests_apic_base_and_the_physical_one_stays() {
+    let mut m = Machine::new();
+    let entry = |m: &Machine, gfn| m.vm.p2m.get_entry(&m.platform, Gfn(gfn)).unwrap();
+    let ram_frame = entry(&m, 0x500).mfn;
+    // Relocated onto RAM: the APIC answers there, the old page is gone.
+    assert_eq!(wrmsr(&mut m, 0x1b, 0x50_0000 | 1 << 11), 0);
+    assert_eq!(entry(&m, 0x500).ty, P2mType::MmioDirect);
+    assert_eq!(entry(&m, 0x500).mfn, Some(hv_ept::Mfn(0xfee00)));
+    assert_eq!(entry(&m, 0xfee00).mfn, None, "nothing at the old base");
+    // Disabled: the page reads as all ones, the physical APIC is masked.
+    assert_eq!(wrmsr(&mut m, 0x1b, 0x50_0000), 0);
+    assert!(m.vmcs.lapic_disabled);
+    let disabled = entry(&m, 0x500);
+    assert_eq!(disabled.ty, P2mType::RamRo);
+    let mut word = [0u8; 4];
+    m.platform
+        .read_phys(disabled.mfn.unwrap().hpa() + 0x20, &mut word);
+    assert_eq!(word, [0xff; 4]);
+    // Back at the reset base: the RAM page returns as it was.
+    assert_eq!(wrmsr(&mut m, 0x1b, crate::vcpu::APIC_BASE_RESET), 0);
+    assert_eq!(entry(&m, 0x500).mfn, ram_frame);
+    assert_eq!(entry(&m, 0x500).ty, P2mType::RamRw);
+    assert_eq!(entry(&m, 0xfee00).ty, P2mType::MmioDirect);
+    // Beyond the physical-address width: #GP, nothing moves.
+    assert_eq!(wrmsr(&mut m, 0x1b, 1 << 50 | 1 << 11), 0x8000_0b0d);
+    assert_eq!(m.vcpu.apic_base, crate::vcpu::APIC_BASE_RESET);
+    let platform = m.destroy();
+    assert_eq!(platform.outstanding(), 0, "the all-ones frame too");
+}
+
+#[test]
+fn tsc_writes_become_an_offset_and_mtrrs_read_back() {
+    let mut m = Machine::new();
+    m.vmcs.tsc = 1000;
+    assert_eq!(wrmsr(&mut m, 0x10, 5000), 0);
+    assert_eq!(m.vmcs.read(control::TSC_OFFSET_FULL), 4000);
+    assert_eq!(wrmsr(&mut m, 0x2ff, 0xc06), 0);
+    m.vcpu.regs.rcx = 0x2ff;
+    assert!(stopped(m.exit(ExitReason::Rdmsr)).is_none());
+    assert_eq!(m.vcpu.regs.edx_eax(), 0xc06);
+    assert_eq!(wrmsr(&mut m, 0x2ff, 0x02), 0x8000_0b0d, "no memory type 2");
+}

@@ -16,6 +16,7 @@ use alloc::string::String;
 use hv_ept::{Gfn, Mfn};
 use x86::vmx::vmcs::{control, guest, ro};
 
+use crate::devices::mtrr::Mtrrs;
 use crate::exits::{self, ExitCtx, Flow, GuestEnd, StopReason};
 use crate::platform::Platform;
 use crate::views;
@@ -69,6 +70,8 @@ pub struct Vcpu {
     pub pending: events::Pending,
     /// Watchdog ticks in a row that found the vCPU halted with interrupts off.
     pub halted_ticks: u8,
+    /// Its MTRRs, virtualized.
+    pub mtrrs: Mtrrs,
 }
 
 impl Vcpu {
@@ -91,6 +94,7 @@ impl Vcpu {
             step: None,
             pending: events::Pending::default(),
             halted_ticks: 0,
+            mtrrs: Mtrrs::default(),
         })
     }
 

@@ -4,6 +4,7 @@
 //! Multiboot, the devices the hypervisor emulates for it, its display model,
 //! its exit counters, and the VMX controls and bitmaps every vCPU runs with.
 
+pub mod apic;
 pub mod display;
 pub mod layout;
 pub mod memory;
@@ -191,6 +192,11 @@ pub struct Vm {
     /// The MSR bitmap and I/O bitmaps A and B, shared by the vCPUs.
     msr_bitmap: Mfn,
     io_bitmaps: Mfn,
+    /// The physical local APIC's frame, and the guest pages that map it.
+    lapic: Mfn,
+    apic_pages: Vec<apic::ApicPage>,
+    /// The frame a disabled APIC's page reads from, once needed.
+    all_ones: Option<Mfn>,
 }
 
 impl Vm {
@@ -297,9 +303,19 @@ impl Vm {
             vmcs_revision: caps.revision_id(),
             msr_bitmap,
             io_bitmaps,
+            lapic: Mfn(config.host.local_apic / PAGE),
+            apic_pages: Vec::new(),
+            all_ones: None,
         };
         let built = vm
-            .populate(&layout.backed(), platform)
+            .apic_pages
+            .try_reserve(1)
+            .map_err(|_| GuestError::NoMemory)
+            .map(|()| {
+                let gfn = Gfn(crate::vcpu::APIC_BASE_RESET / PAGE);
+                vm.apic_pages.push(apic::ApicPage::reset(gfn, 1));
+            })
+            .and_then(|()| vm.populate(&layout.backed(), platform))
             .and_then(|()| vm.map_mmio(&mmio, platform))
             .and_then(|()| vm.write_acpi_tables(config, platform))
             .and_then(|()| vm.load(&plan, platform));
@@ -421,6 +437,9 @@ impl Vm {
     /// and bitmaps. Every vCPU is gone and the EPT translations of this VM
     /// flushed on every CPU (all-context INVEPT) before.
     pub fn destroy(self, platform: &mut impl Platform) {
+        if let Some(frame) = self.all_ones {
+            platform.free_frames(frame, 1);
+        }
         platform.free_frames(self.msr_bitmap, 1);
         platform.free_frames(self.io_bitmaps, 2);
         if let Some(display) = self.display {

@@ -210,6 +210,27 @@ pub unsafe fn outb(port: u16, value: u8) {
     unsafe { x86::io::outb(port, value) }
 }
 
+/// RDTSC.
+pub fn rdtsc() -> u64 {
+    // SAFETY: RDTSC only reads a counter.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// The local APIC's registers, at its architectural base (the hypervisor
+/// never moves it), identity-mapped by the kernel's page tables.
+const LAPIC: usize = 0xfee0_0000;
+/// Spurious-interrupt vector register; bit 8 enables the APIC (software).
+const LAPIC_SVR: usize = 0xf0;
+
+/// Clears the software-enable bit of this CPU's local APIC.
+pub fn lapic_software_disable() {
+    let svr = (LAPIC + LAPIC_SVR) as *mut u32;
+    // SAFETY: the xAPIC page is identity-mapped device memory; SVR is a
+    // 32-bit register at a 16-byte-aligned offset. Disabling only masks
+    // interrupts, which the hypervisor does not use.
+    unsafe { svr.write_volatile(svr.read_volatile() & !(1 << 8)) };
+}
+
 /// STR: the task register's selector.
 pub fn task_register() -> u16 {
     // SAFETY: STR only reads the task register.

@@ -37,6 +37,14 @@ pub trait Cpu: Vmcs + PortIo {
     /// itself uses no extended state). Only values valid for this CPU.
     fn xsetbv(&mut self, index: u32, value: u64);
 
+    /// The time-stamp counter, as the hypervisor reads it (no offset).
+    fn rdtsc(&self) -> u64;
+
+    /// Software-disables the local APIC of this CPU (the guest's: its
+    /// APIC is passed through), for a guest that disabled it through
+    /// IA32_APIC_BASE: SVR bit 8 clear masks every LVT entry.
+    fn lapic_software_disable(&mut self);
+
     /// CR8, the local APIC's task priority (the guest's own: its APIC is
     /// passed through), for a CPU that cannot let MOV CR8 run natively.
     fn read_cr8(&self) -> u64;
@@ -104,6 +112,14 @@ impl Cpu for ThisCpu {
         // SAFETY: the XSETBV handler passes only values valid on this CPU
         // (its rules and CPUID.0xD), and the kernel set CR4.OSXSAVE at boot.
         unsafe { instructions::xsetbv(index, value) }
+    }
+
+    fn rdtsc(&self) -> u64 {
+        instructions::rdtsc()
+    }
+
+    fn lapic_software_disable(&mut self) {
+        instructions::lapic_software_disable();
     }
 
     fn read_cr8(&self) -> u64 {

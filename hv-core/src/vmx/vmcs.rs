@@ -289,6 +289,8 @@ pub(crate) mod tests {
         pub invvpids: std::vec::Vec<u16>,
         pub current: Option<hv_ept::Mfn>,
         pub cr8: u64,
+        pub tsc: u64,
+        pub lapic_disabled: bool,
         /// Bytes written to hardware ports, in order.
         pub port_writes: std::vec::Vec<(u16, u8)>,
         pub cleared: std::vec::Vec<hv_ept::Mfn>,
@@ -332,6 +334,14 @@ pub(crate) mod tests {
 
         fn xsetbv(&mut self, _index: u32, value: u64) {
             self.xcr0 = Some(value);
+        }
+
+        fn rdtsc(&self) -> u64 {
+            self.tsc
+        }
+
+        fn lapic_software_disable(&mut self) {
+            self.lapic_disabled = true;
         }
 
         fn read_cr8(&self) -> u64 {
