@@ -38,9 +38,13 @@ impl Fixed {
         self.cr0_fixed0 & !(CR0_PE | CR0_PG)
     }
 
-    /// Bits the hypervisor owns: those pinned to 1 or to 0 (in the low 32 bits).
+    /// Bits the hypervisor owns: those pinned to 1 or to 0 (in the low 32
+    /// bits), and CD/NW, which VM exits leave as the guest had them (SDM
+    /// Vol. 3C 27.5.1) and some VMX implementations (Bochs) do not load on
+    /// VM entry either: through the read shadow the guest always reads back
+    /// what it wrote.
     pub fn cr0_mask(&self) -> u64 {
-        self.cr0_ones() | (!self.cr0_fixed1 & 0xffff_ffff)
+        self.cr0_ones() | (!self.cr0_fixed1 & 0xffff_ffff) | CR0_CD | CR0_NW
     }
 
     pub fn cr4_mask(&self) -> u64 {
@@ -167,11 +171,11 @@ pub(crate) mod tests {
     };
 
     #[test]
-    fn masks_cover_exactly_the_pinned_bits() {
+    fn masks_cover_exactly_the_pinned_bits_and_the_cache_controls() {
         assert_eq!(
             BOCHS.cr0_mask(),
-            0x20,
-            "NE only: PE and PG are free with unrestricted guest"
+            0x20 | CR0_CD | CR0_NW,
+            "NE, CD, NW: PE and PG are free with unrestricted guest"
         );
         assert_eq!(BOCHS.cr4_mask() & CR4_VMXE, CR4_VMXE);
         assert_eq!(BOCHS.cr4_mask() & CR4_PAE, 0);
@@ -183,6 +187,27 @@ pub(crate) mod tests {
         write_cr0(&mut vmcs, &BOCHS, CR0_PE | CR0_ET);
         assert_eq!(vmcs.read(guest::CR0), CR0_PE | CR0_ET | 0x20);
         assert_eq!(guest_cr0(&vmcs), CR0_PE | CR0_ET);
+    }
+
+    #[test]
+    fn cd_and_nw_read_back_as_written_whatever_the_cpu_keeps() {
+        let mut vmcs = FakeVmcs::default();
+        write_cr0(&mut vmcs, &BOCHS, CR0_PE | CR0_ET);
+        // A CPU that leaves CD/NW as they were (the host's, after reset).
+        let cr0 = vmcs.read(guest::CR0);
+        vmcs.write(guest::CR0, cr0 | CR0_CD | CR0_NW);
+        assert_eq!(
+            guest_cr0(&vmcs) & (CR0_CD | CR0_NW),
+            0,
+            "as the entry state says"
+        );
+        mov_to_cr0(&mut vmcs, &BOCHS, CR0_PE | CR0_ET | CR0_CD).unwrap();
+        assert_eq!(guest_cr0(&vmcs), CR0_PE | CR0_ET | CR0_CD);
+        assert_eq!(
+            vmcs.read(guest::CR0) & CR0_CD,
+            CR0_CD,
+            "and reaches the CPU"
+        );
     }
 
     #[test]
