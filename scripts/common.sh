@@ -6,6 +6,11 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 export PATH="${PATH:-/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin}"
+# A locale that does not exist makes every program warn (perl under apt-get
+# at length); C.UTF-8 exists on every Debian.
+if command -v locale >/dev/null && [ -n "$(locale 2>&1 >/dev/null)" ]; then
+    export LC_ALL=C.UTF-8
+fi
 account_home=$(getent passwd "$(id -u)" | cut -d: -f6) || account_home=""
 if [ -z "${HOME:-}" ] || [ ! -d "$HOME" ]; then
     if [ -n "${HOME:-}" ]; then
