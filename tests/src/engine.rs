@@ -2,9 +2,10 @@
 
 use std::fmt;
 use std::fs;
-use std::io::ErrorKind;
+use std::io::{ErrorKind, Write};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 /// Where an image runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -117,9 +118,16 @@ fn probe_kvm() -> Result<(), String> {
     if !nested {
         return Err("/dev/kvm present, but kvm_intel's nested parameter is not Y".into());
     }
-    // `enforce` makes QEMU refuse, rather than silently drop, a VMX it cannot give.
     let program = Engine::QemuKvm.emulator_program();
-    let probe = Command::new(&program)
+    ask_qemu_for_vmx(&program, Duration::from_secs(20))
+        .map_err(|why| format!("/dev/kvm present, but {why}"))
+}
+
+/// Whether `qemu` starts a KVM CPU with VMX within `limit`: `enforce` makes
+/// QEMU refuse, rather than silently drop, a VMX it cannot give; the monitor's
+/// `quit` ends a machine that did start.
+fn ask_qemu_for_vmx(qemu: &str, limit: Duration) -> Result<(), String> {
+    let mut child = Command::new(qemu)
         .args([
             "-accel",
             "kvm",
@@ -135,23 +143,72 @@ fn probe_kvm() -> Result<(), String> {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .and_then(|mut child| {
-            // The monitor's `quit` ends a machine that did start.
-            use std::io::Write;
-            let _ = child.stdin.take().map(|mut s| s.write_all(b"quit\n"));
-            child.wait_with_output()
-        });
-    match probe {
-        Ok(out) if out.status.success() => Ok(()),
-        Ok(out) => Err(format!(
-            "/dev/kvm present, but QEMU cannot start a KVM CPU with VMX: {}",
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .last()
-                .unwrap_or("no message")
-        )),
-        Err(e) => Err(format!(
-            "/dev/kvm present, but `{program}` could not be started to check it: {e}"
-        )),
+        .map_err(|e| format!("`{qemu}` could not be started to check it: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(b"quit\n");
+    }
+    let started = Instant::now();
+    while child.try_wait().map_err(|e| e.to_string())?.is_none() {
+        if started.elapsed() >= limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "`{qemu}` did not start a KVM CPU within {} s",
+                limit.as_secs_f64()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    Err(format!(
+        "QEMU cannot start a KVM CPU with VMX ({}): {}",
+        out.status,
+        stderr.lines().last().unwrap_or("no message")
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// `script` as a fake QEMU in a fresh file.
+    fn fake_qemu(name: &str, script: &str) -> String {
+        let dir = crate::workspace_root().join("target/runs");
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("fake-qemu-{name}-{}", std::process::id()));
+        fs::write(&path, format!("#!/bin/sh\n{script}\n")).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+        path.display().to_string()
+    }
+
+    #[test]
+    fn qemu_answers_whether_kvm_gives_vmx() {
+        let starts = fake_qemu("starts", "read command; [ \"$command\" = quit ]");
+        assert_eq!(ask_qemu_for_vmx(&starts, Duration::from_secs(10)), Ok(()));
+        let refuses = fake_qemu(
+            "refuses",
+            "echo \"qemu-system-x86_64: Host doesn't support requested features\" >&2; exit 1",
+        );
+        let why = ask_qemu_for_vmx(&refuses, Duration::from_secs(10)).unwrap_err();
+        assert!(
+            why.ends_with("Host doesn't support requested features"),
+            "{why}"
+        );
+        let hangs = fake_qemu("hangs", "exec sleep 30");
+        let why = ask_qemu_for_vmx(&hangs, Duration::from_millis(200)).unwrap_err();
+        assert!(
+            why.contains("did not start a KVM CPU within 0.2 s"),
+            "{why}"
+        );
+        let missing = ask_qemu_for_vmx("/nonexistent/qemu", Duration::from_secs(1));
+        assert!(missing.unwrap_err().contains("could not be started"));
+        for path in [starts, refuses, hangs] {
+            let _ = fs::remove_file(path);
+        }
     }
 }
