@@ -1,8 +1,12 @@
 //! hv-tests: the host-side harness. It builds the hypervisor kernel, makes a
 //! GRUB ISO for each boot configuration, boots it in Bochs or QEMU with a
 //! timeout, captures the serial log and reads the run's exit status from the
-//! kernel's last line (`hv: exit N`). `scripts/run` uses it through `hv-run`,
-//! the integration tests in `tests/tests/` through [`Boot::run`].
+//! kernel's last line (`hv: exit N`). When the emulator itself fails, the
+//! [`Run`] says how (exit code or signal) and keeps its stderr and log, and a
+//! failure of the harness (emulator missing, configuration refused, a crash
+//! before the first serial byte) is told apart from a result about the
+//! hypervisor. `scripts/run` uses it through `hv-run`, the integration tests
+//! in `tests/tests/` through [`Boot::run`].
 
 use std::fmt;
 use std::fs;
@@ -15,64 +19,11 @@ use std::time::{Duration, Instant};
 
 pub use hv_boot::exit;
 
-/// Where an image runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Engine {
-    /// Bochs 2.7 emulating a CPU model with VMX (the default model has EPT,
-    /// VPID, unrestricted guest, VMFUNC, #VE and PML).
-    Bochs,
-    /// QEMU with the KVM accelerator and the host CPU (needs nested VMX).
-    QemuKvm,
-    /// QEMU's software emulation: no VMX, boot paths only.
-    QemuTcg,
-}
+mod engine;
+mod outcome;
 
-impl Engine {
-    pub fn parse(name: &str) -> Option<Self> {
-        match name {
-            "bochs" => Some(Self::Bochs),
-            "qemu-kvm" => Some(Self::QemuKvm),
-            "qemu-tcg" => Some(Self::QemuTcg),
-            _ => None,
-        }
-    }
-
-    /// The best engine this machine has: QEMU + KVM when KVM can run VMX
-    /// guests (nested VMX on an Intel CPU), otherwise Bochs.
-    pub fn best_available() -> Self {
-        if kvm_runs_vmx_guests() {
-            Self::QemuKvm
-        } else {
-            Self::Bochs
-        }
-    }
-}
-
-impl fmt::Display for Engine {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Bochs => "bochs",
-            Self::QemuKvm => "qemu-kvm",
-            Self::QemuTcg => "qemu-tcg",
-        })
-    }
-}
-
-/// `/dev/kvm` is usable, the host CPU has VMX, and kvm_intel allows nesting.
-pub fn kvm_runs_vmx_guests() -> bool {
-    let nested = fs::read_to_string("/sys/module/kvm_intel/parameters/nested")
-        .is_ok_and(|s| matches!(s.trim(), "Y" | "y" | "1"));
-    let vmx = fs::read_to_string("/proc/cpuinfo").is_ok_and(|s| {
-        s.lines()
-            .any(|l| l.starts_with("flags") && l.split_whitespace().any(|w| w == "vmx"))
-    });
-    let dev = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    nested && vmx && dev
-}
+pub use engine::{Engine, kvm_runs_vmx_guests, kvm_vmx_support};
+pub use outcome::{EmulatorEnd, Outcome, signal_name};
 
 /// The workspace's root directory.
 pub fn workspace_root() -> PathBuf {
@@ -83,39 +34,49 @@ pub fn workspace_root() -> PathBuf {
 }
 
 /// The hypervisor kernel and the test guest, built once per process.
-struct Images {
-    kernel: PathBuf,
-    guest: PathBuf,
+pub struct Images {
+    pub kernel: PathBuf,
+    pub guest: PathBuf,
 }
 
-/// Builds both bare-metal images (once per process).
+/// Builds both bare-metal images once per process (cargo shows its progress
+/// on stderr), or says why it could not.
 ///
 /// A target directory of its own keeps this build from waiting on the lock of
 /// the `cargo test` that runs the harness.
+pub fn build_images() -> Result<&'static Images, String> {
+    static IMAGES: OnceLock<Result<Images, String>> = OnceLock::new();
+    IMAGES
+        .get_or_init(|| {
+            let root = workspace_root();
+            let target_dir = root.join("target/emu");
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = Command::new(&cargo)
+                .current_dir(&root)
+                .args(["build", "--release", "--target", "x86_64-unknown-none"])
+                .args(["-p", "hv-boot", "-p", "hv-test-guest", "--bins"])
+                .arg("--target-dir")
+                .arg(&target_dir)
+                .status()
+                .map_err(|e| format!("`{cargo}` could not be started: {e}"))?;
+            if !status.success() {
+                return Err(format!(
+                    "building the hypervisor kernel and the test guest failed ({status}; \
+                     cargo's messages are above)"
+                ));
+            }
+            let out = target_dir.join("x86_64-unknown-none/release");
+            Ok(Images {
+                kernel: out.join("hv"),
+                guest: out.join("hv-test-guest"),
+            })
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
 fn images() -> &'static Images {
-    static IMAGES: OnceLock<Images> = OnceLock::new();
-    IMAGES.get_or_init(|| {
-        let root = workspace_root();
-        let target_dir = root.join("target/emu");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .current_dir(&root)
-            .args(["build", "--release", "--target", "x86_64-unknown-none"])
-            .args(["-p", "hv-boot", "-p", "hv-test-guest", "--bins"])
-            .arg("--target-dir")
-            .arg(&target_dir)
-            .status()
-            .expect("cargo runs");
-        assert!(
-            status.success(),
-            "building the hypervisor kernel and the test guest failed"
-        );
-        let out = target_dir.join("x86_64-unknown-none/release");
-        Images {
-            kernel: out.join("hv"),
-            guest: out.join("hv-test-guest"),
-        }
-    })
+    build_images().unwrap_or_else(|why| panic!("{why}"))
 }
 
 /// The hypervisor kernel image.
@@ -128,14 +89,37 @@ pub fn test_guest_image() -> &'static Path {
     &images().guest
 }
 
-/// A program the harness needs; panics with the fix if it is missing.
-fn require(program: &str) {
-    let found = std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()));
-    assert!(
-        found,
-        "`{program}` is not installed: run scripts/setup (scripts/test and scripts/run do)"
-    );
+/// Where `program` is: itself if it names a path, else the first match on `PATH`.
+fn find_program(program: &str) -> Result<PathBuf, String> {
+    let found = if program.contains('/') {
+        Some(PathBuf::from(program)).filter(|p| p.is_file())
+    } else {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(program))
+                .find(|p| p.is_file())
+        })
+    };
+    found.ok_or_else(|| {
+        format!("`{program}` is not installed (not found): run scripts/setup, which installs it")
+    })
+}
+
+/// The serial ports a run captures, each to a file of the run directory, and
+/// what it carries. The first is the kernel's console: the harness streams
+/// it, reads the exit line from it and reports it.
+pub const SERIAL_PORTS: &[SerialPort] = &[SerialPort {
+    name: "COM1",
+    file: "serial.txt",
+    carries: "the kernel's console",
+}];
+
+/// One captured serial port.
+#[derive(Clone, Copy, Debug)]
+pub struct SerialPort {
+    pub name: &'static str,
+    pub file: &'static str,
+    pub carries: &'static str,
 }
 
 /// One boot of the hypervisor: engine, command line, modules and limits.
@@ -154,6 +138,10 @@ pub struct Boot {
     pub timeout: Duration,
     /// Copy the serial log to stdout as it arrives.
     pub stream: bool,
+    /// The emulator program (a name on `PATH` or a path); by default
+    /// [`Engine::emulator_program`]: `bochs` or `qemu-system-x86_64`, or what
+    /// `HV_BOCHS` / `HV_QEMU` say.
+    pub emulator: Option<String>,
 }
 
 impl Boot {
@@ -168,6 +156,7 @@ impl Boot {
             qemu_direct_kernel: false,
             timeout: Duration::from_secs(120),
             stream: false,
+            emulator: None,
         }
     }
 
@@ -186,86 +175,119 @@ impl Boot {
 
     /// Builds what is needed, boots, waits for the end or the timeout.
     pub fn run(&self) -> Run {
-        let kernel = kernel_image();
-        let dir = run_dir(self.engine);
-        let serial = dir.join("serial.txt");
-        let iso = (self.engine == Engine::Bochs || !self.qemu_direct_kernel)
-            .then(|| self.grub_iso(kernel, &dir));
+        self.run_in(new_run_dir(self.engine))
+    }
+
+    /// [`Boot::run`] with its files in `dir` (from [`new_run_dir`]).
+    pub fn run_in(&self, dir: PathBuf) -> Run {
         let started = Instant::now();
-        let mut child = match (self.engine, iso) {
-            (Engine::Bochs, Some(iso)) => self.start_bochs(&iso, &dir),
-            (_, iso) => self.start_qemu(kernel, iso.as_deref(), &dir),
+        match self.boot_medium(&dir) {
+            Ok(medium) => self.boot(dir, &medium),
+            Err(why) => self.not_run(dir, why, started),
+        }
+    }
+
+    /// The kernel to boot and, unless QEMU loads it directly, its GRUB ISO.
+    fn boot_medium(&self, dir: &Path) -> Result<Medium, String> {
+        let kernel = build_images()?.kernel.clone();
+        let iso = if self.engine == Engine::Bochs || !self.qemu_direct_kernel {
+            Some(self.grub_iso(&kernel, dir)?)
+        } else {
+            None
         };
-        let waited = wait(&mut child, started, self.timeout, &serial, self.stream);
-        let serial_log = fs::read_to_string(&serial)
-            .unwrap_or_default()
-            .replace('\r', "");
-        let emulator_log =
-            fs::read_to_string(dir.join(self.emulator_log_name())).unwrap_or_default();
-        Run {
-            engine: self.engine,
-            exit_status: parse_exit_status(&serial_log),
-            serial: serial_log,
-            emulator_log,
-            emulator_exit: waited.emulator_exit,
-            timed_out: waited.timed_out,
-            ready_after: waited.ready_after,
-            wall: started.elapsed(),
+        Ok(Medium { kernel, iso })
+    }
+
+    /// Starts the emulator on `medium` and waits for the end of the run.
+    fn boot(&self, dir: PathBuf, medium: &Medium) -> Run {
+        let started = Instant::now();
+        let child = match (self.engine, &medium.iso) {
+            (Engine::Bochs, Some(iso)) => self.start_bochs(iso, &dir),
+            (_, iso) => self.start_qemu(&medium.kernel, iso.as_deref(), &dir),
+        };
+        let mut child = match child {
+            Ok(child) => child,
+            Err(why) => return self.not_run(dir, why, started),
+        };
+        let console = dir.join(SERIAL_PORTS[0].file);
+        let waited = wait(&mut child, started, self.timeout, &console, self.stream);
+        Run::read(self.engine, dir, waited.end, waited.ready_after, started)
+    }
+
+    fn not_run(&self, dir: PathBuf, why: String, started: Instant) -> Run {
+        Run::read(
+            self.engine,
             dir,
-        }
+            EmulatorEnd::NotStarted(why),
+            None,
+            started,
+        )
     }
 
-    fn emulator_log_name(&self) -> &'static str {
-        match self.engine {
-            Engine::Bochs => "bochs.log",
-            _ => "qemu.log",
-        }
+    fn emulator_program(&self) -> Result<PathBuf, String> {
+        let name = self
+            .emulator
+            .clone()
+            .unwrap_or_else(|| self.engine.emulator_program());
+        find_program(&name)
     }
 
-    fn grub_iso(&self, kernel: &Path, dir: &Path) -> PathBuf {
-        require("grub-mkrescue");
-        require("xorriso");
+    fn grub_iso(&self, kernel: &Path, dir: &Path) -> Result<PathBuf, String> {
+        let grub_mkrescue = find_program("grub-mkrescue")?;
+        find_program("xorriso")?;
+        let io = |e: std::io::Error| format!("making the boot ISO in {}: {e}", dir.display());
         let tree = dir.join("iso");
-        fs::create_dir_all(tree.join("boot/grub")).unwrap();
-        fs::copy(kernel, tree.join("boot/hv")).unwrap();
+        fs::create_dir_all(tree.join("boot/grub")).map_err(io)?;
+        fs::copy(kernel, tree.join("boot/hv")).map_err(io)?;
         let mut cfg = String::from("set timeout=0\nset default=0\nmenuentry \"hv\" {\n");
         cfg += &format!("  multiboot2 /boot/hv {}\n", self.cmdline);
         for (i, (module, cmdline)) in self.modules.iter().enumerate() {
             let name = format!("module{i}");
-            fs::copy(module, tree.join("boot").join(&name)).unwrap();
+            fs::copy(module, tree.join("boot").join(&name)).map_err(io)?;
             cfg += &format!("  module2 /boot/{name} {cmdline}\n");
         }
         cfg += "  boot\n}\n";
-        fs::write(tree.join("boot/grub/grub.cfg"), cfg).unwrap();
+        fs::write(tree.join("boot/grub/grub.cfg"), cfg).map_err(io)?;
         let iso = dir.join("hv.iso");
-        let out = Command::new("grub-mkrescue")
+        // Its temporary files go to the run directory, whatever TMPDIR says.
+        let out = host_independent(&mut Command::new(grub_mkrescue))
+            .env("TMPDIR", dir)
             .arg("-o")
             .arg(&iso)
             .arg(&tree)
+            .stdin(Stdio::null())
             .output()
-            .expect("grub-mkrescue runs");
-        assert!(
-            out.status.success(),
-            "grub-mkrescue failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        iso
+            .map_err(|e| format!("grub-mkrescue could not be started: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "grub-mkrescue failed ({}):\n{}",
+                out.status,
+                tail(&String::from_utf8_lossy(&out.stderr), TAIL_LINES)
+            ));
+        }
+        Ok(iso)
     }
 
-    fn start_bochs(&self, iso: &Path, dir: &Path) -> Child {
-        require("bochs");
-        let config = format!(
+    /// The Bochs configuration: every device that could reach the host is
+    /// absent or pinned, so a run is the same on any machine. No sound (the
+    /// speaker plugin would load ALSA, and Debian's Bochs aborts where ALSA
+    /// finds no card), no joystick (the gameport opens /dev/input/js0), no
+    /// parallel port, no NIC, a fixed RTC start instead of the host's local
+    /// time, and the display on Bochs's VNC server (rfb, the one display
+    /// library in the `bochs` package) without waiting for a viewer.
+    fn bochs_config(&self, iso: &Path) -> String {
+        let mut config = format!(
             "megs: {megs}\n\
              cpu: model={model}, count={cpus}, ips=200000000\n\
              romimage: file=/usr/share/bochs/BIOS-bochs-latest\n\
              vgaromimage: file=/usr/share/bochs/VGABIOS-lgpl-latest\n\
              ata0-master: type=cdrom, path={iso}, status=inserted\n\
              boot: cdrom\n\
-             display_library: rfb, options=\"timeout=0\"\n\
-             com1: enabled=1, mode=file, dev=serial.txt\n\
-             port_e9_hack: enabled=1\n\
-             speaker: enabled=0\n\
+             plugin_ctrl: speaker=0, gameport=0, parallel=0\n\
              sound: driver=dummy\n\
+             clock: sync=none, time0=946684800\n\
+             display_library: rfb, options=\"timeout=0\"\n\
+             port_e9_hack: enabled=1\n\
              log: bochs.log\n\
              panic: action=fatal\n\
              error: action=report\n\
@@ -275,48 +297,58 @@ impl Boot {
             cpus = self.cpus,
             iso = iso.display(),
         );
-        fs::write(dir.join("hv.bxrc"), config).unwrap();
+        for (i, port) in SERIAL_PORTS.iter().enumerate() {
+            config += &format!("com{}: enabled=1, mode=file, dev={}\n", i + 1, port.file);
+        }
+        config
+    }
+
+    fn start_bochs(&self, iso: &Path, dir: &Path) -> Result<Child, String> {
+        let bochs = self.emulator_program()?;
+        let io = |e: std::io::Error| format!("writing the Bochs configuration: {e}");
+        fs::write(dir.join("hv.bxrc"), self.bochs_config(iso)).map_err(io)?;
         // Debian's Bochs has its debugger built in: `c` starts the simulation.
-        fs::write(dir.join("cont.rc"), "c\n").unwrap();
+        fs::write(dir.join("cont.rc"), "c\n").map_err(io)?;
         // Bochs's display server listens on the first free port from 5900 and
         // gives up after 50; in a network namespace of its own it always gets one.
-        let mut cmd = if private_network() {
-            let mut cmd = Command::new("unshare");
-            cmd.args(["--net", "bochs"]);
-            cmd
-        } else {
-            Command::new("bochs")
+        let mut cmd = match network_isolation() {
+            Isolation::Namespace(prefix) => {
+                let mut cmd = Command::new(prefix[0]);
+                cmd.args(&prefix[1..]).arg(&bochs);
+                cmd
+            }
+            Isolation::None => Command::new(&bochs),
         };
-        cmd.current_dir(dir)
-            .args(["-q", "-f", "hv.bxrc", "-rc", "cont.rc"])
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(dir.join("bochs.out")).unwrap())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("bochs starts")
+        // -f: Bochs reads this configuration and no other (no ~/.bochsrc).
+        cmd.args(["-q", "-f", "hv.bxrc", "-rc", "cont.rc"]);
+        self.spawn(cmd, dir, &bochs)
     }
 
     /// Boots `iso` through GRUB, or `kernel` through QEMU's Multiboot 1 loader when there is no ISO.
-    fn start_qemu(&self, kernel: &Path, iso: Option<&Path>, dir: &Path) -> Child {
-        require("qemu-system-x86_64");
-        let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.current_dir(dir)
-            .args([
-                "-display",
-                "none",
-                "-no-reboot",
-                "-serial",
-                "file:serial.txt",
-                "-D",
-                "qemu.log",
-            ])
-            .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
-            .args([
-                "-m",
-                &self.memory_mib.to_string(),
-                "-smp",
-                &self.cpus.to_string(),
-            ]);
+    fn start_qemu(&self, kernel: &Path, iso: Option<&Path>, dir: &Path) -> Result<Child, String> {
+        let qemu = self.emulator_program()?;
+        let mut cmd = Command::new(&qemu);
+        // No NIC (the default one would use the host's network), no
+        // configuration files of the host.
+        cmd.args([
+            "-display",
+            "none",
+            "-no-reboot",
+            "-no-user-config",
+            "-nic",
+            "none",
+        ])
+        .args(["-D", "qemu.log"])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+        .args([
+            "-m",
+            &self.memory_mib.to_string(),
+            "-smp",
+            &self.cpus.to_string(),
+        ]);
+        for port in SERIAL_PORTS {
+            cmd.args(["-serial", &format!("file:{}", port.file)]);
+        }
         match self.engine {
             Engine::QemuKvm => cmd.args(["-accel", "kvm", "-cpu", "host"]),
             _ => cmd.args(["-accel", "tcg"]),
@@ -336,58 +368,126 @@ impl Boot {
                 cmd.args(["-initrd", &initrd.join(",")]);
             }
         }
-        cmd.stdin(Stdio::null())
-            .stdout(fs::File::create(dir.join("qemu.out")).unwrap())
-            .stderr(Stdio::inherit())
+        self.spawn(cmd, dir, &qemu)
+    }
+
+    /// Starts `cmd` in `dir`, its stdout and stderr going to files there.
+    fn spawn(&self, mut cmd: Command, dir: &Path, program: &Path) -> Result<Child, String> {
+        let file = |name: String| {
+            fs::File::create(dir.join(&name)).map_err(|e| format!("creating {name}: {e}"))
+        };
+        let stem = self.engine.file_stem();
+        host_independent(&mut cmd)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(file(format!("{stem}.out"))?)
+            .stderr(file(format!("{stem}.err"))?)
             .spawn()
-            .expect("qemu starts")
+            .map_err(|e| format!("`{}` could not be started: {e}", program.display()))
     }
 }
 
-/// Whether programs can be started in a network namespace of their own.
-fn private_network() -> bool {
-    static WORKS: OnceLock<bool> = OnceLock::new();
-    *WORKS.get_or_init(|| {
-        Command::new("unshare")
-            .args(["--net", "true"])
-            .status()
-            .is_ok_and(|s| s.success())
+/// What a run boots.
+struct Medium {
+    kernel: PathBuf,
+    iso: Option<PathBuf>,
+}
+
+/// The same environment for a helper program on every host: the C locale
+/// (whatever locale the caller names, even one that does not exist), UTC, and
+/// glibc's fatal messages (`*** buffer overflow detected ***`) on stderr,
+/// where the harness keeps them, rather than on the terminal.
+fn host_independent(cmd: &mut Command) -> &mut Command {
+    cmd.env("LC_ALL", "C")
+        .env("TZ", "UTC")
+        .env("LIBC_FATAL_STDERR_", "1")
+}
+
+/// How Bochs is kept off the host's network ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isolation {
+    /// A network namespace of its own, made by this command prefix.
+    Namespace(&'static [&'static str]),
+    /// None could be made: Bochs's display server takes a free port from 5900
+    /// on the host (it looks at 50, so 50 runs at once is the limit).
+    None,
+}
+
+impl fmt::Display for Isolation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Namespace(prefix) => write!(
+                f,
+                "Bochs's display server (VNC) runs in a private network namespace ({})",
+                prefix.join(" ")
+            ),
+            Self::None => f.write_str(
+                "no private network namespace could be made (`unshare --net` refused): \
+                 Bochs's display server (VNC) takes a free port from 5900 on this machine",
+            ),
+        }
+    }
+}
+
+/// The best [`Isolation`] this process can have, found once: root (or
+/// CAP_SYS_ADMIN) makes a network namespace directly, a normal user inside a
+/// user namespace of its own where the system allows those.
+pub fn network_isolation() -> Isolation {
+    const CHOICES: [&[&str]; 2] = [
+        &["unshare", "--net"],
+        &["unshare", "--user", "--map-root-user", "--net"],
+    ];
+    static ISOLATION: OnceLock<Isolation> = OnceLock::new();
+    *ISOLATION.get_or_init(|| {
+        CHOICES
+            .into_iter()
+            .find(|prefix| {
+                Command::new(prefix[0])
+                    .args(&prefix[1..])
+                    .arg("true")
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            })
+            .map_or(Isolation::None, Isolation::Namespace)
     })
 }
 
 /// A fresh directory for one run's files, so runs in parallel never share one.
-fn run_dir(engine: Engine) -> PathBuf {
+pub fn new_run_dir(engine: Engine) -> PathBuf {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let dir = workspace_root()
         .join("target/runs")
         .join(format!("{engine}-{}-{n}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
+    fs::create_dir_all(&dir)
+        .unwrap_or_else(|e| panic!("cannot make the run directory {}: {e}", dir.display()));
     dir
 }
 
 /// What [`wait`] saw.
 struct Waited {
-    emulator_exit: Option<i32>,
-    timed_out: bool,
+    end: EmulatorEnd,
     /// When the serial log first showed `hv: ready`, counted from `started`.
     ready_after: Option<Duration>,
 }
 
-/// Waits for `child` up to `timeout`, watching the serial log as it grows
-/// (and copying it to stdout if `stream`).
+/// Waits for `child` up to `timeout`, watching the console's serial log as it
+/// grows (and copying it to stdout if `stream`).
 fn wait(
     child: &mut Child,
     started: Instant,
     timeout: Duration,
-    serial: &Path,
+    console: &Path,
     stream: bool,
 ) -> Waited {
     let mut seen = Vec::new();
     let mut ready_after = None;
     let mut watch = |seen: &mut Vec<u8>| {
-        let new = read_from(serial, seen.len() as u64);
+        let new = read_from(console, seen.len() as u64);
         if stream {
             let mut out = std::io::stdout().lock();
             let _ = out.write_all(&new);
@@ -404,17 +504,16 @@ fn wait(
             Some(status) => {
                 watch(&mut seen);
                 return Waited {
-                    emulator_exit: status.code(),
-                    timed_out: false,
+                    end: EmulatorEnd::from_status(status),
                     ready_after,
                 };
             }
             None if started.elapsed() >= timeout => {
                 let _ = child.kill();
                 let _ = child.wait();
+                watch(&mut seen);
                 return Waited {
-                    emulator_exit: None,
-                    timed_out: true,
+                    end: EmulatorEnd::StoppedAtTimeout(timeout),
                     ready_after,
                 };
             }
@@ -434,6 +533,11 @@ fn read_from(path: &Path, from: u64) -> Vec<u8> {
     buf
 }
 
+/// A text file of a run, lossily decoded, without carriage returns (empty if absent).
+fn read_text(path: &Path) -> String {
+    String::from_utf8_lossy(&read_from(path, 0)).replace('\r', "")
+}
+
 /// The line the kernel prints once the machine is up.
 pub const READY_LINE: &str = "hv: ready";
 
@@ -448,14 +552,38 @@ pub fn parse_exit_status(log: &str) -> Option<u8> {
     })
 }
 
+/// Lines of an emulator's stderr and log a report shows, from their end.
+pub const TAIL_LINES: usize = 30;
+
+/// The last `n` lines of `text`.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// A titled part of a report.
+fn section(title: &str, text: &str) -> String {
+    let text = if text.trim().is_empty() {
+        "(empty)"
+    } else {
+        text.trim_end()
+    };
+    format!("---- {title} ----\n{text}\n")
+}
+
 /// What one boot produced.
 pub struct Run {
     pub engine: Engine,
+    /// What the run came to.
+    pub outcome: Outcome,
+    /// How the emulator process ended.
+    pub emulator: EmulatorEnd,
+    /// The console's serial log (COM1).
     pub serial: String,
-    pub exit_status: Option<u8>,
+    /// The emulator's own log (`bochs.log`, `qemu.log`).
     pub emulator_log: String,
-    pub emulator_exit: Option<i32>,
-    pub timed_out: bool,
+    /// What the emulator wrote to stderr (`bochs.err`, `qemu.err`).
+    pub emulator_stderr: String,
     /// Wall time from starting the emulator to the `hv: ready` line.
     pub ready_after: Option<Duration>,
     pub wall: Duration,
@@ -463,31 +591,97 @@ pub struct Run {
 }
 
 impl Run {
-    /// The serial log and the last lines of the emulator's log, for a failure message.
+    /// Reads back what a run left in `dir`.
+    fn read(
+        engine: Engine,
+        dir: PathBuf,
+        emulator: EmulatorEnd,
+        ready_after: Option<Duration>,
+        started: Instant,
+    ) -> Self {
+        let stem = engine.file_stem();
+        let serial = read_text(&dir.join(SERIAL_PORTS[0].file));
+        let outcome = Outcome::classify(
+            &emulator,
+            serial.len(),
+            parse_exit_status(&serial),
+            engine.emulator_name(),
+        );
+        Run {
+            engine,
+            outcome,
+            emulator,
+            emulator_log: read_text(&dir.join(format!("{stem}.log"))),
+            emulator_stderr: read_text(&dir.join(format!("{stem}.err"))),
+            serial,
+            ready_after,
+            wall: started.elapsed(),
+            dir,
+        }
+    }
+
+    /// The status of the kernel's exit line, if the run ended with one.
+    pub fn exit_status(&self) -> Option<u8> {
+        match self.outcome {
+            Outcome::Exit(status) => Some(status),
+            _ => None,
+        }
+    }
+
+    /// What the run came to and how the emulator ended, in one line.
+    pub fn summary(&self) -> String {
+        match self.outcome {
+            // Says how the emulator ended already.
+            Outcome::HarnessFailure(_) => self.outcome.to_string(),
+            _ => format!(
+                "{}; {}",
+                self.outcome,
+                self.emulator.describe(self.engine.emulator_name())
+            ),
+        }
+    }
+
+    /// For a failure message: how the run and the emulator ended, the serial
+    /// log, and the last lines of the emulator's stderr and log.
     pub fn report(&self) -> String {
-        let tail: Vec<&str> = self.emulator_log.lines().rev().take(30).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        let console = &SERIAL_PORTS[0];
         format!(
-            "engine {}, exit status {:?}, emulator exit {:?}, timed out {}, {:.1} s, files in {}\n\
-             ---- serial log ----\n{}\n---- end of emulator log ----\n{}\n",
+            "{}\nengine {}, {:.1} s, files in {}\n{}{}---- end: {} ----\n",
+            self.summary(),
             self.engine,
-            self.exit_status,
-            self.emulator_exit,
-            self.timed_out,
             self.wall.as_secs_f64(),
             self.dir.display(),
-            self.serial,
-            tail.join("\n"),
+            section(
+                &format!(
+                    "serial log ({}, {}: {})",
+                    console.name, console.file, console.carries
+                ),
+                &self.serial
+            ),
+            self.emulator_report(),
+            self.summary(),
+        )
+    }
+
+    /// The last lines of the emulator's stderr and of its log.
+    pub fn emulator_report(&self) -> String {
+        let name = self.engine.emulator_name();
+        let stem = self.engine.file_stem();
+        section(
+            &format!("{name}'s stderr ({stem}.err), last {TAIL_LINES} lines"),
+            &tail(&self.emulator_stderr, TAIL_LINES),
+        ) + &section(
+            &format!("{name}'s log ({stem}.log), last {TAIL_LINES} lines"),
+            &tail(&self.emulator_log, TAIL_LINES),
         )
     }
 
     /// Panics with the report unless the run ended by itself with `status`.
     pub fn expect_exit(&self, status: u8) -> &Self {
-        assert!(!self.timed_out, "the run timed out\n{}", self.report());
-        assert_eq!(
-            self.exit_status,
-            Some(status),
-            "unexpected exit status\n{}",
+        assert!(
+            self.exit_status() == Some(status),
+            "expected the run to end with status {status}, but {}\n{}",
+            self.summary(),
             self.report()
         );
         self
@@ -525,22 +719,4 @@ impl Run {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn exit_status_is_read_from_the_last_exit_line() {
-        assert_eq!(parse_exit_status("hv: exit 3\nhv: exit 0\n"), Some(0));
-        assert_eq!(parse_exit_status("INFO x\nhv: exit 42"), Some(42));
-        assert_eq!(parse_exit_status("hv: ready\n"), None);
-        assert_eq!(parse_exit_status("hv: exit banana\n"), None);
-    }
-
-    #[test]
-    fn engine_names_round_trip() {
-        for engine in [Engine::Bochs, Engine::QemuKvm, Engine::QemuTcg] {
-            assert_eq!(Engine::parse(&engine.to_string()), Some(engine));
-        }
-        assert_eq!(Engine::parse("vmware"), None);
-    }
-}
+mod tests;

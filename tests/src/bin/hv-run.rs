@@ -4,14 +4,36 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use hv_tests::{Boot, Engine};
+use hv_tests::{Boot, Engine, Outcome, SERIAL_PORTS};
 
 const USAGE: &str =
     "usage: hv-run [--engine bochs|qemu-kvm|qemu-tcg] [--timeout SECONDS] [--memory MIB] \
-[--cpus N] [--cpu-model BOCHS_MODEL] [--direct-kernel] [--guest-args 'SCENARIOS...'] [--no-guest] [KERNEL COMMAND LINE...]
+[--cpus N] [--cpu-model BOCHS_MODEL] [--direct-kernel] [--guest-args 'SCENARIOS...'] [--no-guest] \
+[--keep] [KERNEL COMMAND LINE...]
 
 Boots the hypervisor with the test guest (tests/guest) as its guest, running the guest's
-default scenarios unless --guest-args names others; --no-guest boots the hypervisor alone.";
+default scenarios unless --guest-args names others; --no-guest boots the hypervisor alone.
+The engine is QEMU + KVM when KVM can run VMX guests, else Bochs. The run's files (ISO,
+serial log, the emulator's log and stderr) go to target/runs/ and are removed after a run
+that ended with an exit line, unless --keep. HV_BOCHS / HV_QEMU name other emulator programs.
+
+Exit status:
+  N    the run ended with `hv: exit N` (0 success, 1 boot failure, 2 panic,
+       3 CPU exception, 4 guest refused or stopped, or the guest's own status)
+  64   bad usage
+  124  the run timed out
+  125  the run ended without an exit line (the emulator died or the machine
+       stopped after the kernel started printing): a hypervisor, guest or
+       emulator failure
+  126  harness failure, the hypervisor never ran: the build failed, the emulator
+       is missing or could not start, or it failed before the first serial byte
+       (configuration refused, crash); its stderr and log are shown";
+
+/// Exit codes of hv-run besides the run's own status (see [`USAGE`]).
+const BAD_USAGE: u8 = 64;
+const TIMED_OUT: u8 = 124;
+const NO_EXIT_LINE: u8 = 125;
+const HARNESS_FAILURE: u8 = 126;
 
 fn main() -> ExitCode {
     let mut engine = None;
@@ -20,6 +42,7 @@ fn main() -> ExitCode {
     boot.timeout = Duration::from_secs(600);
     let mut cmdline = Vec::new();
     let mut guest_args = Some(String::new());
+    let mut keep = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = |name: &str| {
@@ -41,6 +64,7 @@ fn main() -> ExitCode {
             "--direct-kernel" => boot.qemu_direct_kernel = true,
             "--guest-args" => guest_args = Some(value("--guest-args")),
             "--no-guest" => guest_args = None,
+            "--keep" => keep = true,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return ExitCode::SUCCESS;
@@ -49,26 +73,48 @@ fn main() -> ExitCode {
             word => cmdline.push(word.to_string()),
         }
     }
-    boot.engine = engine.unwrap_or_else(Engine::best_available);
+
+    eprintln!("hv-run: building the hypervisor kernel and the test guest (target/emu)");
+    if let Err(why) = hv_tests::build_images() {
+        eprintln!("hv-run: harness failure: {why}");
+        return ExitCode::from(HARNESS_FAILURE);
+    }
+    let why = match engine {
+        Some(engine) => {
+            boot.engine = engine;
+            "chosen with --engine".to_string()
+        }
+        None => {
+            let (engine, why) = Engine::best_available();
+            boot.engine = engine;
+            why
+        }
+    };
     boot.cmdline = cmdline.join(" ");
     if let Some(args) = guest_args {
         boot = boot.guest(&args);
     }
+    eprintln!("hv-run: engine {}: {why}", boot.engine);
     eprintln!(
-        "hv-run: booting in {} (memory {} MiB, {} CPU(s))",
-        boot.engine, boot.memory_mib, boot.cpus
+        "hv-run: memory {} MiB, {} CPU(s), timeout {} s",
+        boot.memory_mib,
+        boot.cpus,
+        boot.timeout.as_secs()
     );
-    let run = boot.run();
-    if run.timed_out {
-        eprintln!(
-            "hv-run: timed out after {} s; files in {}",
-            boot.timeout.as_secs(),
-            run.dir.display()
-        );
-        return ExitCode::from(124);
+    if boot.engine == Engine::Bochs {
+        eprintln!("hv-run: {}", hv_tests::network_isolation());
     }
-    match run.exit_status {
-        Some(status) => {
+    let dir = hv_tests::new_run_dir(boot.engine);
+    let stem = boot.engine.file_stem();
+    eprintln!(
+        "hv-run: run files in {} (serial log {}, {stem}.log, {stem}.err; removed after a run \
+         that ends with an exit line, unless --keep); the serial log follows",
+        dir.display(),
+        SERIAL_PORTS[0].file
+    );
+    let run = boot.run_in(dir);
+    let code = match run.outcome {
+        Outcome::Exit(status) => {
             if let Some(ready) = run.ready_after {
                 eprintln!(
                     "hv-run: ready after {:.2} s (wall, from starting {})",
@@ -80,17 +126,19 @@ fn main() -> ExitCode {
                 "hv-run: exit status {status} after {:.2} s",
                 run.wall.as_secs_f64()
             );
-            run.clean_up();
-            ExitCode::from(status)
+            if !keep {
+                run.clean_up();
+            }
+            return ExitCode::from(status);
         }
-        None => {
-            eprintln!(
-                "hv-run: the run ended without an exit line\n{}",
-                run.report()
-            );
-            ExitCode::from(125)
-        }
-    }
+        Outcome::HarnessFailure(_) => HARNESS_FAILURE,
+        Outcome::NoExitLine => NO_EXIT_LINE,
+        Outcome::TimedOut => TIMED_OUT,
+    };
+    // The serial log was streamed already: the emulator's side matters here.
+    eprintln!("\nhv-run: {}\n{}", run.summary(), run.emulator_report());
+    eprintln!("hv-run: {}; exit code {code}", run.summary());
+    ExitCode::from(code)
 }
 
 fn number(text: &str) -> u64 {
@@ -100,5 +148,5 @@ fn number(text: &str) -> u64 {
 
 fn fail(message: &str) -> ! {
     eprintln!("hv-run: {message}\n{USAGE}");
-    std::process::exit(2)
+    std::process::exit(BAD_USAGE.into())
 }
