@@ -106,13 +106,26 @@ fn find_program(program: &str) -> Result<PathBuf, String> {
 }
 
 /// The serial ports a run captures, each to a file of the run directory, and
-/// what it carries. The first is the kernel's console: the harness streams
-/// it, reads the exit line from it and reports it.
-pub const SERIAL_PORTS: &[SerialPort] = &[SerialPort {
-    name: "COM1",
-    file: "serial.txt",
-    carries: "the kernel's console",
-}];
+/// what it carries, in port order (COM1 first). COM1 is the guest's own
+/// console; COM2 the hypervisor's log, from which the harness reads the exit
+/// line. Both are streamed and reported, the guest's lines labelled `guest: `.
+pub const SERIAL_PORTS: &[SerialPort] = &[
+    SerialPort {
+        name: "COM1",
+        file: "guest.txt",
+        carries: "the guest's console",
+    },
+    SerialPort {
+        name: "COM2",
+        file: "serial.txt",
+        carries: "the hypervisor's log",
+    },
+];
+/// Index in [`SERIAL_PORTS`] of the guest's console and of the hypervisor's log.
+const GUEST_CONSOLE: usize = 0;
+const HV_LOG: usize = 1;
+/// The label of the guest's console lines in the run's log.
+pub const GUEST_PREFIX: &str = "guest: ";
 
 /// One captured serial port.
 #[derive(Clone, Copy, Debug)]
@@ -209,8 +222,7 @@ impl Boot {
             Ok(child) => child,
             Err(why) => return self.not_run(dir, why, started),
         };
-        let console = dir.join(SERIAL_PORTS[0].file);
-        let waited = wait(&mut child, started, self.timeout, &console, self.stream);
+        let waited = wait(&mut child, started, self.timeout, &dir, self.stream);
         Run::read(self.engine, dir, waited.end, waited.ready_after, started)
     }
 
@@ -475,34 +487,83 @@ struct Waited {
     ready_after: Option<Duration>,
 }
 
-/// Waits for `child` up to `timeout`, watching the console's serial log as it
-/// grows (and copying it to stdout if `stream`).
+/// A serial file followed as it grows, whole lines at a time.
+struct Tail {
+    path: PathBuf,
+    offset: u64,
+    partial: Vec<u8>,
+    /// Put before each line when streamed.
+    prefix: &'static str,
+}
+
+impl Tail {
+    fn new(dir: &Path, port: usize, prefix: &'static str) -> Self {
+        Self {
+            path: dir.join(SERIAL_PORTS[port].file),
+            offset: 0,
+            partial: Vec::new(),
+            prefix,
+        }
+    }
+
+    /// The complete lines that arrived since the last call (all of what is
+    /// left at the end).
+    fn lines(&mut self, at_end: bool) -> Vec<String> {
+        let new = read_from(&self.path, self.offset);
+        self.offset += new.len() as u64;
+        self.partial.extend_from_slice(&new);
+        let mut lines = Vec::new();
+        while let Some(at) = self.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=at).collect();
+            lines.push(String::from_utf8_lossy(&line).trim_end().to_string());
+        }
+        if at_end && !self.partial.is_empty() {
+            lines.push(
+                String::from_utf8_lossy(&self.partial)
+                    .trim_end()
+                    .to_string(),
+            );
+            self.partial.clear();
+        }
+        lines
+    }
+}
+
+/// Waits for `child` up to `timeout`, watching the hypervisor's log and the
+/// guest's console as they grow (and copying them to stdout, the guest's
+/// lines labelled, if `stream`).
 fn wait(
     child: &mut Child,
     started: Instant,
     timeout: Duration,
-    console: &Path,
+    dir: &Path,
     stream: bool,
 ) -> Waited {
-    let mut seen = Vec::new();
+    let mut tails = [
+        Tail::new(dir, HV_LOG, ""),
+        Tail::new(dir, GUEST_CONSOLE, GUEST_PREFIX),
+    ];
     let mut ready_after = None;
-    let mut watch = |seen: &mut Vec<u8>| {
-        let new = read_from(console, seen.len() as u64);
-        if stream {
-            let mut out = std::io::stdout().lock();
-            let _ = out.write_all(&new);
-            let _ = out.flush();
-        }
-        seen.extend_from_slice(&new);
-        if ready_after.is_none() && String::from_utf8_lossy(seen).contains(READY_LINE) {
-            ready_after = Some(started.elapsed());
+    let mut watch = |at_end: bool| {
+        for (i, tail) in tails.iter_mut().enumerate() {
+            let lines = tail.lines(at_end);
+            if i == 0 && ready_after.is_none() && lines.iter().any(|l| l.contains(READY_LINE)) {
+                ready_after = Some(started.elapsed());
+            }
+            if stream && !lines.is_empty() {
+                let mut out = std::io::stdout().lock();
+                for line in &lines {
+                    let _ = writeln!(out, "{}{line}", tail.prefix);
+                }
+                let _ = out.flush();
+            }
         }
     };
     loop {
-        watch(&mut seen);
+        watch(false);
         match child.try_wait().expect("emulator can be waited for") {
             Some(status) => {
-                watch(&mut seen);
+                watch(true);
                 return Waited {
                     end: EmulatorEnd::from_status(status),
                     ready_after,
@@ -511,7 +572,7 @@ fn wait(
             None if started.elapsed() >= timeout => {
                 let _ = child.kill();
                 let _ = child.wait();
-                watch(&mut seen);
+                watch(true);
                 return Waited {
                     end: EmulatorEnd::StoppedAtTimeout(timeout),
                     ready_after,
@@ -578,8 +639,10 @@ pub struct Run {
     pub outcome: Outcome,
     /// How the emulator process ended.
     pub emulator: EmulatorEnd,
-    /// The console's serial log (COM1).
+    /// The hypervisor's log (COM2).
     pub serial: String,
+    /// The guest's console (COM1), as it wrote it.
+    pub guest: String,
     /// The emulator's own log (`bochs.log`, `qemu.log`).
     pub emulator_log: String,
     /// What the emulator wrote to stderr (`bochs.err`, `qemu.err`).
@@ -600,10 +663,11 @@ impl Run {
         started: Instant,
     ) -> Self {
         let stem = engine.file_stem();
-        let serial = read_text(&dir.join(SERIAL_PORTS[0].file));
+        let serial = read_text(&dir.join(SERIAL_PORTS[HV_LOG].file));
+        let guest = read_text(&dir.join(SERIAL_PORTS[GUEST_CONSOLE].file));
         let outcome = Outcome::classify(
             &emulator,
-            serial.len(),
+            serial.len() + guest.len(),
             parse_exit_status(&serial),
             engine.emulator_name(),
         );
@@ -614,6 +678,7 @@ impl Run {
             emulator_log: read_text(&dir.join(format!("{stem}.log"))),
             emulator_stderr: read_text(&dir.join(format!("{stem}.err"))),
             serial,
+            guest,
             ready_after,
             wall: started.elapsed(),
             dir,
@@ -644,22 +709,31 @@ impl Run {
     /// For a failure message: how the run and the emulator ended, the serial
     /// log, and the last lines of the emulator's stderr and log.
     pub fn report(&self) -> String {
-        let console = &SERIAL_PORTS[0];
+        let port = |i: usize| {
+            let p = &SERIAL_PORTS[i];
+            format!("{} ({}, {})", p.carries, p.name, p.file)
+        };
         format!(
-            "{}\nengine {}, {:.1} s, files in {}\n{}{}---- end: {} ----\n",
+            "{}\nengine {}, {:.1} s, files in {}\n{}{}{}---- end: {} ----\n",
             self.summary(),
             self.engine,
             self.wall.as_secs_f64(),
             self.dir.display(),
-            section(
-                &format!(
-                    "serial log ({}, {}: {})",
-                    console.name, console.file, console.carries
-                ),
-                &self.serial
-            ),
+            section(&port(HV_LOG), &self.serial),
+            section(&port(GUEST_CONSOLE), &self.guest),
             self.emulator_report(),
             self.summary(),
+        )
+    }
+
+    /// The run's log: the hypervisor's lines, then the guest's console lines
+    /// labelled `guest: ` (the label the hypervisor gives the guest's debug
+    /// console lines too).
+    pub fn lines(&self) -> impl Iterator<Item = std::borrow::Cow<'_, str>> {
+        self.serial.lines().map(std::borrow::Cow::Borrowed).chain(
+            self.guest
+                .lines()
+                .map(|l| std::borrow::Cow::Owned(format!("{GUEST_PREFIX}{l}"))),
         )
     }
 
@@ -687,29 +761,31 @@ impl Run {
         self
     }
 
-    /// Panics with the report unless some line of the serial log contains `text`.
+    /// Panics with the report unless some line of the run's log contains `text`.
     pub fn expect_line(&self, text: &str) -> &Self {
         assert!(
-            self.serial.lines().any(|l| l.contains(text)),
+            self.lines().any(|l| l.contains(text)),
             "no line contains {text:?}\n{}",
             self.report()
         );
         self
     }
 
-    /// Panics with the report if some line of the serial log contains `text`.
+    /// Panics with the report if some line of the run's log contains `text`.
     pub fn expect_no_line(&self, text: &str) -> &Self {
         assert!(
-            !self.serial.lines().any(|l| l.contains(text)),
+            !self.lines().any(|l| l.contains(text)),
             "a line contains {text:?}\n{}",
             self.report()
         );
         self
     }
 
-    /// The first line containing `text`.
-    pub fn line(&self, text: &str) -> Option<&str> {
-        self.serial.lines().find(|l| l.contains(text))
+    /// The first line of the run's log containing `text`.
+    pub fn line(&self, text: &str) -> Option<String> {
+        self.lines()
+            .find(|l| l.contains(text))
+            .map(|l| l.into_owned())
     }
 
     /// Removes the run's files (kept when a test fails, for a look).

@@ -31,7 +31,8 @@ fn the_bochs_configuration_keeps_off_host_sound_joystick_and_clock() {
         "plugin_ctrl: speaker=0, gameport=0, parallel=0",
         "sound: driver=dummy",
         "clock: sync=none, time0=946684800",
-        "com1: enabled=1, mode=file, dev=serial.txt",
+        "com1: enabled=1, mode=file, dev=guest.txt",
+        "com2: enabled=1, mode=file, dev=serial.txt",
     ] {
         assert!(lines.contains(&line), "{line:?} missing from\n{config}");
     }

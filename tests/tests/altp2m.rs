@@ -43,7 +43,6 @@ fn modes_decide_what_the_guest_may_call() {
     limited.expect_line("refused: altp2m mode Limited");
     // A refused call is logged once, however often the guest repeats it.
     let create_refusals = limited
-        .serial
         .lines()
         .filter(|l| l.contains("hypercall 0x14 refused"))
         .count();
@@ -106,7 +105,6 @@ fn the_display_does_not_freeze_when_the_view_was_created_early_or_late() {
         .expect_no_line("frozen display");
     // Every frame after the first had its dirty pages copied.
     let copied = run
-        .serial
         .lines()
         .filter(|l| l.contains("display: frame") && !l.contains(": 0 pages copied"))
         .count();

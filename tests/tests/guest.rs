@@ -31,7 +31,7 @@ fn guest_sees_its_memory_map_cpuid_leaf_msrs_io_and_hypercalls() {
             "guest: cpuid: leaf 0x40000000: max 0x40000001, signature Ok(\"RustAltp2mHV\")",
         )
         .expect_line("guest: msr: APIC base 0xfee00900 disabled and re-enabled")
-        .expect_line("guest: virtual local APIC disabled (the physical APIC is untouched)")
+        .expect_line("guest: local APIC disabled (the physical APIC stays where it is)")
         .expect_line("guest: hypercall: exits so far:")
         .expect_line("guest: result: 5 passed, 0 failed")
         .expect_line("vmm: guest exited with status 0")
@@ -57,7 +57,7 @@ fn the_guest_status_becomes_the_run_status() {
 fn a_multiboot1_start_gives_the_guest_a_multiboot1_map() {
     let run = run("guest.multiboot=1", "memmap");
     run.expect_exit(exit::OK)
-        .expect_line("Multiboot1 entry")
+        .expect_line("Multiboot 1 entry")
         .expect_line("guest: boot: Multiboot1")
         .expect_line("guest: PASS memmap");
     run.clean_up();
@@ -67,7 +67,7 @@ fn a_multiboot1_start_gives_the_guest_a_multiboot1_map() {
 fn the_guest_cannot_reach_memory_outside_its_ram() {
     let run = run("", "isolation");
     run.expect_exit(exit::OK)
-        .expect_line("EPT violation: read of 0xfee00000")
+        .expect_line("EPT violation: read of 0xfed00000")
         .expect_line("EPT violation: write of 0x3b0000000")
         .expect_line("not guest memory (#GP injected)")
         .expect_line("guest: PASS isolation");
@@ -116,7 +116,7 @@ fn bad_guest_images_are_refused_with_the_reason() {
         (
             "garbage",
             b"this is not a kernel".repeat(100),
-            "bad guest image: no Multiboot 1 or 2 header",
+            "bad guest image: neither a Multiboot 1/2 image nor a Linux bzImage",
         ),
         (
             "truncated",

@@ -12,6 +12,10 @@ use crate::scenarios::{Outcome, check, counts, hypercall};
 use crate::{println, probe, rdtsc};
 
 /// Hidden-breakpoint code page and its shadow.
+/// A guest-physical page that is not the guest's: in the MMIO hole, between
+/// the I/O APIC and the local APIC (both passed through), mapped to nothing.
+pub const NOT_RAM: u64 = 0xfed0_0000;
+
 const CODE: u64 = 0x60_0000;
 const SHADOW: u64 = 0x60_1000;
 /// The #VE information page.
@@ -206,7 +210,7 @@ pub fn calls() -> Outcome {
     expect(
         hypercall(
             call::ALTP2M_SET_MEM_ACCESS_MULTI,
-            &[v, 0xa_0000, accesses, 3],
+            &[v, NOT_RAM, accesses, 3],
         ),
         EFAULT,
         "multi: bad array",
@@ -250,7 +254,7 @@ pub fn calls() -> Outcome {
         hypercall(call::ALTP2M_CHANGE_GFN, &[v, 0x410, hv_abi::INVALID_GFN]),
         "CHANGE_GFN revert",
     )?;
-    let hole = hypercall(call::ALTP2M_CHANGE_GFN, &[v, 0x410, gfn(0xa_0000)]);
+    let hole = hypercall(call::ALTP2M_CHANGE_GFN, &[v, 0x410, gfn(NOT_RAM)]);
     expect(hole, ENOENT, "remap to a gfn the host does not map")?;
     expect(
         hypercall(call::ALTP2M_CHANGE_GFN, &[0, 0x410, 0x411]),
@@ -267,9 +271,9 @@ pub fn calls() -> Outcome {
         "visibility 2",
     )?;
     expect(
-        hypercall(call::ALTP2M_VCPU_ENABLE_NOTIFY, &[gfn(0xa_0000)]),
+        hypercall(call::ALTP2M_VCPU_ENABLE_NOTIFY, &[gfn(NOT_RAM)]),
         EINVAL,
-        "#VE page in the hole",
+        "#VE page in the MMIO hole",
     )?;
     expect(
         hypercall(call::ALTP2M_VCPU_ENABLE_NOTIFY, &[1 << 40]),
@@ -845,9 +849,9 @@ pub fn memory_calls() -> Outcome {
         "a range past the end",
     )?;
     expect(
-        hypercall(call::LOGDIRTY_FETCH, &[first, 4, 0xa_0000]),
+        hypercall(call::LOGDIRTY_FETCH, &[first, 4, NOT_RAM]),
         EFAULT,
-        "a bitmap in the hole",
+        "a bitmap in the MMIO hole",
     )?;
     expect(
         hypercall(call::LOGDIRTY_FETCH, &[first, 40_000, bitmap]),
@@ -855,9 +859,9 @@ pub fn memory_calls() -> Outcome {
         "fetching 40000 pages",
     )?;
     expect(
-        hypercall(call::BALLOON_RELEASE, &[gfn(0xa_0000)]),
+        hypercall(call::BALLOON_RELEASE, &[gfn(NOT_RAM)]),
         ENOENT,
-        "ballooning the hole",
+        "ballooning the MMIO hole",
     )?;
     expect(
         hypercall(call::BALLOON_RELEASE, &[gfn(1 << 36)]),
@@ -890,9 +894,9 @@ pub fn memory_calls() -> Outcome {
         "65 pages",
     )?;
     expect(
-        hypercall(call::DISPLAY_SET, &[gfn(0x9_e000), 4]),
+        hypercall(call::DISPLAY_SET, &[gfn(NOT_RAM - 0x2000), 4]),
         EFAULT,
-        "a framebuffer over the hole",
+        "a framebuffer over the MMIO hole",
     )?;
     ok(hypercall(call::DISPLAY_SET, &[gfn(FB), 4]), "DISPLAY_SET")?;
     expect(
