@@ -5,6 +5,8 @@
 use core::fmt;
 
 use hv_abi::Altp2mMode;
+use hv_core::loader::LinuxEntry;
+use hv_core::vm::BootViews;
 use log::LevelFilter;
 
 /// A way to end the run on purpose, so tests can check the failure paths.
@@ -32,6 +34,10 @@ pub struct Options {
     pub guest_multiboot1: bool,
     /// What the guest may call of the altp2m interface (`altp2m=`).
     pub altp2m_mode: Altp2mMode,
+    /// The views the guest boots on (`guest.views=`).
+    pub boot_views: BootViews,
+    /// The Linux entry point (`guest.linux-entry=`).
+    pub linux_entry: LinuxEntry,
 }
 
 /// Guest RAM when the command line does not say.
@@ -45,6 +51,8 @@ impl Default for Options {
             guest_memory_mib: DEFAULT_GUEST_MIB,
             guest_multiboot1: false,
             altp2m_mode: Altp2mMode::Mixed,
+            boot_views: BootViews::Host,
+            linux_entry: LinuxEntry::Auto,
         }
     }
 }
@@ -83,6 +91,8 @@ const SELFTESTS: &str = "panic|pagefault|ud|frames";
 const GUEST_MEM: &str = "a size in MiB, 2 to 1048576";
 const MULTIBOOT: &str = "1|2";
 const ALTP2M_MODES: &str = "external|mixed|limited";
+const BOOT_VIEWS: &str = "host|fresh|switch";
+const LINUX_ENTRIES: &str = "auto|32|64";
 
 impl Options {
     /// Parses `cmdline`, reporting each problem to `report`. A first word that
@@ -143,6 +153,24 @@ impl Options {
                         expected: ALTP2M_MODES,
                     }),
                 },
+                "guest.views" => match BootViews::parse(value) {
+                    Some(views) => options.boot_views = views,
+                    None => report(Problem::BadValue {
+                        key,
+                        value,
+                        expected: BOOT_VIEWS,
+                    }),
+                },
+                "guest.linux-entry" => match value {
+                    "auto" => options.linux_entry = LinuxEntry::Auto,
+                    "32" => options.linux_entry = LinuxEntry::Force32,
+                    "64" => options.linux_entry = LinuxEntry::Force64,
+                    _ => report(Problem::BadValue {
+                        key,
+                        value,
+                        expected: LINUX_ENTRIES,
+                    }),
+                },
                 _ => report(Problem::UnknownOption(word)),
             }
         }
@@ -200,6 +228,13 @@ mod tests {
         assert_eq!(options.guest_memory_mib, DEFAULT_GUEST_MIB);
         assert_eq!(options.altp2m_mode, Altp2mMode::Mixed);
         assert_eq!(problems.len(), 4);
+        let (options, problems) = parse("guest.views=switch guest.linux-entry=32");
+        assert!(problems.is_empty());
+        assert_eq!(options.boot_views, BootViews::Switching);
+        assert_eq!(options.linux_entry, LinuxEntry::Force32);
+        let (options, problems) = parse("guest.views=many guest.linux-entry=16");
+        assert_eq!(options.boot_views, BootViews::Host);
+        assert_eq!(problems.len(), 2);
     }
 
     #[test]

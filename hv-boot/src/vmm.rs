@@ -153,9 +153,11 @@ pub fn run_guest(
         modules: &modules,
         boot: BootOptions {
             force_multiboot1: options.guest_multiboot1,
+            linux_entry: options.linux_entry,
             ..BootOptions::default()
         },
         altp2m_mode: options.altp2m_mode,
+        boot_views: options.boot_views,
         host,
         apic_ids: &[bsp_apic_id],
     };
@@ -223,11 +225,12 @@ fn run_vm(
         return GUEST_STOPPED;
     }
     info!(
-        "vmm: guest of {} MiB ({} frames), {}, altp2m mode {:?}, command line '{}', {} module(s)",
+        "vmm: guest of {} MiB ({} frames), {}, altp2m mode {:?}, boot views {:?}, command line '{}', {} module(s)",
         options.guest_memory_mib,
         vm.ram_frames(),
         vm.entry,
         options.altp2m_mode,
+        options.boot_views,
         config.cmdline,
         config.modules.len()
     );

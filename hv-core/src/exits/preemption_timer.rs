@@ -11,7 +11,8 @@ use x86::vmx::vmcs::guest;
 use super::{ExitCtx, Flow, StopReason};
 use crate::platform::Platform;
 use crate::vcpu::state::HLT;
-use crate::vm::display;
+use crate::views;
+use crate::vm::{BootViews, display};
 use crate::vmx::Cpu;
 
 const RFLAGS_IF: u64 = 1 << 9;
@@ -33,6 +34,11 @@ pub fn handle<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Flow {
     };
     if ctx.vcpu.halted_ticks >= HALTED_TICKS {
         return ctx.stop(StopReason::Halted);
+    }
+    // Not in the middle of a single step in view 0: it returns to its view.
+    if ctx.vm.boot_views == BootViews::Switching && ctx.vcpu.step.is_none() {
+        ctx.vm.switch_boot_view(ctx.vcpu.id.index());
+        views::apply(ctx.cpu, ctx.vm, ctx.vcpu);
     }
     if ctx.vm.display.is_none() {
         return Flow::Resume;

@@ -35,6 +35,7 @@ fn config(image: &[u8]) -> GuestConfig<'_> {
         modules: &[],
         boot: crate::loader::BootOptions::default(),
         altp2m_mode: hv_abi::Altp2mMode::Mixed,
+        boot_views: crate::vm::BootViews::Host,
         host: std::boxed::Box::leak(std::boxed::Box::new(
             crate::devices::acpi::HostPlatform::pc(),
         )),

@@ -50,10 +50,38 @@ pub struct GuestConfig<'a> {
     pub boot: BootOptions,
     /// What the guest may call of the altp2m interface.
     pub altp2m_mode: Altp2mMode,
+    /// The views the guest boots on.
+    pub boot_views: BootViews,
     /// The machine's interrupt hardware, which the guest gets.
     pub host: &'a HostPlatform,
     /// The APIC ids of the physical CPUs the vCPUs run on, BSP first.
     pub apic_ids: &'a [u32],
+}
+
+/// The views a guest runs on from its first instruction: a way to put a
+/// real OS on altp2m from power-on, for tests and figures (the seed's
+/// "switch to a new view early" case).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BootViews {
+    /// The host p2m (view 0), altp2m off.
+    #[default]
+    Host,
+    /// A fresh view (1, empty: every page is copied lazily).
+    Fresh,
+    /// Two fresh views (1 and 2), the hypervisor switching every vCPU from
+    /// one to the other on each tick.
+    Switching,
+}
+
+impl BootViews {
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "host" => Some(Self::Host),
+            "fresh" => Some(Self::Fresh),
+            "switch" => Some(Self::Switching),
+            _ => None,
+        }
+    }
 }
 
 /// What the CPU lets the hypervisor offer this guest beyond the base set.
@@ -142,6 +170,15 @@ impl From<GuestError> for VmError {
     }
 }
 
+impl GuestError {
+    fn from_altp2m(e: hv_altp2m::Error) -> Self {
+        match e {
+            hv_altp2m::Error::NoMemory => Self::NoMemory,
+            _ => Self::BadConfig("the boot views could not be made"),
+        }
+    }
+}
+
 impl From<hv_ept::Error> for GuestError {
     fn from(e: hv_ept::Error) -> Self {
         match e {
@@ -185,6 +222,8 @@ pub struct Vm {
     released: Vec<u64>,
     /// Hypercalls refused by the altp2m mode that were already logged.
     pub refusals_logged: u128,
+    /// The views the guest booted on.
+    pub boot_views: BootViews,
     /// The VM-execution, exit and entry controls every vCPU's VMCS gets.
     pub controls: Controls,
     /// The VMCS revision identifier (IA32_VMX_BASIC).
@@ -299,6 +338,7 @@ impl Vm {
             display: None,
             released: Vec::new(),
             refusals_logged: 0,
+            boot_views: BootViews::Host,
             controls,
             vmcs_revision: caps.revision_id(),
             msr_bitmap,
@@ -318,7 +358,11 @@ impl Vm {
             .and_then(|()| vm.populate(&layout.backed(), platform))
             .and_then(|()| vm.map_mmio(&mmio, platform))
             .and_then(|()| vm.write_acpi_tables(config, platform))
-            .and_then(|()| vm.load(&plan, platform));
+            .and_then(|()| vm.load(&plan, platform))
+            .and_then(|()| {
+                vm.start_views(config.boot_views, platform)
+                    .map_err(GuestError::from_altp2m)
+            });
         match built {
             Ok(()) => Ok(vm),
             Err(e) => {
@@ -343,6 +387,41 @@ impl Vm {
     /// The MSR bitmap's and I/O bitmaps' addresses, for each vCPU's VMCS.
     pub fn bitmaps(&self) -> (u64, u64) {
         (self.msr_bitmap.hpa(), self.io_bitmaps.hpa())
+    }
+
+    /// Puts every vCPU on the views the guest boots on.
+    fn start_views(
+        &mut self,
+        views: BootViews,
+        platform: &mut impl Platform,
+    ) -> Result<(), hv_altp2m::Error> {
+        self.boot_views = views;
+        let count = match views {
+            BootViews::Host => return Ok(()),
+            BootViews::Fresh => 1,
+            BootViews::Switching => 2,
+        };
+        self.altp2m.enable(platform, &self.p2m)?;
+        for _ in 0..count {
+            self.altp2m
+                .create_view(platform, &mut self.p2m, P2mAccess::Rwx)?;
+        }
+        self.altp2m.switch_all(1)
+    }
+
+    /// On each of a vCPU's ticks with [`BootViews::Switching`]: the vCPU
+    /// goes to the other of views 1 and 2.
+    pub fn switch_boot_view(&mut self, vcpu: usize) {
+        if self.boot_views != BootViews::Switching {
+            return;
+        }
+        let next = match self.altp2m.vcpu_view(vcpu) {
+            Ok(1) => 2,
+            _ => 1,
+        };
+        // Views 1 and 2 exist until the guest destroys them; then it
+        // decides where it runs.
+        let _ = self.altp2m.switch_vcpu(vcpu, next);
     }
 
     /// Maps the interrupt hardware's pages (I/O APICs, the local APIC at
