@@ -135,6 +135,39 @@ pub struct SerialPort {
     pub carries: &'static str,
 }
 
+/// The kernel command line every Linux guest gets first: its console is its
+/// COM1, and its layout stays fixed so that System.map addresses hold.
+pub const LINUX_CONSOLE: &str = "console=ttyS0,115200 nokaslr";
+
+/// Debian's kernel and the initramfs with our checks, as `scripts/linux-assets`
+/// leaves them in `target/linux/`.
+#[derive(Clone, Debug)]
+pub struct LinuxAssets {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    /// The kernel's symbols (for breakpoints on kernel functions).
+    pub system_map: PathBuf,
+}
+
+/// The Linux guest's parts, or why they are missing.
+pub fn linux_assets() -> Result<LinuxAssets, String> {
+    let dir = workspace_root().join("target/linux");
+    let assets = LinuxAssets {
+        kernel: dir.join("vmlinuz"),
+        initramfs: dir.join("initramfs.cpio.gz"),
+        system_map: dir.join("System.map"),
+    };
+    for path in [&assets.kernel, &assets.initramfs, &assets.system_map] {
+        if !path.is_file() {
+            return Err(format!(
+                "{} is missing: run scripts/setup (it calls scripts/linux-assets)",
+                path.display()
+            ));
+        }
+    }
+    Ok(assets)
+}
+
 /// One boot of the hypervisor: engine, command line, modules and limits.
 #[derive(Clone, Debug)]
 pub struct Boot {
@@ -183,6 +216,20 @@ impl Boot {
     pub fn guest(mut self, guest_cmdline: &str) -> Self {
         self.modules
             .insert(0, (test_guest_image().to_path_buf(), guest_cmdline.into()));
+        self
+    }
+
+    /// Boots Linux as the guest: Debian's kernel (`scripts/linux-assets`)
+    /// with the console on COM1 and `kernel_cmdline` after it, and our
+    /// initramfs as its initrd (its `/init` runs the checks of
+    /// `tests/linux-init`). Panics, naming the fix, if the parts are missing.
+    pub fn linux(mut self, kernel_cmdline: &str) -> Self {
+        let assets = linux_assets().unwrap_or_else(|why| panic!("{why}"));
+        self.modules.insert(
+            0,
+            (assets.kernel, format!("{LINUX_CONSOLE} {kernel_cmdline}")),
+        );
+        self.modules.insert(1, (assets.initramfs, String::new()));
         self
     }
 

@@ -1,0 +1,88 @@
+//! Debian's stock kernel boots under the hypervisor in Bochs to our init
+//! program, which checks what it sees (CPUID, memory, timer interrupts, a
+//! memory test) and ends the run through port 0xF4 with its status: on the
+//! host p2m, on a fresh view made before its first instruction, switched
+//! between two views on every tick, and under log-dirty tracking of all its
+//! RAM. The last two are the long suite's (`scripts/test --long`).
+
+use std::time::Duration;
+
+use hv_tests::{Boot, Engine, Run, exit};
+
+/// Guest RAM: the kernel, the initramfs and a few hundred MiB to test.
+const GUEST_MIB: u32 = 512;
+
+fn linux(hv_options: &str, kernel_options: &str) -> Run {
+    let mut boot = Boot::new(Engine::Bochs)
+        .cmdline(&format!("guest.mem={GUEST_MIB} {hv_options}"))
+        .linux(&format!(
+            "hvtest.expect=hv hvtest.mem={GUEST_MIB} {kernel_options}"
+        ));
+    // The hypervisor's own memory on top of the guest's.
+    boot.memory_mib = GUEST_MIB + 256;
+    boot.timeout = Duration::from_secs(1200);
+    boot.run()
+}
+
+/// The init program ran every check, all passed, and it ended the run.
+fn all_checks_passed(run: &Run) {
+    run.expect_exit(exit::OK);
+    for check in ["cpuid", "memory", "timer", "memtest"] {
+        run.expect_line(&format!("guest: PASS {check}"));
+    }
+    run.expect_line("guest: hv-linux-init: result: 4 passed, 0 failed")
+        .expect_line("guest: hv-linux-init: exit via port 0xf4 status 0")
+        .expect_line("vmm: guest exited with status 0")
+        .expect_line("vmm: guest torn down, all frames returned")
+        .expect_line("isolation: hypervisor image and page tables unchanged")
+        .expect_no_line("guest: FAIL")
+        .expect_no_line("Kernel panic");
+}
+
+#[test]
+fn linux_boots_to_its_checks_on_the_host_p2m() {
+    let run = linux("", "");
+    all_checks_passed(&run);
+    run.expect_line("Linux 64-bit entry")
+        .expect_line("boot views Host");
+    run.clean_up();
+}
+
+#[test]
+fn linux_boots_on_a_fresh_view_through_the_32_bit_entry() {
+    // Every page the kernel touches is copied lazily into view 1.
+    let run = linux("guest.views=fresh guest.linux-entry=32", "");
+    all_checks_passed(&run);
+    run.expect_line("Linux 32-bit entry")
+        .expect_line("boot views Fresh");
+    let violations = exits_of(&run, "EPT violation");
+    assert!(
+        violations >= 64,
+        "a fresh view fills by EPT violations: {violations}\n{}",
+        run.report()
+    );
+    run.clean_up();
+}
+
+#[test]
+#[ignore = "long suite: scripts/test --long"]
+fn linux_boots_while_the_hypervisor_switches_views_on_every_tick() {
+    let run = linux("guest.views=switch", "");
+    all_checks_passed(&run);
+    run.expect_line("boot views Switching");
+    assert!(
+        exits_of(&run, "VMX-preemption timer expired") >= 10,
+        "{}",
+        run.report()
+    );
+    run.clean_up();
+}
+
+/// The count of one exit reason in the hypervisor's exit summary.
+fn exits_of(run: &Run, reason: &str) -> u64 {
+    let line = run.line("exits: ").unwrap_or_default();
+    line.split("; ")
+        .find_map(|part| part.strip_prefix(&format!("{reason} ")))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
