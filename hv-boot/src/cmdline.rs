@@ -4,9 +4,7 @@
 
 use core::fmt;
 
-use hv_abi::Altp2mMode;
-use hv_core::loader::LinuxEntry;
-use hv_core::vm::BootViews;
+use hv_abi::{Altp2mMode, BootViews, LinuxEntry};
 use log::LevelFilter;
 
 /// A way to end the run on purpose, so tests can check the failure paths.
@@ -161,11 +159,9 @@ impl Options {
                         expected: BOOT_VIEWS,
                     }),
                 },
-                "guest.linux-entry" => match value {
-                    "auto" => options.linux_entry = LinuxEntry::Auto,
-                    "32" => options.linux_entry = LinuxEntry::Force32,
-                    "64" => options.linux_entry = LinuxEntry::Force64,
-                    _ => report(Problem::BadValue {
+                "guest.linux-entry" => match LinuxEntry::parse(value) {
+                    Some(entry) => options.linux_entry = entry,
+                    None => report(Problem::BadValue {
                         key,
                         value,
                         expected: LINUX_ENTRIES,

@@ -1,6 +1,7 @@
 //! hv-abi: the interface between the hypervisor and its guests: the hypercall ABI,
-//! the CPUID leaves the hypervisor answers, and the I/O ports it gives a
-//! meaning to. One definition, used by the hypervisor and the test guest.
+//! the CPUID leaves the hypervisor answers, the I/O ports it gives a
+//! meaning to, and the choices its command line makes about a guest (altp2m
+//! mode, boot views, Linux entry point). One definition, used by the hypervisor and the test guest.
 //!
 //! Hypercalls: `VMCALL` with the call number in RAX and arguments in RDI,
 //! RSI, RDX, R10 (in that order). The result comes back in RAX: zero or a
@@ -142,6 +143,55 @@ impl Altp2mMode {
             Self::Mixed => true,
             Self::External => !altp2m,
             Self::Limited => !altp2m || notify,
+        }
+    }
+}
+
+/// The views a guest runs on from its first instruction: a way to put a
+/// real OS on altp2m from power-on, for tests and figures (the seed's
+/// "switch to a new view early" case).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BootViews {
+    /// The host p2m (view 0), altp2m off.
+    #[default]
+    Host,
+    /// A fresh view (1, empty: every page is copied lazily).
+    Fresh,
+    /// Two fresh views (1 and 2), the hypervisor switching every vCPU from
+    /// one to the other on each tick.
+    Switching,
+}
+
+impl BootViews {
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "host" => Some(Self::Host),
+            "fresh" => Some(Self::Fresh),
+            "switch" => Some(Self::Switching),
+            _ => None,
+        }
+    }
+}
+
+/// Which Linux entry point to use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LinuxEntry {
+    /// The 64-bit one when the kernel has it (`XLF_KERNEL_64`), else 32-bit.
+    #[default]
+    Auto,
+    /// The 32-bit one (every bzImage has it).
+    Force32,
+    /// The 64-bit one; a kernel without it is refused.
+    Force64,
+}
+
+impl LinuxEntry {
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "auto" => Some(Self::Auto),
+            "32" => Some(Self::Force32),
+            "64" => Some(Self::Force64),
+            _ => None,
         }
     }
 }

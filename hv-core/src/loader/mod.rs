@@ -184,17 +184,7 @@ pub struct Module<'a> {
     pub cmdline: &'a str,
 }
 
-/// Which Linux entry point to use.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum LinuxEntry {
-    /// The 64-bit one when the kernel has it (`XLF_KERNEL_64`), else 32-bit.
-    #[default]
-    Auto,
-    /// The 32-bit one (every bzImage has it).
-    Force32,
-    /// The 64-bit one; a kernel without it is refused.
-    Force64,
-}
+pub use hv_abi::LinuxEntry;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BootOptions {

@@ -13,6 +13,7 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use hv_abi::Altp2mMode;
+pub use hv_abi::BootViews;
 use hv_altp2m::Altp2m;
 use hv_ept::{DirtyBitmap, EptCaps, Gfn, Mfn, Order, P2m, P2mAccess, P2mType};
 
@@ -56,32 +57,6 @@ pub struct GuestConfig<'a> {
     pub host: &'a HostPlatform,
     /// The APIC ids of the physical CPUs the vCPUs run on, BSP first.
     pub apic_ids: &'a [u32],
-}
-
-/// The views a guest runs on from its first instruction: a way to put a
-/// real OS on altp2m from power-on, for tests and figures (the seed's
-/// "switch to a new view early" case).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum BootViews {
-    /// The host p2m (view 0), altp2m off.
-    #[default]
-    Host,
-    /// A fresh view (1, empty: every page is copied lazily).
-    Fresh,
-    /// Two fresh views (1 and 2), the hypervisor switching every vCPU from
-    /// one to the other on each tick.
-    Switching,
-}
-
-impl BootViews {
-    pub fn parse(name: &str) -> Option<Self> {
-        match name {
-            "host" => Some(Self::Host),
-            "fresh" => Some(Self::Fresh),
-            "switch" => Some(Self::Switching),
-            _ => None,
-        }
-    }
 }
 
 /// What the CPU lets the hypervisor offer this guest beyond the base set.
