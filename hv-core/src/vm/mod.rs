@@ -379,7 +379,7 @@ impl Vm {
         self.altp2m.enable(platform, &self.p2m)?;
         for _ in 0..count {
             self.altp2m
-                .create_view(platform, &mut self.p2m, P2mAccess::Rwx)?;
+                .create_view(platform, &self.p2m, P2mAccess::Rwx)?;
         }
         self.altp2m.switch_all(1)
     }
