@@ -117,6 +117,21 @@ impl Altp2m {
         kind: AccessKind,
     ) -> Result<Outcome, Error> {
         let view = self.vcpu_view(vcpu)?;
+        self.handle_violation_in(mem, host, dirty, view, gpa, kind)
+    }
+
+    /// [`Altp2m::handle_violation`] in `view`, for a vCPU whose hardware
+    /// runs on another view than its own for a moment (a single step the
+    /// hypervisor takes for it in view 0).
+    pub fn handle_violation_in<M: EptMemory + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        host: &mut P2m,
+        dirty: &mut DirtyBitmap,
+        view: u16,
+        gpa: u64,
+        kind: AccessKind,
+    ) -> Result<Outcome, Error> {
         let gfn = gfn_of(gpa)?;
         if view == 0 || !self.enabled {
             return self.host_violation(mem, host, dirty, gfn, kind);
@@ -182,6 +197,17 @@ impl Altp2m {
         gpa: u64,
     ) -> Result<bool, Error> {
         let view = self.vcpu_view(vcpu)?;
+        self.resolve_misconfig_in(mem, host, view, gpa)
+    }
+
+    /// [`Altp2m::resolve_misconfig`] in `view` (see [`Altp2m::handle_violation_in`]).
+    pub fn resolve_misconfig_in<M: EptMemory + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        host: &mut P2m,
+        view: u16,
+        gpa: u64,
+    ) -> Result<bool, Error> {
         let gfn = gfn_of(gpa)?;
         if view == 0 || !self.enabled {
             return Ok(host.resolve_misconfig(mem, gfn)?);

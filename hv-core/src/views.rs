@@ -34,13 +34,18 @@ const PRIMARY_MTF: u64 = 1 << 27;
 /// enough to call after any change to it.
 pub fn apply(vmcs: &mut impl Vmcs, vm: &Vm, vcpu: &Vcpu) {
     let id = vcpu.id.index();
-    let eptp = vm
-        .altp2m
-        .vcpu_eptp(&vm.p2m, id)
-        .unwrap_or_else(|_| vm.p2m.eptp());
+    let eptp = match vcpu.step {
+        Some(_) => vm.p2m.eptp(),
+        None => vm
+            .altp2m
+            .vcpu_eptp(&vm.p2m, id)
+            .unwrap_or_else(|_| vm.p2m.eptp()),
+    };
     vmcs.write(control::EPTP_FULL, eptp);
     let on = vm.altp2m.is_enabled();
     if vm.features.ve {
+        // The vCPU's own view, also during a step in view 0: a VMFUNC the
+        // stepped instruction makes is seen as a change of this index.
         let view = vm.altp2m.vcpu_view(id).unwrap_or(0);
         vmcs.write(control::EPTP_INDEX, u64::from(view));
     }
@@ -161,30 +166,36 @@ pub fn kind_name(kind: AccessKind) -> &'static str {
     }
 }
 
+/// The view the vCPU's hardware runs on: its own, or view 0 (the host
+/// p2m) during a step. EPT exits are handled in this one.
+pub fn hardware_view(vm: &Vm, vcpu: &Vcpu) -> Result<u16, hv_altp2m::Error> {
+    match vcpu.step {
+        Some(_) => Ok(0),
+        None => vm.altp2m.vcpu_view(vcpu.id.index()),
+    }
+}
+
 /// Lets the instruction at the guest's RIP run once in view 0 (the host
-/// p2m, which holds no view's restrictions or remaps), then returns the
-/// vCPU to `view` ([`finish_step`]). With the monitor trap flag the step
-/// ends with an MTF exit after the instruction (or after delivery of the
-/// exception it raised). Without it, RFLAGS.TF single-steps, and every
-/// exception is intercepted so that a faulting instruction also ends the
-/// step; an emulated instruction ends it too (see `exits::handle`).
-pub fn start_step(
-    vmcs: &mut impl Vmcs,
-    vm: &mut Vm,
-    vcpu: &mut Vcpu,
-    view: u16,
-) -> Result<(), hv_altp2m::Error> {
-    vm.altp2m.switch_vcpu(vcpu.id.index(), 0)?;
+/// p2m, which holds no view's restrictions or remaps), then back on the
+/// vCPU's view ([`finish_step`]). The vCPU stays on its view all along as
+/// far as altp2m, the guest and a monitor can tell: only its EPTP points at
+/// the host p2m, so whatever the stepped instruction does to views (a
+/// hypercall switch, a VMFUNC, which shows as a new EPTP index) is what
+/// the vCPU ends on, and a view cannot be destroyed under it. With the
+/// monitor trap flag the step ends with an MTF exit after the instruction
+/// (or after delivery of the exception it raised). Without it, RFLAGS.TF
+/// single-steps, and every exception is intercepted so that a faulting
+/// instruction also ends the step; an emulated instruction ends it too (see
+/// `exits::handle`).
+pub fn start_step(vmcs: &mut impl Vmcs, vm: &Vm, vcpu: &mut Vcpu) {
     if vm.features.mtf {
         vcpu.step = Some(Step {
-            view,
             mtf: true,
             trap_flag: false,
         });
     } else {
         let rflags = vmcs.read(guest::RFLAGS);
         vcpu.step = Some(Step {
-            view,
             mtf: false,
             trap_flag: rflags & RFLAGS_TF != 0,
         });
@@ -196,22 +207,16 @@ pub fn start_step(
         }
     }
     apply(vmcs, vm, vcpu);
-    Ok(())
 }
 
-/// Ends the single step: back to the view (unless the stepped instruction
-/// itself switched views), and, when stepping with TF, TF as the guest had
-/// it and a pending single-step #DB only if the guest asked for one.
-/// Returns false if no step was in progress.
-pub fn finish_step(vmcs: &mut impl Vmcs, vm: &mut Vm, vcpu: &mut Vcpu) -> bool {
+/// Ends the single step: the hardware is back on the vCPU's view and, when
+/// stepping with TF, TF is as the guest had it and a single-step #DB is
+/// pending only if the guest asked for one. Returns false if no step was in
+/// progress.
+pub fn finish_step(vmcs: &mut impl Vmcs, vm: &Vm, vcpu: &mut Vcpu) -> bool {
     let Some(step) = vcpu.step.take() else {
         return false;
     };
-    if vm.altp2m.vcpu_view(vcpu.id.index()) == Ok(0) {
-        // The view may be gone (destroyed by the stepped instruction's
-        // hypercall): then the vCPU stays on view 0.
-        let _ = vm.altp2m.switch_vcpu(vcpu.id.index(), step.view);
-    }
     if !step.mtf {
         let rflags = vmcs.read(guest::RFLAGS) & !RFLAGS_TF;
         let pending = vmcs.read(guest::PENDING_DBG_EXCEPTIONS) & !PENDING_BS;

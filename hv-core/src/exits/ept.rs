@@ -48,9 +48,10 @@ pub fn violation<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Flow {
     let gpa = ctx.cpu.read(ro::GUEST_PHYSICAL_ADDR_FULL);
     let kind = kind(q);
     let g = &mut *ctx.vm;
-    let outcome = g
-        .altp2m
-        .handle_violation(ctx.platform, &mut g.p2m, &mut g.dirty, 0, gpa, kind);
+    let outcome = views::hardware_view(g, ctx.vcpu).and_then(|view| {
+        g.altp2m
+            .handle_violation_in(ctx.platform, &mut g.p2m, &mut g.dirty, view, gpa, kind)
+    });
     let flow = violation_outcome(ctx, outcome, gpa, kind);
     if matches!(flow, Flow::Resume) {
         // The access may have been part of an event's delivery (a #VE or an
@@ -93,8 +94,11 @@ fn violation_outcome<C: Cpu, P: Platform>(
                     "an event whose delivery touches a page its view denies (needs the monitor trap flag)",
                 ));
             }
-            let stepped =
-                v.view != 0 && views::start_step(ctx.cpu, ctx.vm, ctx.vcpu, v.view).is_ok();
+            // In view 0 itself there is nowhere to step to.
+            let stepped = v.view != 0;
+            if stepped {
+                views::start_step(ctx.cpu, ctx.vm, ctx.vcpu);
+            }
             let line = format!(
                 "access view={} gfn={:#x} access={} entry={} rip={:#x} action={}",
                 v.view,
@@ -147,7 +151,11 @@ fn stray<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>, gpa: u64, kind: Acces
 pub fn misconfig<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Flow {
     let gpa = ctx.cpu.read(ro::GUEST_PHYSICAL_ADDR_FULL);
     let g = &mut *ctx.vm;
-    match g.altp2m.resolve_misconfig(ctx.platform, &mut g.p2m, 0, gpa) {
+    let resolved = views::hardware_view(g, ctx.vcpu).and_then(|view| {
+        g.altp2m
+            .resolve_misconfig_in(ctx.platform, &mut g.p2m, view, gpa)
+    });
+    match resolved {
         Ok(true) => {
             reinject_vectoring(ctx.cpu, &mut ctx.vcpu.pending);
             Flow::Resume

@@ -12,7 +12,8 @@ use x86::vmx::vmcs::{guest, ro};
 use super::{ExitCtx, Flow, StopReason};
 use crate::platform::Platform;
 use crate::vcpu::events::{
-    PENDING_BS, TYPE_NMI, inject_exception, inject_software_exception, reinject_vectoring, vector,
+    PENDING_BS, Reflected, TYPE_NMI, inject_software_exception, reflect_exception,
+    reinject_vectoring, vector,
 };
 use crate::vcpu::paging;
 use crate::views;
@@ -61,8 +62,18 @@ pub fn handle<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Flow {
         .then(|| ctx.cpu.read(ro::VMEXIT_INTERRUPTION_ERR_CODE) as u32);
     if vector == vector::BP {
         inject_software_exception(ctx.cpu, vector, ctx.cpu.read(ro::VMEXIT_INSTRUCTION_LEN));
-    } else {
-        inject_exception(ctx.cpu, vector, error_code);
+        return Flow::Resume;
+    }
+    if vector == vector::PF {
+        // A #PF exit leaves CR2 alone (SDM Vol. 3C 27.1): the faulting
+        // address is the exit qualification.
+        let address = ctx.qualification();
+        ctx.cpu.write_cr2(address);
+    }
+    if reflect_exception(ctx.cpu, &mut ctx.vcpu.pending, vector, error_code)
+        == Reflected::TripleFault
+    {
+        return ctx.stop(StopReason::TripleFault);
     }
     Flow::Resume
 }
@@ -72,9 +83,8 @@ pub fn handle<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Flow {
 fn breakpoint<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Flow {
     let rip = ctx.rip();
     let gpa = paging::translate(&*ctx.cpu, ctx.vm, ctx.platform, rip);
-    if let Some((view, gfn)) = gpa.and_then(|gpa| views::remapped_code(ctx.vm, ctx.vcpu, gpa))
-        && views::start_step(ctx.cpu, ctx.vm, ctx.vcpu, view).is_ok()
-    {
+    if let Some((view, gfn)) = gpa.and_then(|gpa| views::remapped_code(ctx.vm, ctx.vcpu, gpa)) {
+        views::start_step(ctx.cpu, ctx.vm, ctx.vcpu);
         let line = format!(
             "breakpoint view={view} gfn={:#x} rip={rip:#x} action=step-in-view-0",
             gfn.0

@@ -616,9 +616,14 @@ fn a_denied_access_in_a_view_is_reported_and_stepped_in_view_0() {
         m.platform.events
     );
     assert_eq!(
-        m.vm.altp2m.vcpu_view(0),
-        Ok(0),
+        m.vmcs.read(control::EPTP_FULL),
+        m.vm.p2m.eptp(),
         "the instruction runs in view 0"
+    );
+    assert_eq!(
+        m.vm.altp2m.vcpu_view(0),
+        Ok(v as u16),
+        "while the vCPU stays on its view for everyone else"
     );
     assert_eq!(m.vmcs.read(g::RFLAGS) & 1 << 8, 1 << 8, "single-stepped");
     assert_ne!(
@@ -631,9 +636,95 @@ fn a_denied_access_in_a_view_is_reported_and_stepped_in_view_0() {
         .write(ro::VMEXIT_INTERRUPTION_INFO, 1 << 31 | 3 << 8 | 1);
     assert!(stopped(m.exit(ExitReason::ExceptionOrNmi)).is_none());
     assert_eq!(m.vm.altp2m.vcpu_view(0), Ok(v as u16));
+    assert_eq!(
+        m.vmcs.read(control::EPTP_FULL),
+        m.vm.altp2m.eptp(&m.vm.p2m, v as u16).unwrap()
+    );
     assert_eq!(m.vmcs.read(g::RFLAGS) & 1 << 8, 0);
     assert_eq!(m.injected(), 0);
     assert_eq!(m.vmcs.read(control::EXCEPTION_BITMAP) & 1 << 1, 0);
+}
+
+/// A view that denies writes to gfn 0x300, the vCPU on it, a step started
+/// by a denied write.
+fn stepping_machine() -> (Machine, u16) {
+    let mut m = Machine::new();
+    m.call(call::ALTP2M_SET_STATE, &[1]);
+    let v = m.call(call::ALTP2M_CREATE_VIEW, &[access::RWX]) as u64;
+    m.call(call::ALTP2M_SET_MEM_ACCESS, &[v, 0x300, access::RX]);
+    m.call(call::ALTP2M_SWITCH_VIEW, &[v]);
+    m.vmcs.write(g::RFLAGS, 0x2);
+    assert!(stopped(m.touch(0x30_0008, true)).is_none());
+    assert!(m.vcpu.step.is_some());
+    (m, v as u16)
+}
+
+#[test]
+fn a_stepped_instruction_that_switches_views_ends_where_it_asked() {
+    // The stepped instruction is a hypercall to view 0: the vCPU answers 0
+    // at once and stays there after the step.
+    let (mut m, v) = stepping_machine();
+    assert_eq!(
+        m.call(call::ALTP2M_GET_VCPU_VIEW, &[0]),
+        i64::from(v),
+        "its view during the step"
+    );
+    m.vmcs.write(g::RFLAGS, 0x2 | 1 << 8);
+    assert_eq!(m.call(call::ALTP2M_SWITCH_VIEW, &[0]), 0);
+    assert!(
+        m.vcpu.step.is_none(),
+        "the emulated instruction ended the step"
+    );
+    assert_eq!(m.vm.altp2m.vcpu_view(0), Ok(0));
+    assert_eq!(m.vmcs.read(control::EPTP_FULL), m.vm.p2m.eptp());
+    // The stepped instruction is VMFUNC 0: the EPTP index says so.
+    let (mut m, _) = stepping_machine();
+    m.vmcs.write(control::EPTP_INDEX, 0);
+    m.vmcs
+        .write(ro::VMEXIT_INTERRUPTION_INFO, 1 << 31 | 3 << 8 | 1);
+    crate::views::sync(&m.vmcs, &mut m.vm, &m.vcpu).unwrap();
+    assert!(stopped(m.exit(ExitReason::ExceptionOrNmi)).is_none());
+    assert_eq!(m.vm.altp2m.vcpu_view(0), Ok(0), "VMFUNC 0 is not undone");
+    assert_eq!(m.vmcs.read(control::EPTP_FULL), m.vm.p2m.eptp());
+}
+
+#[test]
+fn a_view_hidden_under_a_stepping_vcpu_is_kept_and_cannot_be_destroyed() {
+    let (mut m, v) = stepping_machine();
+    assert_eq!(m.call(call::ALTP2M_SET_VISIBILITY, &[u64::from(v), 0]), 0);
+    assert_eq!(
+        m.call(call::ALTP2M_DESTROY_VIEW, &[u64::from(v)]),
+        error::EBUSY,
+        "the stepping vCPU is on it"
+    );
+    m.vmcs
+        .write(ro::VMEXIT_INTERRUPTION_INFO, 1 << 31 | 3 << 8 | 1);
+    assert!(stopped(m.exit(ExitReason::ExceptionOrNmi)).is_none());
+    assert_eq!(m.vm.altp2m.vcpu_view(0), Ok(v), "back on the hidden view");
+    assert_eq!(
+        m.vmcs.read(control::EPTP_FULL),
+        m.vm.altp2m.eptp(&m.vm.p2m, v).unwrap()
+    );
+    // Hiding view 0 does not stop the next denied access from stepping.
+    assert_eq!(m.call(call::ALTP2M_SET_VISIBILITY, &[0, 0]), 0);
+    assert!(stopped(m.touch(0x30_0010, true)).is_none());
+    assert!(m.vcpu.step.is_some(), "stepped, not #GP");
+    assert_eq!(m.injected() & (1 << 31), 0);
+}
+
+#[test]
+fn a_page_fault_of_a_stepped_instruction_reaches_the_guest_with_its_address() {
+    let (mut m, _) = stepping_machine();
+    m.vmcs.write(ro::EXIT_QUALIFICATION, 0xdead_b000);
+    m.vmcs.write(
+        ro::VMEXIT_INTERRUPTION_INFO,
+        1 << 31 | 1 << 11 | 3 << 8 | 14,
+    );
+    m.vmcs.write(ro::VMEXIT_INTERRUPTION_ERR_CODE, 2);
+    assert!(stopped(m.exit(ExitReason::ExceptionOrNmi)).is_none());
+    assert_eq!(m.vmcs.cr2, 0xdead_b000, "CR2 from the exit qualification");
+    assert_eq!(m.injected(), 1 << 31 | 1 << 11 | 3 << 8 | 14);
+    assert!(m.vcpu.step.is_none());
 }
 
 #[test]

@@ -70,7 +70,9 @@ pub mod vector {
     pub const NMI: u8 = 2;
     pub const BP: u8 = 3;
     pub const UD: u8 = 6;
+    pub const DF: u8 = 8;
     pub const GP: u8 = 13;
+    pub const PF: u8 = 14;
     pub const MC: u8 = 18;
 }
 
@@ -195,6 +197,55 @@ pub fn reinject_vectoring(vmcs: &mut impl Vmcs, pending: &mut Pending) -> bool {
     true
 }
 
+/// What reflecting an exception to the guest came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reflected {
+    /// Injected (or the double fault it made).
+    Injected,
+    /// A fault while delivering a double fault: the guest shuts down.
+    TripleFault,
+}
+
+/// Exception classes for double faults (SDM Vol. 3A table 6-4).
+fn contributory(vector: u8) -> bool {
+    matches!(vector, 0 | 10..=13)
+}
+
+/// Gives the guest hardware exception `vector` that a VM exit intercepted,
+/// keeping any event whose delivery the exception cut short (IDT-vectoring
+/// information): an external interrupt or NMI is kept in `pending` and
+/// follows; an exception combines with the new one as the CPU would (SDM
+/// Vol. 3A table 6-5): a double fault, a triple fault, or the new one alone
+/// (the first comes back when the instruction runs again, as a software
+/// interrupt does).
+pub fn reflect_exception(
+    vmcs: &mut impl Vmcs,
+    pending: &mut Pending,
+    vector: u8,
+    error_code: Option<u32>,
+) -> Reflected {
+    let info = vmcs.read(ro::IDT_VECTORING_INFO);
+    if info & VALID != 0 {
+        let first = info as u8;
+        match (info >> 8) & 7 {
+            TYPE_EXTERNAL_INTERRUPT => pending.interrupt = Some(first),
+            TYPE_NMI => pending.nmi = true,
+            TYPE_HARDWARE_EXCEPTION if first == vector::DF => return Reflected::TripleFault,
+            TYPE_HARDWARE_EXCEPTION
+                if (contributory(first) || first == vector::PF)
+                    && (contributory(vector) || vector == vector::PF)
+                    && !(contributory(first) && vector == vector::PF) =>
+            {
+                inject_exception(vmcs, vector::DF, Some(0));
+                return Reflected::Injected;
+            }
+            _ => {}
+        }
+    }
+    inject_exception(vmcs, vector, error_code);
+    Reflected::Injected
+}
+
 /// The guest's current privilege level (DPL of SS, SDM Vol. 3A 5.5).
 pub fn guest_cpl(vmcs: &impl Vmcs) -> u8 {
     ((vmcs.read(guest::SS_ACCESS_RIGHTS) >> 5) & 3) as u8
@@ -277,6 +328,37 @@ mod tests {
             Pending::default(),
             "an exception comes back by itself"
         );
+    }
+
+    #[test]
+    fn reflected_exceptions_combine_as_the_cpu_combines_them() {
+        let reflect = |first: Option<u64>, vector: u8| {
+            let mut vmcs = FakeVmcs::default();
+            vmcs.write(guest::CR0, CR0_PE);
+            if let Some(info) = first {
+                vmcs.write(ro::IDT_VECTORING_INFO, VALID | info);
+            }
+            let mut pending = Pending::default();
+            let r = reflect_exception(&mut vmcs, &mut pending, vector, Some(0));
+            let injected = vmcs.read(control::VMENTRY_INTERRUPTION_INFO_FIELD) as u8;
+            (r, injected, pending)
+        };
+        let exception = |v: u64| TYPE_HARDWARE_EXCEPTION << 8 | v;
+        assert_eq!(reflect(None, 14).1, 14);
+        // #PF while delivering #PF, or #GP: double fault.
+        assert_eq!(reflect(Some(exception(14)), 14).1, 8);
+        assert_eq!(reflect(Some(exception(13)), 13).1, 8);
+        // #GP then #PF: serially (the #PF).
+        assert_eq!(reflect(Some(exception(13)), 14).1, 14);
+        // A benign first exception: the second alone.
+        assert_eq!(reflect(Some(exception(3)), 14).1, 14);
+        // Anything while delivering #DF: shutdown.
+        assert_eq!(reflect(Some(exception(8)), 14).0, Reflected::TripleFault);
+        // An interrupt or NMI cut short is kept, to follow.
+        let (_, injected, pending) = reflect(Some(0x41), 14);
+        assert_eq!((injected, pending.interrupt), (14, Some(0x41)));
+        let (_, _, pending) = reflect(Some(TYPE_NMI << 8 | 2), 13);
+        assert!(pending.nmi);
     }
 
     #[test]

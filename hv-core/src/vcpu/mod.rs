@@ -46,10 +46,9 @@ impl VcpuId {
 
 /// A single step in view 0 the hypervisor takes for the guest: an access a
 /// view denied (or a hidden breakpoint) runs once in the host p2m, then the
-/// vCPU returns to `view`.
+/// hardware is back on the vCPU's view (`views::start_step`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Step {
-    pub view: u16,
     /// Stepped with the monitor trap flag; otherwise with RFLAGS.TF, and
     /// `trap_flag` is the guest's own TF, restored after the step.
     pub mtf: bool,

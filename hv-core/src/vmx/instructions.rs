@@ -175,6 +175,14 @@ pub unsafe fn write_cr0_cr4(cr0: u64, cr4: u64) {
     }
 }
 
+/// Writes CR2, which holds the guest's last page-fault address while the
+/// hypervisor runs (VM exits do not switch it).
+pub fn write_cr2(value: u64) {
+    // SAFETY: CR2 is only read by page-fault handlers; the hypervisor takes
+    // none in normal operation, and a fatal one reports its own.
+    unsafe { core::arch::asm!("mov cr2, {}", in(reg) value, options(nomem, nostack)) };
+}
+
 pub fn read_cr8() -> u64 {
     let value: u64;
     // SAFETY: reading CR8 has no side effect.

@@ -45,6 +45,10 @@ pub trait Cpu: Vmcs + PortIo {
     /// IA32_APIC_BASE: SVR bit 8 clear masks every LVT entry.
     fn lapic_software_disable(&mut self);
 
+    /// Sets CR2 (the guest's: the hypervisor takes no page faults) before
+    /// a #PF is injected.
+    fn write_cr2(&mut self, value: u64);
+
     /// CR8, the local APIC's task priority (the guest's own: its APIC is
     /// passed through), for a CPU that cannot let MOV CR8 run natively.
     fn read_cr8(&self) -> u64;
@@ -120,6 +124,10 @@ impl Cpu for ThisCpu {
 
     fn lapic_software_disable(&mut self) {
         instructions::lapic_software_disable();
+    }
+
+    fn write_cr2(&mut self, value: u64) {
+        instructions::write_cr2(value);
     }
 
     fn read_cr8(&self) -> u64 {

@@ -289,6 +289,7 @@ pub(crate) mod tests {
         pub invvpids: std::vec::Vec<u16>,
         pub current: Option<hv_ept::Mfn>,
         pub cr8: u64,
+        pub cr2: u64,
         pub tsc: u64,
         pub lapic_disabled: bool,
         /// Bytes written to hardware ports, in order.
@@ -342,6 +343,10 @@ pub(crate) mod tests {
 
         fn lapic_software_disable(&mut self) {
             self.lapic_disabled = true;
+        }
+
+        fn write_cr2(&mut self, value: u64) {
+            self.cr2 = value;
         }
 
         fn read_cr8(&self) -> u64 {
