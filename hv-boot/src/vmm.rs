@@ -2,9 +2,6 @@
 //! (frames from the allocator, physical memory through the direct map, the
 //! console), and running the guest given as the first boot module.
 
-use alloc::string::String;
-use core::fmt::Write;
-
 use hv_boot::bootinfo::BootInfo;
 use hv_boot::cmdline::Options;
 use hv_boot::exit;
@@ -269,15 +266,18 @@ fn run_vm(
 }
 
 /// One line with the exit count of every reason that occurred.
+/// Formatted without the heap, which the guest may have used up.
 fn report_exits(counters: &[u64]) {
-    let total: u64 = counters.iter().sum();
-    let mut line = String::new();
-    for (reason, &count) in counters.iter().enumerate().filter(|(_, c)| **c > 0) {
-        let _ = write!(
-            line,
-            "; {} {count}",
-            hv_core::vmx::exit::name(reason as u16)
-        );
+    struct Counts<'a>(&'a [u64]);
+    impl core::fmt::Display for Counts<'_> {
+        fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+            let total: u64 = self.0.iter().sum();
+            write!(f, "{total} in all")?;
+            for (reason, &count) in self.0.iter().enumerate().filter(|(_, c)| **c > 0) {
+                write!(f, "; {} {count}", hv_core::vmx::exit::name(reason as u16))?;
+            }
+            Ok(())
+        }
     }
-    info!("exits: {total} in all{line}");
+    info!("exits: {}", Counts(counters));
 }

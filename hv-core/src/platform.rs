@@ -42,3 +42,11 @@ pub trait Platform: EptMemory {
     /// the VGA text buffer on a PC.
     fn show_text(&mut self, cells: &[u8]);
 }
+
+/// Reports a monitor event, formatted without the heap (a guest may have
+/// exhausted its share of it); a line longer than 256 bytes is cut.
+pub fn monitor_event(platform: &mut impl Platform, args: core::fmt::Arguments<'_>) {
+    let mut line = heapless::String::<256>::new();
+    let _ = core::fmt::Write::write_fmt(&mut line, args);
+    platform.monitor_event(&line);
+}

@@ -5,15 +5,12 @@
 //! hypervisor lets a denied access or a hidden breakpoint through, and the
 //! monitor's event lines.
 
-use alloc::format;
-use alloc::string::String;
-
 use hv_altp2m::Dropped;
 use hv_ept::walk::AccessKind;
 use hv_ept::{Gfn, P2mAccess};
 use x86::vmx::vmcs::{control, guest};
 
-use crate::platform::Platform;
+use crate::platform::{Platform, monitor_event};
 use crate::vcpu::events::{BLOCKING_STI_MOVSS, PENDING_BS, vector};
 use crate::vcpu::{Step, Vcpu};
 use crate::vm::Vm;
@@ -129,18 +126,30 @@ pub fn flush(vm: &mut Vm, cpu: &mut impl Cpu, platform: &mut impl Platform) {
 }
 
 fn report_drop(platform: &mut impl Platform, d: Dropped) {
-    let source = d
-        .remap_source
-        .map_or(String::new(), |s| format!(" remap-of={:#x}", s.0));
-    let line = format!(
-        "dropped view={} gfn={:#x} pages={} access={} reason={:?}{source}",
-        d.view,
-        d.gfn.0,
-        d.pages,
-        access_name(d.access),
-        d.reason
+    monitor_event(
+        platform,
+        format_args!(
+            "dropped view={} gfn={:#x} pages={} access={} reason={:?}{}",
+            d.view,
+            d.gfn.0,
+            d.pages,
+            access_name(d.access),
+            d.reason,
+            RemapOf(d.remap_source)
+        ),
     );
-    platform.monitor_event(&line);
+}
+
+/// ` remap-of=G` for an alias's source, nothing otherwise.
+struct RemapOf(Option<Gfn>);
+
+impl core::fmt::Display for RemapOf {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0 {
+            Some(source) => write!(f, " remap-of={:#x}", source.0),
+            None => Ok(()),
+        }
+    }
 }
 
 pub fn access_name(access: P2mAccess) -> &'static str {

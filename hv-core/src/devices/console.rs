@@ -1,18 +1,17 @@
 //! The guest's debug console (port 0xE9): its bytes become lines of the
 //! run's log. (The guest's real console, COM1, is its own.)
 
-use alloc::string::String;
-
 use crate::platform::Platform;
-
-/// Bytes written to the debug port, as lines for the run's log.
-#[derive(Default)]
-pub struct Console {
-    line: String,
-}
 
 /// Longest console line kept; longer ones are cut in pieces.
 const CONSOLE_LINE_MAX: usize = 200;
+
+/// Bytes written to the debug port, as lines for the run's log (in a
+/// buffer of its own: the guest cannot make it grow).
+#[derive(Default)]
+pub struct Console {
+    line: heapless::String<CONSOLE_LINE_MAX>,
+}
 
 impl Console {
     pub fn put(&mut self, byte: u8, platform: &mut impl Platform) {
@@ -25,7 +24,8 @@ impl Console {
                 } else {
                     '.'
                 };
-                self.line.push(c);
+                // Never full here: a full line is flushed right away.
+                let _ = self.line.push(c);
                 if self.line.len() >= CONSOLE_LINE_MAX {
                     self.flush(platform);
                 }

@@ -14,8 +14,6 @@
 //!
 //! Qualification layout: SDM Vol. 3C table "Exit Qualification for EPT Violations".
 
-use alloc::format;
-
 use hv_altp2m::Outcome;
 use hv_ept::walk::AccessKind;
 use x86::vmx::vmcs::ro;
@@ -75,15 +73,17 @@ fn violation_outcome<C: Cpu, P: Platform>(
             from,
             to,
         }) => {
-            let line = format!(
-                "access view={view} gfn={:#x} access={} rip={:#x} action=converted {}->{}",
-                gfn.0,
-                kind_name(kind),
-                ctx.rip(),
-                access_name(from),
-                access_name(to)
+            crate::platform::monitor_event(
+                ctx.platform,
+                format_args!(
+                    "access view={view} gfn={:#x} access={} rip={:#x} action=converted {}->{}",
+                    gfn.0,
+                    kind_name(kind),
+                    ctx.rip(),
+                    access_name(from),
+                    access_name(to)
+                ),
             );
-            ctx.platform.monitor_event(&line);
             Flow::Resume
         }
         Ok(Outcome::Violation(v)) => {
@@ -99,16 +99,18 @@ fn violation_outcome<C: Cpu, P: Platform>(
             if stepped {
                 views::start_step(ctx.cpu, ctx.vm, ctx.vcpu);
             }
-            let line = format!(
-                "access view={} gfn={:#x} access={} entry={} rip={:#x} action={}",
-                v.view,
-                v.gfn.0,
-                kind_name(kind),
-                access_name(v.access),
-                ctx.rip(),
-                if stepped { "step-in-view-0" } else { "gp" }
+            crate::platform::monitor_event(
+                ctx.platform,
+                format_args!(
+                    "access view={} gfn={:#x} access={} entry={} rip={:#x} action={}",
+                    v.view,
+                    v.gfn.0,
+                    kind_name(kind),
+                    access_name(v.access),
+                    ctx.rip(),
+                    if stepped { "step-in-view-0" } else { "gp" }
+                ),
             );
-            ctx.platform.monitor_event(&line);
             if stepped {
                 Flow::Resume
             } else {

@@ -5,8 +5,6 @@
 //! instruction faulted: the step ends and the guest gets the exception in
 //! its view).
 
-use alloc::format;
-
 use x86::vmx::vmcs::{guest, ro};
 
 use super::{ExitCtx, Flow, StopReason};
@@ -85,11 +83,13 @@ fn breakpoint<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Flow {
     let gpa = paging::translate(&*ctx.cpu, ctx.vm, ctx.platform, rip);
     if let Some((view, gfn)) = gpa.and_then(|gpa| views::remapped_code(ctx.vm, ctx.vcpu, gpa)) {
         views::start_step(ctx.cpu, ctx.vm, ctx.vcpu);
-        let line = format!(
-            "breakpoint view={view} gfn={:#x} rip={rip:#x} action=step-in-view-0",
-            gfn.0
+        crate::platform::monitor_event(
+            ctx.platform,
+            format_args!(
+                "breakpoint view={view} gfn={:#x} rip={rip:#x} action=step-in-view-0",
+                gfn.0
+            ),
         );
-        ctx.platform.monitor_event(&line);
         return Flow::Resume;
     }
     inject_software_exception(

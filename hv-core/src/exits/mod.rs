@@ -17,8 +17,7 @@ mod triple_fault;
 mod vmcall;
 mod xsetbv;
 
-use alloc::string::String;
-use core::fmt::{self, Write};
+use core::fmt;
 
 use x86::vmx::vmcs::{guest, ro};
 
@@ -66,8 +65,8 @@ pub enum StopReason {
     },
     /// The guest did something the hypervisor refuses to emulate.
     Unsupported(&'static str),
-    /// VM entry failed (VM-instruction error, or an entry-failure exit reason).
-    EntryFailed(String),
+    /// VM entry failed.
+    EntryFailed(EntryFailure),
     /// HLT with nothing that could ever wake the guest.
     Halted,
     /// Too many accesses outside guest memory.
@@ -101,6 +100,31 @@ impl fmt::Display for StopReason {
     }
 }
 
+/// How a VM entry failed (kept as numbers: a report must not need the heap).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryFailure {
+    /// VMfailInvalid: no current VMCS.
+    NoCurrentVmcs,
+    /// VMfailValid with this VM-instruction error number.
+    InstructionError(u64),
+    /// A VM exit with the entry-failure bit and this basic reason.
+    ExitReason(u16),
+}
+
+impl fmt::Display for EntryFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Self::NoCurrentVmcs => f.write_str("VMfailInvalid (no current VMCS)"),
+            Self::InstructionError(n) => write!(
+                f,
+                "VM-instruction error {n}: {}",
+                crate::vmx::exit::instruction_error(n)
+            ),
+            Self::ExitReason(r) => write!(f, "exit reason {r} ({})", name(r)),
+        }
+    }
+}
+
 pub enum Flow {
     Resume,
     Stop(GuestEnd),
@@ -116,17 +140,18 @@ impl<C: Cpu, P: Platform> ExitCtx<'_, C, P> {
     pub fn report_stop(&mut self, why: StopReason) -> GuestEnd {
         self.vm.devices.console.flush(self.platform);
         log::error!("guest stopped: {why}");
-        let mut state = String::new();
-        let _ = dump_guest_state(&*self.cpu, &mut state);
+        dump_guest_state(&*self.cpu, |line| log::error!("{line}"));
         let r = &self.vcpu.regs;
-        let _ = writeln!(
-            state,
+        log::error!(
             "  rax {:#x} rbx {:#x} rcx {:#x} rdx {:#x} rsi {:#x} rdi {:#x} rbp {:#x}",
-            r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp
+            r.rax,
+            r.rbx,
+            r.rcx,
+            r.rdx,
+            r.rsi,
+            r.rdi,
+            r.rbp
         );
-        for line in state.lines() {
-            log::error!("{line}");
-        }
         GuestEnd::Stopped(why)
     }
 

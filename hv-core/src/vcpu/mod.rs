@@ -10,18 +10,15 @@ pub mod paging;
 pub mod regs;
 pub mod state;
 
-use alloc::format;
-use alloc::string::String;
-
 use hv_ept::{Gfn, Mfn};
 use x86::vmx::vmcs::{control, guest, ro};
 
 use crate::devices::mtrr::Mtrrs;
-use crate::exits::{self, ExitCtx, Flow, GuestEnd, StopReason};
+use crate::exits::{self, EntryFailure, ExitCtx, Flow, GuestEnd, StopReason};
 use crate::platform::Platform;
 use crate::views;
 use crate::vm::{Vm, VmError};
-use crate::vmx::exit::{self, Exit};
+use crate::vmx::exit::Exit;
 use crate::vmx::vmcs::{Vmcs, dump_guest_state};
 use crate::vmx::{self, Cpu, ThisCpu, VmxError};
 use entry::Entry;
@@ -168,11 +165,7 @@ impl Vcpu {
                 *count += 1;
             }
             if exit.entry_failed {
-                let why = format!(
-                    "exit reason {} ({})",
-                    exit.reason.basic(),
-                    exit.reason.name()
-                );
+                let why = EntryFailure::ExitReason(exit.reason.basic());
                 return report_entry_failure(why, vm, &cpu, platform);
             }
             let synced = views::sync(&cpu, vm, self);
@@ -201,14 +194,8 @@ impl Vcpu {
         platform: &mut impl Platform,
     ) -> GuestEnd {
         let why = match entered {
-            Entry::FailValid => {
-                let number = cpu.read(ro::VM_INSTRUCTION_ERROR);
-                format!(
-                    "VM-instruction error {number}: {}",
-                    exit::instruction_error(number)
-                )
-            }
-            _ => String::from("VMfailInvalid (no current VMCS)"),
+            Entry::FailValid => EntryFailure::InstructionError(cpu.read(ro::VM_INSTRUCTION_ERROR)),
+            _ => EntryFailure::NoCurrentVmcs,
         };
         report_entry_failure(why, vm, cpu, platform)
     }
@@ -221,17 +208,13 @@ impl Vcpu {
 }
 
 fn report_entry_failure(
-    why: String,
+    why: EntryFailure,
     vm: &mut Vm,
     cpu: &impl Vmcs,
     platform: &mut impl Platform,
 ) -> GuestEnd {
     vm.devices.console.flush(platform);
     log::error!("vmx: VM entry failed: {why}");
-    let mut dump = String::new();
-    let _ = dump_guest_state(cpu, &mut dump);
-    for line in dump.lines() {
-        log::error!("{line}");
-    }
+    dump_guest_state(cpu, |line| log::error!("{line}"));
     GuestEnd::Stopped(StopReason::EntryFailed(why))
 }

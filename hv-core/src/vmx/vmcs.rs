@@ -262,12 +262,12 @@ pub const GUEST_STATE_FIELDS: &[(&str, u32)] = &[
     ("exit qualification", ro::EXIT_QUALIFICATION),
 ];
 
-/// Writes the fields of [`GUEST_STATE_FIELDS`] one per line.
-pub fn dump_guest_state(vmcs: &impl Vmcs, out: &mut impl fmt::Write) -> fmt::Result {
+/// Hands the fields of [`GUEST_STATE_FIELDS`] to `line`, one line each
+/// (without the heap: a report must work when a guest exhausted it).
+pub fn dump_guest_state(vmcs: &impl Vmcs, mut line: impl FnMut(fmt::Arguments<'_>)) {
     for (name, field) in GUEST_STATE_FIELDS {
-        writeln!(out, "  {name:<28} {:#x}", vmcs.read(*field))?;
+        line(format_args!("  {name:<28} {:#x}", vmcs.read(*field)));
     }
-    Ok(())
 }
 
 #[cfg(test)]
