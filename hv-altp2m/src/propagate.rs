@@ -215,7 +215,7 @@ impl Reconcile<'_> {
             && (h.ty == was || (h.ty.is_changeable() && was.is_changeable()))
         {
             let want = alias_type(h.ty);
-            if !rewrite && c.ty == want && !c.recalc {
+            if !rewrite && c.ty == want && !c.retype {
                 self.view.remaps.set_source_type(alias, h.ty);
                 return true;
             }

@@ -974,3 +974,52 @@ fn partial_type_change_over_a_coarse_fallback() {
     w.check_invariants();
     teardown(w);
 }
+
+/// The view-side half of the margins a type change reaches beyond its range:
+/// the host maps a 2M page `ram_logdirty` outside any log-dirty range, a
+/// view copies it whole, an access change in view 0 splits the host's page,
+/// and a type change covers part of it. The view's 2M copy straddles the
+/// range and is recomputed whole (its other pages would become `ram_rw`
+/// while the host keeps them `ram_logdirty`): the view must follow the host
+/// there, so a write through it beside the range is still logged.
+#[test]
+fn a_view_copy_straddling_a_change_follows_the_host_beside_it() {
+    let mut w = World::enabled(1);
+    w.map(0, Order::PAGE_2M, 0x40_0000, Logdirty);
+    let v = w.create(P2mAccess::Rwx);
+    w.switch(0, v);
+    assert_eq!(w.read(0, 0x10), End::Ok(Mfn(0x40_0010)));
+    let copy = w.view(v).get_entry(&w.mem, Gfn(0)).unwrap();
+    assert_eq!((copy.ty, copy.order), (Logdirty, Order::PAGE_2M));
+    let (mem, host) = (&mut w.mem, &mut w.host);
+    w.alt
+        .set_mem_access(mem, host, 0, Gfn(0x180), P2mAccess::Rw)
+        .unwrap();
+    assert_eq!(
+        w.host.stored_leaf(&w.mem, Gfn(0)).unwrap().unwrap().order,
+        Order::PAGE_4K,
+        "the host's page is split"
+    );
+    let (mem, host) = (&mut w.mem, &mut w.host);
+    w.alt
+        .host_change_type_range(mem, host, Gfn(0x100), Gfn(0x1ff), Rw, Logdirty)
+        .unwrap();
+    w.flush();
+    w.check_invariants();
+    for g in [0, 0x10, 0xff, 0x100, 0x1ff] {
+        let e = w
+            .alt
+            .get_entry(&w.mem, &w.host, v, Gfn(g))
+            .unwrap()
+            .unwrap();
+        assert_eq!(e.ty, Logdirty, "view at {g:#x}");
+    }
+    assert_eq!(w.write(0, 0x10), End::Ok(Mfn(0x40_0010)));
+    assert!(
+        w.dirty.is_dirty(Gfn(0x10)),
+        "a write through the view's copy beside the range escaped log-dirty"
+    );
+    assert_eq!(w.write(0, 0x110), End::Ok(Mfn(0x40_0110)));
+    assert!(w.dirty.is_dirty(Gfn(0x110)));
+    teardown(w);
+}

@@ -294,6 +294,11 @@ impl World {
     pub fn check_invariants(&self) {
         check_bound(&self.mem, &self.host);
         assert_eq!(
+            self.host.scoped_entries(),
+            scoped_marks(&self.mem, &self.host),
+            "host: scoped marks and their ranges"
+        );
+        assert_eq!(
             self.frames_in_use(),
             self.mem.outstanding(),
             "frames leaked"
@@ -302,6 +307,11 @@ impl World {
             let v = v as u16;
             let p = self.view(v);
             check_bound(&self.mem, p);
+            assert_eq!(
+                p.scoped_entries(),
+                scoped_marks(&self.mem, p),
+                "view {v}: scoped marks and their ranges"
+            );
             let remaps: HashMap<u64, u64> = self
                 .alt
                 .remaps(v)
@@ -335,8 +345,8 @@ impl World {
                             .view(v)
                             .get_entry(&self.mem, Gfn(first))
                             .unwrap()
-                            .recalc,
-                        "alias {first:#x} under a mark"
+                            .retype,
+                        "alias {first:#x} under a mark that recomputes it"
                     );
                 }
             }
@@ -497,4 +507,4 @@ pub fn teardown(w: World) {
 
 // Each test binary uses some of these.
 #[allow(unused_imports)]
-pub use hv_ept::sim::{marks, raw_leaves, walk_tables};
+pub use hv_ept::sim::{marks, raw_leaves, scoped_marks, walk_tables};
