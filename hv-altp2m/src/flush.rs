@@ -33,6 +33,7 @@ impl Altp2m {
     /// every view. The kernel does them, on every CPU that may hold
     /// translations of this guest, before resuming any of its vCPUs.
     pub fn take_flush(&mut self, host: &mut P2m) -> Flush {
+        self.flushes += 1;
         let mut f = Flush {
             all_contexts: core::mem::take(&mut self.flush_all),
             views: ViewSet::EMPTY,

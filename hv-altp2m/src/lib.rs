@@ -63,7 +63,7 @@ pub use access::{Effective, MultiError};
 pub use droplog::{DropReason, Dropped};
 pub use fault::{AccessViolation, Outcome};
 pub use flush::Flush;
-pub use host::Mapping;
+pub use host::{ArmedClean, Mapping};
 pub use lists::INVALID_EPTP;
 pub use set::Altp2m;
 pub use viewset::{MAX_VIEWS, ViewSet};
@@ -108,6 +108,8 @@ pub enum Error {
     NotRam,
     /// Reverting a gfn that is not remapped in the view.
     NotRemapped,
+    /// `fetch_dirty` before `take_flush` was called after `arm_dirty`.
+    FlushPending,
     /// Another refusal from the p2m layer (order, alignment, frame range).
     Ept(hv_ept::Error),
 }

@@ -45,6 +45,8 @@ pub struct Altp2m {
     /// A view was destroyed: its EPTP must be flushed, and only an
     /// all-context INVEPT can name it now.
     pub(crate) flush_all: bool,
+    /// Calls of `take_flush` so far: a clean's fetch waits for the next one.
+    pub(crate) flushes: u64,
     pub(crate) drops: DropLog,
 }
 
@@ -84,6 +86,7 @@ impl Altp2m {
             occupancy: Occupancy::default(),
             remapping: ViewSet::EMPTY,
             flush_all: false,
+            flushes: 0,
             drops,
         })
     }

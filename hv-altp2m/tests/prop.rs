@@ -91,9 +91,12 @@ enum Op {
     Global {
         on: bool,
     },
+    /// A clean of `[a, b]`, with writes from vCPUs between its two halves
+    /// (after the INVEPT): their faults log for the next clean.
     Clean {
         a: u64,
         b: u64,
+        between: Vec<(usize, u64)>,
     },
     Create {
         slot: u16,
@@ -188,7 +191,8 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(at, level, kind, access, seed, fail)| Op::HostSet { at, level, kind, access, seed, fail }),
         2 => (at(), at(), any::<bool>()).prop_map(|(a, b, on)| Op::Range { a, b, on }),
         1 => any::<bool>().prop_map(|on| Op::Global { on }),
-        1 => (at(), at()).prop_map(|(a, b)| Op::Clean { a, b }),
+        2 => (at(), at(), prop::collection::vec((0..VCPUS, at()), 0..3))
+            .prop_map(|(a, b, between)| Op::Clean { a, b, between }),
         3 => (slot.clone(), access(), fail()).prop_map(|(slot, default, fail)| Op::Create { slot, default, fail }),
         1 => slot.clone().prop_map(|slot| Op::Destroy { slot }),
         1 => slot.clone().prop_map(|slot| Op::Reset { slot }),
@@ -234,6 +238,8 @@ struct Model {
     logdirty: Vec<bool>,
     global: bool,
     dirty: BTreeSet<u64>,
+    /// Every write logged, in order (replayed exits append).
+    logged: Vec<u64>,
     views: [Option<ViewRef>; SLOTS as usize + 1],
     view0_visible: bool,
     vcpu: [u16; VCPUS],
@@ -260,6 +266,7 @@ impl Model {
             logdirty: vec![false; UNIVERSE as usize],
             global: false,
             dirty: BTreeSet::new(),
+            logged: Vec::new(),
             views: [None, None, None, None],
             view0_visible: true,
             vcpu: [0; VCPUS],
@@ -481,7 +488,7 @@ impl Run {
                     self.m.recompute(gfn_of(i));
                 }
             }
-            Op::Clean { a, b } => {
+            Op::Clean { a, b, ref between } => {
                 let (s, e) = (gfn_of(a.min(b)), gfn_of(a.max(b)));
                 // The re-arm: each tracked range within [s, e], or everything.
                 let rearm: Vec<(u64, u64)> = if self.m.global {
@@ -494,21 +501,37 @@ impl Run {
                         .map(|(rs, re)| self.span(rs.0.max(s), re.0.min(e)))
                         .collect()
                 };
-                let mut got = BTreeSet::new();
                 let w = &mut self.w;
-                w.alt
-                    .clean_dirty(&mut w.mem, &mut w.host, &mut w.dirty, Gfn(s), Gfn(e), |g| {
-                        got.insert(g.0);
-                    })
+                let armed = w
+                    .alt
+                    .arm_dirty(&mut w.mem, &mut w.host, &mut w.dirty, Gfn(s), Gfn(e))
                     .unwrap();
                 let want: BTreeSet<u64> = self.m.dirty.range(s..=e).copied().collect();
-                assert_eq!(got, want, "fetch-and-clear of {s:#x}-{e:#x}");
-                self.m.dirty.retain(|g| !(s..=e).contains(g));
                 for (a, b) in rearm {
                     for g in indices(a, b) {
                         self.m.recompute(g);
                     }
                 }
+                if w.alt.flush_pending(&w.host) {
+                    let r = w.alt.fetch_dirty(&mut w.dirty, &armed, |_| {});
+                    assert_eq!(r, Err(Error::FlushPending), "fetch before the INVEPT");
+                }
+                w.flush();
+                self.m.logged.clear();
+                for &(vcpu, at) in between {
+                    self.access(vcpu, gfn_of(at), AccessKind::Write, None);
+                }
+                let mut got = BTreeSet::new();
+                let w = &mut self.w;
+                w.alt
+                    .fetch_dirty(&mut w.dirty, &armed, |g| {
+                        got.insert(g.0);
+                    })
+                    .unwrap();
+                assert_eq!(got, want, "clean of {s:#x}-{e:#x}");
+                // What was handed over is clean, unless written again since.
+                self.m.dirty.retain(|g| !want.contains(g));
+                self.m.dirty.extend(self.m.logged.drain(..));
             }
             Op::Create {
                 slot,
@@ -912,6 +935,7 @@ impl Run {
                     };
                     for k in indices(s, s + n - 1) {
                         self.m.dirty.insert(k);
+                        self.m.logged.push(k);
                         if let Some((_, t, _)) = &mut self.m.host[index_of(k)]
                             && t.is_changeable()
                         {

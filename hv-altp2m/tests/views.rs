@@ -540,12 +540,8 @@ fn writes_through_a_remap_dirty_the_owner() {
     ));
     // Untrack a range over the alias's position while the source is
     // re-armed: the alias must still fault.
-    let mut got = vec![];
+    assert_eq!(w.clean(0, Gfn::MAX.0), [src]);
     let (mem, host) = (&mut w.mem, &mut w.host);
-    w.alt
-        .clean_dirty(mem, host, &mut w.dirty, Gfn(0), Gfn::MAX, |g| got.push(g.0))
-        .unwrap();
-    assert_eq!(got, [src]);
     w.alt
         .host_change_type_range(mem, host, Gfn(0), Gfn(0x20), Logdirty, Rw)
         .unwrap();
@@ -954,19 +950,7 @@ fn partial_type_change_over_a_coarse_fallback() {
         .unwrap()
         .unwrap();
     assert_eq!(e.ty, w.host.get_entry(&w.mem, Gfn(G1 + 4 * M2)).unwrap().ty);
-    let mut n = 0;
-    w.alt
-        .clean_dirty(
-            &mut w.mem,
-            &mut w.host,
-            &mut w.dirty,
-            Gfn(0),
-            Gfn::MAX,
-            |_| n += 1,
-        )
-        .unwrap();
-    w.flush();
-    assert_eq!(n, G1);
+    assert_eq!(w.clean(0, Gfn::MAX.0).len() as u64, G1);
     for g in [G1 + 4 * M2, G1 + 4 * M2 + 1, G1 + 9] {
         assert_eq!(w.write(0, g), End::Ok(Mfn(0x100_0000 + g - G1)));
         assert!(w.dirty.is_dirty(Gfn(g)), "{g:#x}");
@@ -1021,5 +1005,57 @@ fn a_view_copy_straddling_a_change_follows_the_host_beside_it() {
     );
     assert_eq!(w.write(0, 0x110), End::Ok(Mfn(0x40_0110)));
     assert!(w.dirty.is_dirty(Gfn(0x110)));
+    teardown(w);
+}
+
+/// A clean while vCPUs run: writes between its two halves. vCPU 1 has page
+/// P cached writable (its write was logged); vCPU 0 writes page Q after the
+/// INVEPT, which faults and makes Q writable before the fetch. P's write
+/// through the stale translation belongs to this clean; Q's stays logged
+/// for the next one, and so do Q's later writes, which no longer fault.
+#[test]
+fn a_clean_loses_no_write_while_vcpus_run() {
+    let mut w = guest(2);
+    let (p, q) = (0x10, 0x11);
+    let (mem, host) = (&mut w.mem, &mut w.host);
+    w.alt
+        .host_change_type_range(mem, host, Gfn(0), Gfn(0x1f), Rw, Logdirty)
+        .unwrap();
+    w.flush();
+    assert_eq!(w.write(1, p), End::Ok(Mfn(0x7000 + p)));
+    assert!(w.dirty.is_dirty(Gfn(p)));
+
+    let armed = w
+        .alt
+        .arm_dirty(&mut w.mem, &mut w.host, &mut w.dirty, Gfn(0), Gfn(0x1f))
+        .unwrap();
+    // Before the INVEPT, vCPU 1 still writes P through its TLB: no exit.
+    let (end, exits) = w.access(1, p, Write);
+    assert_eq!(end, End::Ok(Mfn(0x7000 + p)));
+    assert_eq!(exits.logdirty + exits.misconfigs, 0, "a stale translation");
+    assert_eq!(
+        w.alt.fetch_dirty(&mut w.dirty, &armed, |_| {}),
+        Err(Error::FlushPending),
+        "no fetch before the INVEPT"
+    );
+    w.flush();
+    // After it, vCPU 0's write to Q faults, is logged, and Q is writable.
+    let (end, exits) = w.access(0, q, Write);
+    assert_eq!(end, End::Ok(Mfn(0x7000 + q)));
+    assert_eq!(exits.logdirty, 1);
+    let mut got = vec![];
+    w.alt
+        .fetch_dirty(&mut w.dirty, &armed, |g| got.push(g.0))
+        .unwrap();
+    assert_eq!(got, [p], "P (and its write through the stale entry) only");
+    assert!(w.dirty.is_dirty(Gfn(q)), "Q is kept for the next clean");
+    // Q is written again without a fault; the next clean still has it.
+    let (_, exits) = w.access(0, q, Write);
+    assert_eq!(exits.logdirty, 0);
+    assert_eq!(w.clean(0, 0x1f), [q]);
+    // And P was re-armed: its next write faults and is logged.
+    let (_, exits) = w.access(1, p, Write);
+    assert_eq!(exits.logdirty, 1);
+    assert_eq!(w.clean(0, 0x1f), [p]);
     teardown(w);
 }

@@ -337,14 +337,18 @@ impl World {
             }
             Op::Clean { a, b } => {
                 let (s, e) = (gfn_of(a.min(b)), gfn_of(a.max(b)));
+                // Set the bits aside, re-arm, then take them (the INVEPT in
+                // between is the caller's, and there is no TLB here).
+                dirty.arm(Gfn(s), Gfn(e)).unwrap();
+                let want: BTreeSet<u64> = r.dirty.range(s..=e).copied().collect();
+                self.apply(&Op::Range { a, b, on: true });
+                let World { dirty, r, .. } = self;
                 let mut got = BTreeSet::new();
-                dirty.fetch_and_clear(Gfn(s), Gfn(e), |g| {
+                dirty.fetch_armed(Gfn(s), Gfn(e), |g| {
                     got.insert(g.0);
                 });
-                let want: BTreeSet<u64> = r.dirty.range(s..=e).copied().collect();
-                assert_eq!(got, want, "fetch-and-clear of {s:#x}-{e:#x}");
+                assert_eq!(got, want, "clean of {s:#x}-{e:#x}");
                 r.dirty.retain(|g| !(s..=e).contains(g));
-                self.apply(&Op::Range { a, b, on: true });
             }
             Op::Sve { at, sve } => {
                 let res = p2m.set_suppress_ve(mem, Gfn(gfn_of(at)), sve);

@@ -219,6 +219,27 @@ impl World {
         panic!("access to {gfn:#x} {kind:?} from vCPU {vcpu} did not settle");
     }
 
+    /// A log-dirty clean of `[start, end]` as the kernel does it: re-arm
+    /// and set the bits aside, INVEPT, take the bits. Returns them.
+    pub fn clean(&mut self, start: u64, end: u64) -> Vec<u64> {
+        let armed = self
+            .alt
+            .arm_dirty(
+                &mut self.mem,
+                &mut self.host,
+                &mut self.dirty,
+                Gfn(start),
+                Gfn(end),
+            )
+            .unwrap();
+        self.flush();
+        let mut got = Vec::new();
+        self.alt
+            .fetch_dirty(&mut self.dirty, &armed, |g| got.push(g.0))
+            .unwrap();
+        got
+    }
+
     pub fn read(&mut self, vcpu: usize, gfn: u64) -> End {
         self.access(vcpu, gfn, AccessKind::Read).0
     }
