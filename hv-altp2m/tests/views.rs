@@ -1059,3 +1059,36 @@ fn a_clean_loses_no_write_while_vcpus_run() {
     assert_eq!(w.clean(0, 0x1f), [p]);
     teardown(w);
 }
+
+/// Drop-log entries of a view that is destroyed (or of every view, when
+/// altp2m is disabled) go with it: a view created later at the same index
+/// must not be told it lost entries it never had.
+#[test]
+fn the_drop_log_forgets_destroyed_views() {
+    let mut w = guest(1);
+    let restrict = |w: &mut World, v: u16| {
+        let (mem, host) = (&mut w.mem, &mut w.host);
+        w.alt
+            .set_mem_access(mem, host, v, Gfn(5), P2mAccess::R)
+            .unwrap();
+    };
+    let v = w.create(P2mAccess::Rwx);
+    let other = w.create(P2mAccess::Rwx);
+    restrict(&mut w, v);
+    restrict(&mut w, other);
+    w.map(5, Order::PAGE_4K, 0x9000, Rw); // another frame: both lose gfn 5
+    let (mem, _) = (&mut w.mem, &mut w.host);
+    w.alt.destroy_view(mem, v).unwrap();
+    assert_eq!(w.create(P2mAccess::Rwx), v, "the index is reused");
+    let drops = w.dropped();
+    assert_eq!(drops.len(), 1, "{drops:?}");
+    assert_eq!((drops[0].view, drops[0].gfn), (other, Gfn(5)));
+
+    restrict(&mut w, other);
+    w.map(5, Order::PAGE_4K, 0xa000, Rw);
+    w.alt.disable(&mut w.mem).unwrap();
+    w.alt.enable(&mut w.mem, &w.host).unwrap();
+    assert_eq!(w.create(P2mAccess::Rwx), 1);
+    assert!(w.dropped().is_empty(), "nothing survives a disable");
+    teardown(w);
+}
