@@ -70,6 +70,19 @@ impl Altp2m {
         self.drops.drain(f)
     }
 
+    /// What the index of which views hold what takes (it keeps host
+    /// changes from walking views that hold nothing at the changed pages).
+    pub fn index_memory(&self) -> crate::IndexMemory {
+        self.occupancy.memory()
+    }
+
+    /// For tests with few views: how many views may hold parts of a 2M
+    /// region before the index keeps a set per 4K page there (default 8).
+    #[doc(hidden)]
+    pub fn set_index_crowding(&mut self, views: usize) {
+        self.occupancy.set_crowded(views);
+    }
+
     /// Whether the drop log holds anything (entries or a lost count).
     pub fn has_dropped(&self) -> bool {
         !self.drops.is_empty()

@@ -65,6 +65,7 @@ pub use fault::{AccessViolation, Outcome};
 pub use flush::Flush;
 pub use host::{ArmedClean, Mapping};
 pub use lists::INVALID_EPTP;
+pub use occupancy::IndexMemory;
 pub use set::Altp2m;
 pub use viewset::{MAX_VIEWS, ViewSet};
 

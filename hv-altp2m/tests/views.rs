@@ -1092,3 +1092,44 @@ fn the_drop_log_forgets_destroyed_views() {
     assert!(w.dropped().is_empty(), "nothing survives a disable");
     teardown(w);
 }
+
+/// Host changes in a 2M region where many views hold 4K pages (the index
+/// keeps a set per page there): every view that holds a changed page
+/// follows, whichever view first crowded the region, and after a view lost
+/// its page it is found again when it copies it anew.
+#[test]
+fn crowded_regions_miss_no_view() {
+    let mut w = guest(1);
+    let views: Vec<u16> = (0..12).map(|_| w.create(P2mAccess::Rwx)).collect();
+    for (k, &v) in views.iter().enumerate() {
+        w.switch(0, v);
+        w.read(0, 0x20 + k as u64);
+        if k % 4 == 0 {
+            w.read(0, 0x100);
+        }
+    }
+    assert!(
+        w.alt.index_memory().crowded >= 1,
+        "{:?}",
+        w.alt.index_memory()
+    );
+    // Remaps to other frames: a view left out would keep the old one.
+    let mut frame = 0x50_0000;
+    for round in 0..3 {
+        for g in [0x100, 0x20, 0x27, 0x1ff] {
+            frame += 1;
+            w.map(g, Order::PAGE_4K, frame, Rw);
+            w.check_invariants();
+        }
+        // The views copy what they held again (and view 1 a new page).
+        for (k, &v) in views.iter().enumerate() {
+            w.switch(0, v);
+            w.read(0, 0x20 + k as u64);
+            if k % 4 == round {
+                w.read(0, 0x100);
+            }
+        }
+        w.check_invariants();
+    }
+    teardown(w);
+}
