@@ -117,11 +117,9 @@ pub(crate) struct PathMarks {
 }
 
 impl PathMarks {
-    /// Adds entry `e` at `level` (first gfn `base`) to the path.
-    pub(crate) fn with(mut self, e: EptEntry, level: u8, base: u64) -> PathMarks {
-        if !e.is_marked() {
-            return self;
-        }
+    /// Adds the marked entry `e` at `level` (first gfn `base`) to the path.
+    #[inline]
+    pub(crate) fn add(&mut self, e: EptEntry, level: u8, base: u64) {
         self.any = true;
         if e.is_leaf(level) || !e.is_scoped_table() || self.n == self.scoped.len() {
             self.exact = true;
@@ -129,10 +127,10 @@ impl PathMarks {
             self.scoped[self.n] = (level, base);
             self.n += 1;
         }
-        self
     }
 
     /// Whether resolution recomputes a leaf over `[first, last]` below them.
+    #[inline]
     pub(crate) fn recompute(&self, scopes: &Scopes, first: u64, last: u64) -> bool {
         self.exact
             || self.scoped[..self.n]
@@ -299,9 +297,10 @@ impl P2m {
     }
 
     /// Walks to the leaf or non-present slot of `gfn`. No bound check.
+    #[inline]
     pub(crate) fn lookup<M: EptMemory + ?Sized>(&self, mem: &M, gfn: u64) -> Lookup {
         let mut table = self.root;
-        let mut marks = PathMarks::default();
+        let mut marked = false;
         let mut level = ROOT_LEVEL;
         loop {
             let e = read(mem, table, index(gfn, level));
@@ -309,24 +308,41 @@ impl P2m {
                 return Lookup {
                     entry: e,
                     level,
-                    marked: marks.any,
+                    marked,
                     recompute: false,
                 };
             }
-            let base = level_base(gfn, level);
-            marks = marks.with(e, level, base);
+            marked |= e.is_marked();
             if e.is_leaf(level) {
-                let last = base + level_pages(level) - 1;
                 return Lookup {
                     entry: e,
                     level,
-                    marked: marks.any,
-                    recompute: marks.recompute(&self.scopes, base, last),
+                    marked,
+                    // Marks are rare: only then walk again to see what they are.
+                    recompute: marked && self.recomputes(mem, gfn, level),
                 };
             }
             table = e.mfn();
             level -= 1;
         }
+    }
+
+    /// Whether resolution recomputes the leaf of `gfn`, found at `leaf_level`
+    /// under at least one mark.
+    #[cold]
+    #[inline(never)]
+    fn recomputes<M: EptMemory + ?Sized>(&self, mem: &M, gfn: u64, leaf_level: u8) -> bool {
+        let mut marks = PathMarks::default();
+        let mut table = self.root;
+        for level in (leaf_level..=ROOT_LEVEL).rev() {
+            let e = read(mem, table, index(gfn, level));
+            if e.is_marked() {
+                marks.add(e, level, level_base(gfn, level));
+            }
+            table = e.mfn();
+        }
+        let base = level_base(gfn, leaf_level);
+        marks.recompute(&self.scopes, base, base + level_pages(leaf_level) - 1)
     }
 
     /// The mapping of `gfn`: frame, type (recomputed if marked), access, the
@@ -585,7 +601,7 @@ impl P2m {
             end,
             f: &mut f,
         };
-        Ok(self.visit(mem, &mut v, self.root, ROOT_LEVEL, 0, PathMarks::default()))
+        Ok(self.visit(mem, &mut v, self.root, ROOT_LEVEL, 0, &PathMarks::default()))
     }
 
     /// Whether any present mapping intersects `[start, end]`.
@@ -607,7 +623,7 @@ impl P2m {
         table: Mfn,
         level: u8,
         base: u64,
-        marks: PathMarks,
+        marks: &PathMarks,
     ) -> ControlFlow<()>
     where
         M: EptMemory + ?Sized,
@@ -619,7 +635,15 @@ impl P2m {
                 continue;
             }
             let ebase = base + i as u64 * level_pages(level);
-            let marks = marks.with(e, level, ebase);
+            let with_e;
+            let marks = if e.is_marked() {
+                let mut m = *marks;
+                m.add(e, level, ebase);
+                with_e = m;
+                &with_e
+            } else {
+                marks
+            };
             if e.is_leaf(level) {
                 let last = ebase + level_pages(level) - 1;
                 let recompute = marks.recompute(&self.scopes, ebase, last);
