@@ -223,7 +223,10 @@ fn type_change(order: Order, pages: u64) -> Unaligned {
     .unwrap();
     let (unaligned_time, unaligned_writes) = (t.elapsed(), mem.entry_writes() - w0);
     let unaligned_resolved = resolve_all(&mut mem, &mut p2m, s, e, order);
-    // Eager, same range.
+    // Eager, same range, on the mapping as built (the ends split above).
+    p2m.destroy(&mut mem);
+    assert_eq!(mem.outstanding(), 0);
+    let (mut mem, p2m, _) = build(order, pages);
     let w0 = mem.entry_writes();
     let t = Instant::now();
     eager(&mut mem, p2m.root(), 3, 0, s, e);
