@@ -31,6 +31,11 @@
 //! - A fresh or reset view's `max_mapped_pfn` is 0; every p2m's type range
 //!   change is clipped to its own bound, inclusively. A write through a
 //!   remap dirties the gfn that owns the frame.
+//! - A log-dirty clean is two calls with the INVEPT between
+//!   ([`Altp2m::arm_dirty`], [`Altp2m::fetch_dirty`]), so that no write is
+//!   lost while vCPUs run.
+//! - A host change walks the views that may hold its pages: an index per
+//!   1G and 2M, and per 4K page where many views hold parts of a 2M region.
 //!
 //! The kernel keeps one [`Altp2m`] per guest next to the host `P2m`, the
 //! `DirtyBitmap` and its `EptMemory`, and once altp2m may be enabled routes
