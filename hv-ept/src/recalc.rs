@@ -131,10 +131,7 @@ impl P2m {
             if !e.is_valid() {
                 continue;
             }
-            let ebase = base + i as u64 * level_pages(level);
-            let elast = ebase + level_pages(level) - 1;
-            let covered = start <= ebase && elast <= end;
-            let part = (start.max(ebase), end.min(elast));
+            let (ebase, covered, part) = piece(level, base, i, (start, end));
             if e.is_leaf(level) {
                 // A partly covered superpage is marked whole: resolution
                 // splits it if its pages end up with different types.
@@ -194,10 +191,7 @@ impl P2m {
             if !c.is_valid() {
                 continue;
             }
-            let cbase = base + i as u64 * level_pages(level);
-            let clast = cbase + level_pages(level) - 1;
-            let covered = start <= cbase && clast <= end;
-            let part = (start.max(cbase), end.min(clast));
+            let (cbase, covered, part) = piece(level, base, i, (start, end));
             let w = if c.is_leaf(level) {
                 !c.is_marked() && c.p2m_type().is_changeable()
             } else if c.is_marked() {
@@ -398,6 +392,16 @@ impl P2m {
             }
         }
     }
+}
+
+/// Entry `i` of a table at `level` (first gfn `base`) against `[start,
+/// end]`: its first gfn, whether the range covers it, and the part of the
+/// range inside it.
+fn piece(level: u8, base: u64, i: usize, (start, end): (u64, u64)) -> (u64, bool, (u64, u64)) {
+    let first = base + i as u64 * level_pages(level);
+    let last = first + level_pages(level) - 1;
+    let covered = start <= first && last <= end;
+    (first, covered, (start.max(first), end.min(last)))
 }
 
 /// Checks a lazy type change: only `RamRw` <-> `RamLogdirty`. For callers
