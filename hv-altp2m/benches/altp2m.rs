@@ -6,10 +6,12 @@
 //! - one host change (a ram_rw <-> ram_logdirty retype of a 4K page, which
 //!   the view holding it follows) with 1, 16 and 511 views besides view 0,
 //!   one of which holds the gfn, the others empty or holding pages elsewhere
-//!   at several distances; the ratio to the 1-view case;
+//!   at several distances; the ratio to the 1-view case, and the memory of
+//!   the index of which views hold what (per view, per crowded 2M region);
 //! - frames for 511 fresh views (512 with view 0, the host p2m).
 //!
-//! Nothing here asserts a time; the figures are printed.
+//! Nothing here asserts a time; the figures are printed. Times are the best
+//! of several batches, as the machine may be shared.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -145,90 +147,122 @@ enum Others {
     Same2m,
 }
 
+/// A guest set up for the host-change figures: `views` views, one holding
+/// gfn `G`, the others placed as `others` says.
+fn change_guest(views: usize, others: Others) -> (Guest, u16) {
+    let mut g = guest();
+    // 4K pages over [1G, 1G + 8M), 2M pages over the 2nd and 3rd GiB.
+    g.map(GIB, 4096, Order::PAGE_4K, 0x100_0000);
+    g.map(
+        GIB + 4096,
+        2 * GIB - 4096,
+        Order::PAGE_2M,
+        0x100_0000 + 4096,
+    );
+    let holder = g
+        .alt
+        .create_view(&mut g.mem, &g.host, P2mAccess::Rwx)
+        .unwrap();
+    g.alt.switch_vcpu(0, holder).unwrap();
+    let eptp = g.alt.vcpu_eptp(&g.host, 0).unwrap();
+    g.touch(eptp, G);
+    for k in 1..views as u64 {
+        let v = g
+            .alt
+            .create_view(&mut g.mem, &g.host, P2mAccess::Rwx)
+            .unwrap();
+        let at = match others {
+            Others::Empty => continue,
+            Others::OtherGib => 2 * GIB + k * 8,
+            Others::Same1gOther2m => GIB + 8 * M2 + k * M2,
+            Others::Same2m => GIB + 5 * M2 + 8 + (k % 500),
+        };
+        g.alt.switch_vcpu(0, v).unwrap();
+        let e = g.alt.vcpu_eptp(&g.host, 0).unwrap();
+        g.touch(e, at);
+    }
+    g.alt.switch_vcpu(0, holder).unwrap();
+    (g, holder)
+}
+
+/// The changed gfn: a 4K host page in the second GiB.
+const G: u64 = GIB + 5 * M2 + 7;
+
+/// `reps` retypes of `G` in the host; ns per change.
+fn retypes(g: &mut Guest, reps: u32) -> f64 {
+    let mut types = [P2mType::RamLogdirty, P2mType::RamRw].into_iter().cycle();
+    let t = Instant::now();
+    for _ in 0..reps {
+        let m = Mapping {
+            mfn: Mfn(0x100_0000 + G - GIB),
+            ty: types.next().unwrap(),
+            access: P2mAccess::Rwx,
+        };
+        g.alt
+            .host_set_entry(&mut g.mem, &mut g.host, Gfn(G), Order::PAGE_4K, m)
+            .unwrap();
+    }
+    t.elapsed().as_nanos() as f64 / reps as f64
+}
+
 fn host_change() {
     println!();
     println!("== one host change (4K retype ram_rw <-> ram_logdirty), one view holds the gfn");
-    const G: u64 = GIB + 5 * M2 + 7;
     let cases = [
-        (Others::Empty, "others empty"),
-        (Others::OtherGib, "others hold a page in another GiB"),
+        (Others::Empty, "others empty", 1.1),
+        (Others::OtherGib, "others hold a page in another GiB", 1.1),
         (
             Others::Same1gOther2m,
             "others hold a page in the same GiB, other 2M",
+            1.1,
         ),
-        (Others::Same2m, "others hold a page in the same 2M"),
+        (Others::Same2m, "others hold a page in the same 2M", 2.0),
     ];
-    for (others, what) in cases {
-        let mut per_op = Vec::new();
-        for views in [1usize, 16, 511] {
-            let mut g = guest();
-            // 4K pages over [1G, 1G + 8M), 2M pages over the 2nd and 3rd GiB.
-            g.map(GIB, 4096, Order::PAGE_4K, 0x100_0000);
-            g.map(
-                GIB + 4096,
-                2 * GIB - 4096,
-                Order::PAGE_2M,
-                0x100_0000 + 4096,
-            );
-            let holder = g
-                .alt
-                .create_view(&mut g.mem, &g.host, P2mAccess::Rwx)
-                .unwrap();
-            g.alt.switch_vcpu(0, holder).unwrap();
-            let eptp = g.alt.vcpu_eptp(&g.host, 0).unwrap();
-            g.touch(eptp, G);
-            for k in 1..views as u64 {
-                let v = g
-                    .alt
-                    .create_view(&mut g.mem, &g.host, P2mAccess::Rwx)
-                    .unwrap();
-                let at = match others {
-                    Others::Empty => continue,
-                    Others::OtherGib => 2 * GIB + k * 8,
-                    Others::Same1gOther2m => GIB + 8 * M2 + k * M2,
-                    Others::Same2m => GIB + 5 * M2 + 8 + (k % 500),
-                };
-                g.alt.switch_vcpu(0, v).unwrap();
-                let e = g.alt.vcpu_eptp(&g.host, 0).unwrap();
-                g.touch(e, at);
+    const VIEWS: [usize; 3] = [1, 16, 511];
+    for (others, what, target) in cases {
+        let mut guests: Vec<(Guest, u16)> =
+            VIEWS.iter().map(|&n| change_guest(n, others)).collect();
+        // Batches taken in turn from the three guests, the best of each kept:
+        // the machine is shared, and load that comes and goes then weighs on
+        // all three alike.
+        let mut change = [f64::MAX; 3];
+        for _ in 0..8 {
+            for (best, (g, _)) in change.iter_mut().zip(&mut guests) {
+                *best = best.min(retypes(g, 4_000));
             }
-            g.alt.switch_vcpu(0, holder).unwrap();
-            let reps = 20_000u32;
-            let mut types = [P2mType::RamLogdirty, P2mType::RamRw].into_iter().cycle();
-            let t = Instant::now();
-            for _ in 0..reps {
-                let m = Mapping {
-                    mfn: Mfn(0x100_0000 + G - GIB),
-                    ty: types.next().unwrap(),
-                    access: P2mAccess::Rwx,
-                };
-                g.alt
-                    .host_set_entry(&mut g.mem, &mut g.host, Gfn(G), Order::PAGE_4K, m)
-                    .unwrap();
-            }
-            let change = t.elapsed().as_nanos() as f64 / reps as f64;
+        }
+        println!("{what}:");
+        for (k, (g, holder)) in guests.iter_mut().enumerate() {
             let held = g
                 .alt
-                .get_entry(&g.mem, &g.host, holder, Gfn(G))
+                .get_entry(&g.mem, &g.host, *holder, Gfn(G))
                 .unwrap()
                 .unwrap();
             assert!(held.held, "the holder followed the host");
             let t = Instant::now();
-            for _ in 0..reps {
+            for _ in 0..4_000 {
                 black_box(g.alt.take_flush(&mut g.host));
             }
-            let flush = t.elapsed().as_nanos() as f64 / reps as f64;
-            per_op.push((views, change, flush));
-        }
-        println!("{what}:");
-        for &(views, change, flush) in &per_op {
+            let flush = t.elapsed().as_nanos() as f64 / 4_000.0;
             println!(
-                "  {views:>3} views (+ view 0): {change:>8.0} ns/change ({:>5.2}x the 1-view case), take_flush {flush:>6.0} ns",
-                change / per_op[0].1
+                "  {:>3} views (+ view 0): {:>8.0} ns/change ({:>5.2}x the 1-view case), take_flush {flush:>6.0} ns",
+                VIEWS[k],
+                change[k],
+                change[k] / change[0]
             );
         }
-        let r = per_op[2].1 / per_op[0].1;
-        println!("  ratio 512/1 views: {r:.2} (target <= 8)");
+        let r = change[2] / change[0];
+        println!("  ratio 512/1 views: {r:.2} (target <= {target})");
+        let m = guests[2].0.alt.index_memory();
+        println!(
+            "  index with {} views: {} KiB = {:.0} B per view; {} 1G regions, {} crowded 2M regions at {} KiB each",
+            VIEWS[2],
+            m.bytes / 1024,
+            m.bytes as f64 / VIEWS[2] as f64,
+            m.regions,
+            m.crowded,
+            m.per_crowded / 1024
+        );
     }
 }
 

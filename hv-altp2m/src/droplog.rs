@@ -6,7 +6,9 @@
 //! refilled on the next fault and lose nothing, so they are not logged.
 //!
 //! The log never grows past the capacity reserved up front: an operation
-//! never fails because of it; overflow is counted instead.
+//! never fails because of it; overflow is counted instead. It only speaks of
+//! views that exist: destroying a view (or disabling altp2m) drops its
+//! entries, so none is ever read as news about a later view at that index.
 
 use alloc::vec::Vec;
 
@@ -71,6 +73,18 @@ impl DropLog {
             f(d);
         }
         core::mem::take(&mut self.lost)
+    }
+
+    /// Forgets the entries of `view`, which was destroyed: a view created
+    /// later at its index must not inherit them. The lost count stays (it
+    /// names no view).
+    pub(crate) fn forget(&mut self, view: u16) {
+        self.entries.retain(|d| d.view != view);
+    }
+
+    /// Forgets every entry: no view is left (altp2m was disabled).
+    pub(crate) fn forget_all(&mut self) {
+        self.entries.clear();
     }
 
     pub(crate) fn is_empty(&self) -> bool {

@@ -33,6 +33,7 @@ impl Altp2m {
     /// every view. The kernel does them, on every CPU that may hold
     /// translations of this guest, before resuming any of its vCPUs.
     pub fn take_flush(&mut self, host: &mut P2m) -> Flush {
+        self.flushes += 1;
         let mut f = Flush {
             all_contexts: core::mem::take(&mut self.flush_all),
             views: ViewSet::EMPTY,
@@ -67,6 +68,19 @@ impl Altp2m {
     /// log; returns how many were lost because the log was full.
     pub fn drain_dropped(&mut self, f: impl FnMut(crate::Dropped)) -> u64 {
         self.drops.drain(f)
+    }
+
+    /// What the index of which views hold what takes (it keeps host
+    /// changes from walking views that hold nothing at the changed pages).
+    pub fn index_memory(&self) -> crate::IndexMemory {
+        self.occupancy.memory()
+    }
+
+    /// For tests with few views: how many views may hold parts of a 2M
+    /// region before the index keeps a set per 4K page there (default 8).
+    #[doc(hidden)]
+    pub fn set_index_crowding(&mut self, views: usize) {
+        self.occupancy.set_crowded(views);
     }
 
     /// Whether the drop log holds anything (entries or a lost count).

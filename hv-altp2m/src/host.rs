@@ -13,6 +13,18 @@ use hv_ept::{
 
 use crate::{Altp2m, Error};
 
+/// A clean between its halves: what [`Altp2m::arm_dirty`] set aside, for
+/// [`Altp2m::fetch_dirty`].
+#[must_use = "the dirty bits set aside are handed over by fetch_dirty"]
+#[derive(Debug, PartialEq, Eq)]
+pub struct ArmedClean {
+    start: Gfn,
+    end: Gfn,
+    /// The `take_flush` count when the arm left INVEPTs pending (none: no
+    /// flush needed).
+    epoch: Option<u64>,
+}
+
 /// A host mapping: what `host_set_entry` installs.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct Mapping {
@@ -109,46 +121,77 @@ impl Altp2m {
         Ok(())
     }
 
-    /// A log-dirty clean of `[start, end]`: hands every dirty gfn there to
-    /// `f`, clears it, and re-arms tracking where it is on (the tracked
-    /// ranges within `[start, end]`, or everything under global log-dirty),
-    /// in the host and every view. Fails only before the bitmap is touched.
-    pub fn clean_dirty<M: EptMemory + ?Sized>(
+    /// The first half of a log-dirty clean of `[start, end]`: re-arms
+    /// tracking where it is on (the tracked ranges within `[start, end]`, or
+    /// everything under global log-dirty) in the host and every view, and
+    /// sets the range's dirty bits aside. The second half,
+    /// [`Altp2m::fetch_dirty`], hands them over once the INVEPTs the re-arm
+    /// needs are done: vCPUs may run meanwhile, on other CPUs too. A write
+    /// through a translation cached before the INVEPT reaches a page whose
+    /// bit was set (pages become writable only once a write was logged), so
+    /// it is handed over by this clean, and the caller reads the pages after
+    /// `fetch_dirty`; a write after it faults and is logged for the next
+    /// clean, also when that makes the page writable before `fetch_dirty`.
+    ///
+    /// Pages the kernel maps `ram_rw` inside a tracked range are writable
+    /// with no write logged: their writes are not logged until the next
+    /// clean re-arms them, so the kernel marks them dirty when it maps them.
+    ///
+    /// Fails only with `NoMemory`, before anything changed.
+    pub fn arm_dirty<M: EptMemory + ?Sized>(
         &mut self,
         mem: &mut M,
         host: &mut P2m,
         dirty: &mut DirtyBitmap,
         start: Gfn,
         end: Gfn,
-        f: impl FnMut(Gfn),
-    ) -> Result<(), Error> {
+    ) -> Result<ArmedClean, Error> {
         let (s, e) = (start.check()?.0, end.check()?.0);
         if s > e {
             return Err(Error::BadRange);
         }
         self.reserve_logdirty(host)?;
-        dirty.fetch_and_clear(start, end, f);
+        dirty.arm(start, end)?;
         if host.logdirty().global() {
-            return self.host_change_type_global(mem, host, P2mType::RamRw, P2mType::RamLogdirty);
-        }
-        let mut cursor = s;
-        loop {
-            let next = host
-                .logdirty()
-                .ranges()
-                .find(|&(_, re)| re.0 >= cursor)
-                .filter(|&(rs, _)| rs.0 <= e);
-            let Some((rs, re)) = next else {
-                return Ok(());
-            };
-            let (a, b) = (rs.0.max(cursor), re.0.min(e));
-            // A part of a tracked range: adds no range, cannot fail.
-            self.apply_type_range(mem, host, a, b, P2mType::RamRw, P2mType::RamLogdirty)?;
-            if b >= e {
-                return Ok(());
+            self.host_change_type_global(mem, host, P2mType::RamRw, P2mType::RamLogdirty)?;
+        } else {
+            let mut cursor = s;
+            loop {
+                let next = host
+                    .logdirty()
+                    .ranges()
+                    .find(|&(_, re)| re.0 >= cursor)
+                    .filter(|&(rs, _)| rs.0 <= e);
+                let Some((rs, re)) = next else { break };
+                let (a, b) = (rs.0.max(cursor), re.0.min(e));
+                // A part of a tracked range: adds no range, cannot fail.
+                self.apply_type_range(mem, host, a, b, P2mType::RamRw, P2mType::RamLogdirty)?;
+                if b >= e {
+                    break;
+                }
+                cursor = b + 1;
             }
-            cursor = b + 1;
         }
+        let epoch = self.flush_pending(host).then_some(self.flushes);
+        Ok(ArmedClean { start, end, epoch })
+    }
+
+    /// The second half of a clean: hands every gfn [`Altp2m::arm_dirty`]
+    /// set aside to `f`, in order, and clears it. Refused with
+    /// `FlushPending` until [`Altp2m::take_flush`] was called after the arm
+    /// (the kernel does the INVEPTs it asks for on every CPU before calling
+    /// this); then the caller may read the pages handed over.
+    pub fn fetch_dirty(
+        &self,
+        dirty: &mut DirtyBitmap,
+        armed: &ArmedClean,
+        f: impl FnMut(Gfn),
+    ) -> Result<(), Error> {
+        if armed.epoch == Some(self.flushes) {
+            return Err(Error::FlushPending);
+        }
+        dirty.fetch_armed(armed.start, armed.end, f);
+        Ok(())
     }
 
     /// Room for one more log-dirty range in the host and every view, so that

@@ -31,6 +31,11 @@
 //! - A fresh or reset view's `max_mapped_pfn` is 0; every p2m's type range
 //!   change is clipped to its own bound, inclusively. A write through a
 //!   remap dirties the gfn that owns the frame.
+//! - A log-dirty clean is two calls with the INVEPT between
+//!   ([`Altp2m::arm_dirty`], [`Altp2m::fetch_dirty`]), so that no write is
+//!   lost while vCPUs run.
+//! - A host change walks the views that may hold its pages: an index per
+//!   1G and 2M, and per 4K page where many views hold parts of a 2M region.
 //!
 //! The kernel keeps one [`Altp2m`] per guest next to the host `P2m`, the
 //! `DirtyBitmap` and its `EptMemory`, and once altp2m may be enabled routes
@@ -63,8 +68,9 @@ pub use access::{Effective, MultiError};
 pub use droplog::{DropReason, Dropped};
 pub use fault::{AccessViolation, Outcome};
 pub use flush::Flush;
-pub use host::Mapping;
+pub use host::{ArmedClean, Mapping};
 pub use lists::INVALID_EPTP;
+pub use occupancy::IndexMemory;
 pub use set::Altp2m;
 pub use viewset::{MAX_VIEWS, ViewSet};
 
@@ -108,6 +114,8 @@ pub enum Error {
     NotRam,
     /// Reverting a gfn that is not remapped in the view.
     NotRemapped,
+    /// `fetch_dirty` before `take_flush` was called after `arm_dirty`.
+    FlushPending,
     /// Another refusal from the p2m layer (order, alignment, frame range).
     Ept(hv_ept::Error),
 }

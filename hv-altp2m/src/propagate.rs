@@ -85,9 +85,22 @@ struct Reconcile<'a> {
     view: &'a mut View,
     index: u16,
     drops: &'a mut DropLog,
+    /// Entries were removed from the view.
+    removed: bool,
 }
 
 impl Reconcile<'_> {
+    /// [`remove_climbing`] in this view.
+    fn remove<M: EptMemory + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        gfn: Gfn,
+        order: Order,
+    ) -> (u64, Order) {
+        self.removed = true;
+        remove_climbing(mem, &mut self.view.p2m, gfn, order)
+    }
+
     fn log(&mut self, gfn: u64, order: Order, l: &Leaf, reason: DropReason) {
         self.drops.push(Dropped {
             view: self.index,
@@ -129,7 +142,7 @@ impl Reconcile<'_> {
                 Cmp::TypeOnly(ty) => self.retype(mem, l, g, piece, ty, divergent),
                 Cmp::Changed if !divergent => {
                     // A plain lazy copy: drop it whole, it refills on demand.
-                    remove_climbing(mem, &mut self.view.p2m, l.gfn, l.order);
+                    self.remove(mem, l.gfn, l.order);
                     return;
                 }
                 Cmp::Changed => self.drop_range(mem, l, g, piece),
@@ -163,7 +176,7 @@ impl Reconcile<'_> {
             {
                 continue;
             }
-            let (rg, ro) = remove_climbing(mem, &mut self.view.p2m, bg, bo);
+            let (rg, ro) = self.remove(mem, bg, bo);
             if divergent {
                 self.log(rg, ro, l, DropReason::OutOfMemory);
             }
@@ -179,7 +192,7 @@ impl Reconcile<'_> {
             if removed_to.is_some_and(|r| bg.0 <= r) {
                 continue;
             }
-            let (rg, ro) = remove_climbing(mem, &mut self.view.p2m, bg, bo);
+            let (rg, ro) = self.remove(mem, bg, bo);
             let reason = if ro > bo {
                 DropReason::OutOfMemory
             } else {
@@ -215,7 +228,7 @@ impl Reconcile<'_> {
             && (h.ty == was || (h.ty.is_changeable() && was.is_changeable()))
         {
             let want = alias_type(h.ty);
-            if !rewrite && c.ty == want && !c.recalc {
+            if !rewrite && c.ty == want && !c.retype {
                 self.view.remaps.set_source_type(alias, h.ty);
                 return true;
             }
@@ -231,7 +244,7 @@ impl Reconcile<'_> {
             }
             reason = DropReason::OutOfMemory;
         }
-        remove_climbing(mem, &mut self.view.p2m, Gfn(alias), Order::PAGE_4K);
+        self.remove(mem, Gfn(alias), Order::PAGE_4K);
         self.view.remaps.remove(alias);
         self.drops.push(Dropped {
             view: self.index,
@@ -254,6 +267,7 @@ impl Altp2m {
             view,
             index: i as u16,
             drops,
+            removed: false,
         })
     }
 
@@ -272,14 +286,19 @@ impl Altp2m {
         let mut holders = self.occupancy.candidates(s, e).intersection(&self.active);
         holders.remove(0);
         for i in holders.iter() {
-            // The bound, then a walk that stops at the first mapping: most
-            // candidates from a coarse index hold nothing in the range.
-            let holds = self.views[i].as_ref().is_some_and(|v| {
+            // The bound, then a walk that stops at the first mapping: a
+            // candidate the index is not exact about may hold nothing here.
+            let holds = |mem: &M, v: &View| {
                 s <= v.p2m.max_mapped_pfn().0
                     && v.p2m.any_present(mem, Gfn(s), Gfn(e)).unwrap_or(true)
-            });
-            if holds {
-                self.reconcile_leaves(mem, host, i, s, e);
+            };
+            let mut empty = !self.views[i].as_ref().is_some_and(|v| holds(mem, v));
+            if !empty && self.reconcile_leaves(mem, host, i, s, e) {
+                // It removed entries: does the view still hold any here?
+                empty = !self.views[i].as_ref().is_some_and(|v| holds(mem, v));
+            }
+            if empty {
+                self.occupancy.absent(i, s, e);
             }
         }
         self.reconcile_aliases(mem, host, By::Source, s, e, false);
@@ -299,6 +318,8 @@ impl Altp2m {
         self.reconcile_aliases(mem, host, By::Source, s, e, true);
     }
 
+    /// Compares view `i`'s leaves in `[s, e]` with the host's. Returns
+    /// whether it removed any.
     fn reconcile_leaves<M: EptMemory + ?Sized>(
         &mut self,
         mem: &mut M,
@@ -306,9 +327,9 @@ impl Altp2m {
         i: usize,
         s: u64,
         e: u64,
-    ) {
+    ) -> bool {
         let Some(mut r) = self.reconcile(i) else {
-            return;
+            return false;
         };
         let mut cursor = s;
         loop {
@@ -327,11 +348,11 @@ impl Altp2m {
                 r.leaf(mem, host, l, s, e);
             }
             let Some(last) = batch[..n].iter().flatten().last() else {
-                return;
+                return r.removed;
             };
             let next = last.gfn.0 + last.order.pages();
             if n < BATCH || next > e {
-                return;
+                return r.removed;
             }
             cursor = next;
         }

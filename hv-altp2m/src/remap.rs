@@ -10,7 +10,9 @@
 //! `ram_logdirty` source is stored as `ram_ro`, which no recalculation
 //! touches. Its writes fault, and the fault handler logs them against the
 //! source. An alias of a `ram_rw` source is stored `ram_rw`; the type-change
-//! entry points rewrite aliases after marking, so none sits under a mark.
+//! entry points rewrite the aliases in their range after marking, so none
+//! sits under a mark that would recompute it (a scoped mark whose range
+//! leaves it out may sit above it: resolving that one leaves it alone).
 
 use alloc::vec::Vec;
 

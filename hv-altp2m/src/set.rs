@@ -45,6 +45,8 @@ pub struct Altp2m {
     /// A view was destroyed: its EPTP must be flushed, and only an
     /// all-context INVEPT can name it now.
     pub(crate) flush_all: bool,
+    /// Calls of `take_flush` so far: a clean's fetch waits for the next one.
+    pub(crate) flushes: u64,
     pub(crate) drops: DropLog,
 }
 
@@ -84,6 +86,7 @@ impl Altp2m {
             occupancy: Occupancy::default(),
             remapping: ViewSet::EMPTY,
             flush_all: false,
+            flushes: 0,
             drops,
         })
     }
@@ -117,7 +120,8 @@ impl Altp2m {
     }
 
     /// Turns altp2m off: every vCPU returns to view 0 and every other view is
-    /// destroyed (its tables freed, remaps and restrictions gone); the lists
+    /// destroyed (its tables freed, remaps, restrictions and drop-log entries
+    /// gone); the lists
     /// hold only invalid EPTPs. Call with the vCPUs out of guest mode; before
     /// resuming them the kernel loads the host EPTP into each VMCS, turns
     /// VMFUNC and #VE off, and does the INVEPT that [`Altp2m::take_flush`]
@@ -136,6 +140,7 @@ impl Altp2m {
         self.active = ViewSet::EMPTY;
         self.remapping = ViewSet::EMPTY;
         self.occupancy.clear();
+        self.drops.forget_all();
         self.vcpus.fill(0);
         self.enabled = false;
         Ok(())
@@ -204,8 +209,9 @@ impl Altp2m {
         Ok(())
     }
 
-    /// Destroys a view: its tables are freed and nothing of it survives (a
-    /// view later created at the same index starts empty). Refused with
+    /// Destroys a view: its tables are freed and nothing of it survives, its
+    /// drop-log entries included (a view later created at the same index
+    /// starts empty and is told of no loss). Refused with
     /// `Busy` while a vCPU runs on it. Its EPTP may still be cached: the next
     /// [`Altp2m::take_flush`] asks for an all-context INVEPT, which must
     /// happen before the freed frames are reused.
@@ -225,6 +231,7 @@ impl Altp2m {
         self.active.remove(i);
         self.remapping.remove(i);
         self.occupancy.forget(i);
+        self.drops.forget(view);
         self.flush_all = true;
         Ok(())
     }

@@ -540,12 +540,8 @@ fn writes_through_a_remap_dirty_the_owner() {
     ));
     // Untrack a range over the alias's position while the source is
     // re-armed: the alias must still fault.
-    let mut got = vec![];
+    assert_eq!(w.clean(0, Gfn::MAX.0), [src]);
     let (mem, host) = (&mut w.mem, &mut w.host);
-    w.alt
-        .clean_dirty(mem, host, &mut w.dirty, Gfn(0), Gfn::MAX, |g| got.push(g.0))
-        .unwrap();
-    assert_eq!(got, [src]);
     w.alt
         .host_change_type_range(mem, host, Gfn(0), Gfn(0x20), Logdirty, Rw)
         .unwrap();
@@ -954,23 +950,186 @@ fn partial_type_change_over_a_coarse_fallback() {
         .unwrap()
         .unwrap();
     assert_eq!(e.ty, w.host.get_entry(&w.mem, Gfn(G1 + 4 * M2)).unwrap().ty);
-    let mut n = 0;
-    w.alt
-        .clean_dirty(
-            &mut w.mem,
-            &mut w.host,
-            &mut w.dirty,
-            Gfn(0),
-            Gfn::MAX,
-            |_| n += 1,
-        )
-        .unwrap();
-    w.flush();
-    assert_eq!(n, G1);
+    assert_eq!(w.clean(0, Gfn::MAX.0).len() as u64, G1);
     for g in [G1 + 4 * M2, G1 + 4 * M2 + 1, G1 + 9] {
         assert_eq!(w.write(0, g), End::Ok(Mfn(0x100_0000 + g - G1)));
         assert!(w.dirty.is_dirty(Gfn(g)), "{g:#x}");
     }
     w.check_invariants();
+    teardown(w);
+}
+
+/// The view-side half of the margins a type change reaches beyond its range:
+/// the host maps a 2M page `ram_logdirty` outside any log-dirty range, a
+/// view copies it whole, an access change in view 0 splits the host's page,
+/// and a type change covers part of it. The view's 2M copy straddles the
+/// range and is recomputed whole (its other pages would become `ram_rw`
+/// while the host keeps them `ram_logdirty`): the view must follow the host
+/// there, so a write through it beside the range is still logged.
+#[test]
+fn a_view_copy_straddling_a_change_follows_the_host_beside_it() {
+    let mut w = World::enabled(1);
+    w.map(0, Order::PAGE_2M, 0x40_0000, Logdirty);
+    let v = w.create(P2mAccess::Rwx);
+    w.switch(0, v);
+    assert_eq!(w.read(0, 0x10), End::Ok(Mfn(0x40_0010)));
+    let copy = w.view(v).get_entry(&w.mem, Gfn(0)).unwrap();
+    assert_eq!((copy.ty, copy.order), (Logdirty, Order::PAGE_2M));
+    let (mem, host) = (&mut w.mem, &mut w.host);
+    w.alt
+        .set_mem_access(mem, host, 0, Gfn(0x180), P2mAccess::Rw)
+        .unwrap();
+    assert_eq!(
+        w.host.stored_leaf(&w.mem, Gfn(0)).unwrap().unwrap().order,
+        Order::PAGE_4K,
+        "the host's page is split"
+    );
+    let (mem, host) = (&mut w.mem, &mut w.host);
+    w.alt
+        .host_change_type_range(mem, host, Gfn(0x100), Gfn(0x1ff), Rw, Logdirty)
+        .unwrap();
+    w.flush();
+    w.check_invariants();
+    for g in [0, 0x10, 0xff, 0x100, 0x1ff] {
+        let e = w
+            .alt
+            .get_entry(&w.mem, &w.host, v, Gfn(g))
+            .unwrap()
+            .unwrap();
+        assert_eq!(e.ty, Logdirty, "view at {g:#x}");
+    }
+    assert_eq!(w.write(0, 0x10), End::Ok(Mfn(0x40_0010)));
+    assert!(
+        w.dirty.is_dirty(Gfn(0x10)),
+        "a write through the view's copy beside the range escaped log-dirty"
+    );
+    assert_eq!(w.write(0, 0x110), End::Ok(Mfn(0x40_0110)));
+    assert!(w.dirty.is_dirty(Gfn(0x110)));
+    teardown(w);
+}
+
+/// A clean while vCPUs run: writes between its two halves. vCPU 1 has page
+/// P cached writable (its write was logged); vCPU 0 writes page Q after the
+/// INVEPT, which faults and makes Q writable before the fetch. P's write
+/// through the stale translation belongs to this clean; Q's stays logged
+/// for the next one, and so do Q's later writes, which no longer fault.
+#[test]
+fn a_clean_loses_no_write_while_vcpus_run() {
+    let mut w = guest(2);
+    let (p, q) = (0x10, 0x11);
+    let (mem, host) = (&mut w.mem, &mut w.host);
+    w.alt
+        .host_change_type_range(mem, host, Gfn(0), Gfn(0x1f), Rw, Logdirty)
+        .unwrap();
+    w.flush();
+    assert_eq!(w.write(1, p), End::Ok(Mfn(0x7000 + p)));
+    assert!(w.dirty.is_dirty(Gfn(p)));
+
+    let armed = w
+        .alt
+        .arm_dirty(&mut w.mem, &mut w.host, &mut w.dirty, Gfn(0), Gfn(0x1f))
+        .unwrap();
+    // Before the INVEPT, vCPU 1 still writes P through its TLB: no exit.
+    let (end, exits) = w.access(1, p, Write);
+    assert_eq!(end, End::Ok(Mfn(0x7000 + p)));
+    assert_eq!(exits.logdirty + exits.misconfigs, 0, "a stale translation");
+    assert_eq!(
+        w.alt.fetch_dirty(&mut w.dirty, &armed, |_| {}),
+        Err(Error::FlushPending),
+        "no fetch before the INVEPT"
+    );
+    w.flush();
+    // After it, vCPU 0's write to Q faults, is logged, and Q is writable.
+    let (end, exits) = w.access(0, q, Write);
+    assert_eq!(end, End::Ok(Mfn(0x7000 + q)));
+    assert_eq!(exits.logdirty, 1);
+    let mut got = vec![];
+    w.alt
+        .fetch_dirty(&mut w.dirty, &armed, |g| got.push(g.0))
+        .unwrap();
+    assert_eq!(got, [p], "P (and its write through the stale entry) only");
+    assert!(w.dirty.is_dirty(Gfn(q)), "Q is kept for the next clean");
+    // Q is written again without a fault; the next clean still has it.
+    let (_, exits) = w.access(0, q, Write);
+    assert_eq!(exits.logdirty, 0);
+    assert_eq!(w.clean(0, 0x1f), [q]);
+    // And P was re-armed: its next write faults and is logged.
+    let (_, exits) = w.access(1, p, Write);
+    assert_eq!(exits.logdirty, 1);
+    assert_eq!(w.clean(0, 0x1f), [p]);
+    teardown(w);
+}
+
+/// Drop-log entries of a view that is destroyed (or of every view, when
+/// altp2m is disabled) go with it: a view created later at the same index
+/// must not be told it lost entries it never had.
+#[test]
+fn the_drop_log_forgets_destroyed_views() {
+    let mut w = guest(1);
+    let restrict = |w: &mut World, v: u16| {
+        let (mem, host) = (&mut w.mem, &mut w.host);
+        w.alt
+            .set_mem_access(mem, host, v, Gfn(5), P2mAccess::R)
+            .unwrap();
+    };
+    let v = w.create(P2mAccess::Rwx);
+    let other = w.create(P2mAccess::Rwx);
+    restrict(&mut w, v);
+    restrict(&mut w, other);
+    w.map(5, Order::PAGE_4K, 0x9000, Rw); // another frame: both lose gfn 5
+    let (mem, _) = (&mut w.mem, &mut w.host);
+    w.alt.destroy_view(mem, v).unwrap();
+    assert_eq!(w.create(P2mAccess::Rwx), v, "the index is reused");
+    let drops = w.dropped();
+    assert_eq!(drops.len(), 1, "{drops:?}");
+    assert_eq!((drops[0].view, drops[0].gfn), (other, Gfn(5)));
+
+    restrict(&mut w, other);
+    w.map(5, Order::PAGE_4K, 0xa000, Rw);
+    w.alt.disable(&mut w.mem).unwrap();
+    w.alt.enable(&mut w.mem, &w.host).unwrap();
+    assert_eq!(w.create(P2mAccess::Rwx), 1);
+    assert!(w.dropped().is_empty(), "nothing survives a disable");
+    teardown(w);
+}
+
+/// Host changes in a 2M region where many views hold 4K pages (the index
+/// keeps a set per page there): every view that holds a changed page
+/// follows, whichever view first crowded the region, and after a view lost
+/// its page it is found again when it copies it anew.
+#[test]
+fn crowded_regions_miss_no_view() {
+    let mut w = guest(1);
+    let views: Vec<u16> = (0..12).map(|_| w.create(P2mAccess::Rwx)).collect();
+    for (k, &v) in views.iter().enumerate() {
+        w.switch(0, v);
+        w.read(0, 0x20 + k as u64);
+        if k % 4 == 0 {
+            w.read(0, 0x100);
+        }
+    }
+    assert!(
+        w.alt.index_memory().crowded >= 1,
+        "{:?}",
+        w.alt.index_memory()
+    );
+    // Remaps to other frames: a view left out would keep the old one.
+    let mut frame = 0x50_0000;
+    for round in 0..3 {
+        for g in [0x100, 0x20, 0x27, 0x1ff] {
+            frame += 1;
+            w.map(g, Order::PAGE_4K, frame, Rw);
+            w.check_invariants();
+        }
+        // The views copy what they held again (and view 1 a new page).
+        for (k, &v) in views.iter().enumerate() {
+            w.switch(0, v);
+            w.read(0, 0x20 + k as u64);
+            if k % 4 == round {
+                w.read(0, 0x100);
+            }
+        }
+        w.check_invariants();
+    }
     teardown(w);
 }

@@ -2,10 +2,13 @@
 //!
 //! - set_entry / get_entry per operation;
 //! - change_type_range (ram_rw -> ram_logdirty) over 4 GiB and 1 TiB mapped
-//!   with 4K, 2M and 1G pages: entries written and time, lazy against an eager
-//!   implementation in the same run (rewrite every leaf of the range), and
-//!   what the lazy marks cost later when every leaf table is touched
-//!   (resolve_misconfig per fault);
+//!   with 4K, 2M and 1G pages: entries written and time, aligned and
+//!   unaligned (`[s+1, e-1]`), lazy against an eager implementation in the
+//!   same run (rewrite every leaf of the range), and what the lazy marks cost
+//!   later when every leaf table is touched (resolve_misconfig per fault);
+//! - a range in the middle of a mapping: writes, and the exits a guest
+//!   touching every leaf table takes inside and beside the range (scoped
+//!   marks cost at most one exit each beside it);
 //! - table frames per GiB mapped.
 //!
 //! 1 TiB of 4K pages (2^28 leaves, 2 GiB of tables) is only built with
@@ -175,7 +178,7 @@ fn resolve_all(
     (faults, mem.entry_writes() - w0, t.elapsed())
 }
 
-fn type_change(order: Order, pages: u64) {
+fn type_change(order: Order, pages: u64) -> Unaligned {
     let (mut mem, mut p2m, t_build) = build(order, pages);
     let frames = mem.outstanding();
     println!(
@@ -187,11 +190,12 @@ fn type_change(order: Order, pages: u64) {
         t_build.as_secs_f64()
     );
     let (s, e) = (0, pages - 1);
-    // Lazy, a few rounds (marks are consumed by resolving everything between).
+    // Lazy, a few rounds (marks are consumed by resolving everything between),
+    // ending with every page ram_rw again.
     let mut lazy_writes = 0;
     let mut lazy_time = Duration::MAX;
     let mut resolved = (0, 0, Duration::ZERO);
-    for round in 0..3 {
+    for round in 0..4 {
         let (from, to) = if round % 2 == 0 {
             (P2mType::RamRw, P2mType::RamLogdirty)
         } else {
@@ -218,8 +222,11 @@ fn type_change(order: Order, pages: u64) {
     )
     .unwrap();
     let (unaligned_time, unaligned_writes) = (t.elapsed(), mem.entry_writes() - w0);
-    resolve_all(&mut mem, &mut p2m, s, e, order);
-    // Eager, same range.
+    let unaligned_resolved = resolve_all(&mut mem, &mut p2m, s, e, order);
+    // Eager, same range, on the mapping as built (the ends split above).
+    p2m.destroy(&mut mem);
+    assert_eq!(mem.outstanding(), 0);
+    let (mut mem, p2m, _) = build(order, pages);
     let w0 = mem.entry_writes();
     let t = Instant::now();
     eager(&mut mem, p2m.root(), 3, 0, s, e);
@@ -242,16 +249,86 @@ fn type_change(order: Order, pages: u64) {
         eager_writes as f64 / lazy_writes.max(1) as f64,
         eager_writes as f64 / unaligned_writes.max(1) as f64
     );
-    let (faults, writes, t) = resolved;
-    println!(
-        "   later: touching every leaf table = {} misconfig exits, {} writes, {:.0} ns and {:.0} writes per resolve_misconfig",
-        faults,
-        writes,
-        ns(t, faults.max(1)),
-        writes as f64 / faults.max(1) as f64
-    );
+    for (what, (faults, writes, t)) in [("aligned", resolved), ("[s+1,e-1]", unaligned_resolved)] {
+        println!(
+            "   later, {what:>9}: touching every leaf table = {} misconfig exits, {} writes, {:.0} ns and {:.0} writes per resolve_misconfig",
+            faults,
+            writes,
+            ns(t, faults.max(1)),
+            writes as f64 / faults.max(1) as f64
+        );
+    }
     p2m.destroy(&mut mem);
     assert_eq!(mem.outstanding(), 0);
+    Unaligned {
+        order,
+        pages,
+        writes: unaligned_writes,
+        exits: unaligned_resolved.0,
+    }
+}
+
+/// The figures of a `[s+1, e-1]` change over a whole mapping.
+struct Unaligned {
+    order: Order,
+    pages: u64,
+    writes: u64,
+    /// Exits to touch every leaf table afterwards.
+    exits: u64,
+}
+
+fn summary(rows: &[Unaligned]) {
+    println!(
+        "== unaligned range change [s+1, e-1] over the whole mapping (target: <= 16 writes, exits per touched leaf table unchanged)"
+    );
+    println!("pages  mapped    writes   exits to touch every leaf table");
+    for r in rows {
+        println!(
+            "{:>5}  {:>6}  {:>8}   {:>8}",
+            order_name(r.order),
+            size(r.pages),
+            r.writes,
+            r.exits
+        );
+    }
+}
+
+/// A range in the middle of 4 GiB of 4K pages, its ends at odd offsets a
+/// few leaf tables into a GiB: what marking costs, and what touching every
+/// leaf table costs inside the range and beside it (the leaf tables wholly
+/// outside it; exact marks would cost none there).
+fn beside() {
+    println!("== a range inside 4 GiB of 4K pages: [1G + 4M + 3, 3G - 4M - 5]");
+    let (mut mem, mut p2m, _) = build(Order::PAGE_4K, 4 * GIB);
+    let (s, e) = (GIB + 1024 + 3, 3 * GIB - 1024 - 5);
+    let w0 = mem.entry_writes();
+    p2m.change_type_range(
+        &mut mem,
+        Gfn(s),
+        Gfn(e),
+        P2mType::RamRw,
+        P2mType::RamLogdirty,
+    )
+    .unwrap();
+    let writes = mem.entry_writes() - w0;
+    let (mut inside, mut outside, mut tables_in, mut tables_out) = (0, 0, 0, 0);
+    let mut g = 0;
+    while g < 4 * GIB {
+        let meets = g + 511 >= s && g <= e;
+        let fixed = p2m.resolve_misconfig(&mut mem, Gfn(g)).unwrap() as u64;
+        if meets {
+            inside += fixed;
+            tables_in += 1;
+        } else {
+            outside += fixed;
+            tables_out += 1;
+        }
+        g += 512;
+    }
+    println!(
+        "   {writes} writes; touching every leaf table: {inside} exits for {tables_in} tables meeting the range, {outside} exits for {tables_out} tables beside it"
+    );
+    p2m.destroy(&mut mem);
 }
 
 fn table_memory() {
@@ -286,16 +363,20 @@ fn main() {
     }
     per_op();
     println!("== change_type_range ram_rw -> ram_logdirty, lazy vs eager");
-    type_change(Order::PAGE_4K, 4 * GIB);
-    type_change(Order::PAGE_2M, 4 * GIB);
-    type_change(Order::PAGE_2M, TIB);
-    type_change(Order::PAGE_1G, TIB);
+    let mut rows = vec![
+        type_change(Order::PAGE_4K, 4 * GIB),
+        type_change(Order::PAGE_2M, 4 * GIB),
+        type_change(Order::PAGE_2M, TIB),
+        type_change(Order::PAGE_1G, TIB),
+    ];
     if std::env::var_os("HV_EPT_BENCH_TIB_4K").is_some() {
-        type_change(Order::PAGE_4K, TIB);
+        rows.push(type_change(Order::PAGE_4K, TIB));
     } else {
         println!(
             "-- 1 TiB with 4K pages: not built (2 GiB of tables); HV_EPT_BENCH_TIB_4K=1 builds it"
         );
     }
+    summary(&rows);
+    beside();
     table_memory();
 }

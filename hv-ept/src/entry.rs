@@ -16,6 +16,8 @@
 //!
 //! Layout: `recalc` = bit 11; type = bits 52-54; access = bits 55, 56, 59, 62
 //! (low to high). The access field is not contiguous; [`SwField`] hides that.
+//! A non-leaf entry carries no type or access, so a marked one uses bit 52 to
+//! say its mark is scoped (see `scope.rs`).
 
 use bitflags::bitflags;
 
@@ -54,6 +56,11 @@ pub const EMT_WB: u8 = 6;
 /// are reserved there). 7 sets the whole field, which makes marks easy to spot in
 /// a table dump.
 pub const EMT_MARK: u8 = 7;
+
+/// In a marked non-leaf entry: the mark is scoped, it recomputes only the
+/// gfn ranges the p2m records for the entry. Bit 52 is a type bit in a leaf;
+/// non-leaf entries have no type, and the CPU ignores the bit in both.
+pub(crate) const SCOPED: u64 = 1 << 52;
 
 /// Bits 51:12: the physical address field.
 pub const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
@@ -208,7 +215,20 @@ impl EptEntry {
 
     /// A non-leaf entry without its mark (non-leaf EMT bits are reserved: 0).
     pub const fn unmarked_table(self) -> EptEntry {
-        EptEntry(self.0 & !(EptFlags::EMT.bits() | EptFlags::RECALC.bits()))
+        EptEntry(self.0 & !(EptFlags::EMT.bits() | EptFlags::RECALC.bits() | SCOPED))
+    }
+
+    /// A non-leaf entry with a mark: exact (everything below it is
+    /// recomputed) or scoped (only the ranges recorded for it).
+    pub(crate) const fn marked_table(self, scoped: bool) -> EptEntry {
+        let e = self.marked().0 & !SCOPED;
+        EptEntry(if scoped { e | SCOPED } else { e })
+    }
+
+    /// A marked non-leaf entry whose mark is scoped. Meaningless for a leaf
+    /// (bit 52 is part of its type).
+    pub(crate) const fn is_scoped_table(self) -> bool {
+        self.is_marked() && self.0 & SCOPED != 0
     }
 
     pub const fn with_suppress_ve(self, sve: bool) -> EptEntry {
@@ -285,6 +305,11 @@ mod tests {
         assert_eq!(m.with_type_derived(), e);
         let t = EptEntry::table(Mfn(0x99));
         assert_eq!(t.marked().unmarked_table(), t);
+        let scoped = t.marked_table(true);
+        assert!(scoped.is_scoped_table() && scoped.emt() == EMT_MARK);
+        assert!(!scoped.marked_table(false).is_scoped_table());
+        assert!(!t.is_scoped_table(), "an unmarked table is not scoped");
+        assert_eq!(scoped.unmarked_table(), t);
     }
 
     #[test]

@@ -30,6 +30,7 @@ mod logdirty;
 mod memory;
 mod p2m;
 mod recalc;
+mod scope;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
 mod types;

@@ -11,9 +11,23 @@
 //! stay tracked. If the split cannot get frames it falls back to making the
 //! whole superpage writable and marking all its pages dirty: coarser, still
 //! correct (a page is never written without being logged), and the guest runs
-//! on. A clean is `fetch_and_clear` followed by a re-arm:
-//! `change_type_range(start, end, RamRw, RamLogdirty)` (or
-//! `change_type_global`) on the host and every active view.
+//! on.
+//!
+//! A clean while vCPUs run. A page is writable only after its write was
+//! logged, so "writable (in a p2m or in a TLB) => its bit is set" must hold
+//! at every moment, or a write is lost. The bitmap has two planes for that:
+//! logged writes set bits in the live plane; a clean first re-arms the range
+//! (`change_type_range(start, end, RamRw, RamLogdirty)` or
+//! `change_type_global`, on the host and every active view) and moves the
+//! range's live bits aside with [`DirtyBitmap::arm`], then, once the INVEPTs
+//! of the re-arm are done on every CPU, reports and clears only the bits set
+//! aside ([`DirtyBitmap::fetch_armed`]). A page written through a stale
+//! translation before the INVEPT was writable, so its bit was set and is
+//! reported now (and the caller reads the page after the fetch); a page
+//! written after it faults and logs into the live plane, which the fetch
+//! leaves for the next clean, even when the fault happened between arm and
+//! fetch and made the page writable again. Clearing a bit while its page can
+//! still be written without a fault never happens.
 
 use alloc::vec::Vec;
 
@@ -175,11 +189,24 @@ impl LogDirtyRanges {
 const CHUNK_SHIFT: u32 = 15;
 const CHUNK_WORDS: usize = 1 << (CHUNK_SHIFT - 6);
 
-/// The guest's dirty log: one bit per gfn, in chunks allocated on first use.
+/// One chunk of the dirty log: its number and two planes of bits.
+#[derive(Clone, Debug)]
+struct Chunk {
+    number: u64,
+    /// Set by logged writes.
+    live: Vec<u64>,
+    /// Set aside by [`DirtyBitmap::arm`] for the next `fetch_armed`; empty
+    /// until the chunk is first armed.
+    armed: Vec<u64>,
+}
+
+/// The guest's dirty log: one bit per gfn, in chunks allocated on first use,
+/// in two planes (see the module doc).
 #[derive(Clone, Debug, Default)]
 pub struct DirtyBitmap {
     /// Sorted by chunk number.
-    chunks: Vec<(u64, Vec<u64>)>,
+    chunks: Vec<Chunk>,
+    /// Gfns dirty in either plane.
     dirty: u64,
 }
 
@@ -191,14 +218,24 @@ impl DirtyBitmap {
         }
     }
 
-    /// Number of dirty gfns.
+    /// Number of dirty gfns (logged since the last fetch that reported them).
     pub fn dirty_count(&self) -> u64 {
         self.dirty
     }
 
     pub fn is_dirty(&self, gfn: Gfn) -> bool {
         let (c, w, b) = split(gfn.0);
-        self.chunk(c).is_some_and(|bits| bits[w] & (1 << b) != 0)
+        self.chunk(c).is_some_and(|ch| {
+            let armed = ch.armed.get(w).copied().unwrap_or(0);
+            (ch.live[w] | armed) & (1 << b) != 0
+        })
+    }
+
+    /// Whether `gfn` is set aside by an `arm`, awaiting `fetch_armed`.
+    pub fn is_armed(&self, gfn: Gfn) -> bool {
+        let (c, w, b) = split(gfn.0);
+        self.chunk(c)
+            .is_some_and(|ch| ch.armed.get(w).is_some_and(|a| a & (1 << b) != 0))
     }
 
     /// Makes sure marking any gfn of `[start, end]` cannot fail. Allocates
@@ -208,16 +245,20 @@ impl DirtyBitmap {
             return Err(Error::BadRange);
         }
         for c in (start.0 >> CHUNK_SHIFT)..=(end.0 >> CHUNK_SHIFT) {
-            let i = match self.chunks.binary_search_by_key(&c, |&(n, _)| n) {
+            let i = match self.chunks.binary_search_by_key(&c, |ch| ch.number) {
                 Ok(_) => continue,
                 Err(i) => i,
             };
-            let mut bits = Vec::new();
-            bits.try_reserve_exact(CHUNK_WORDS)
-                .map_err(|_| Error::NoMemory)?;
-            bits.resize(CHUNK_WORDS, 0);
+            let live = zeroed_words()?;
             self.chunks.try_reserve(1).map_err(|_| Error::NoMemory)?;
-            self.chunks.insert(i, (c, bits));
+            self.chunks.insert(
+                i,
+                Chunk {
+                    number: c,
+                    live,
+                    armed: Vec::new(),
+                },
+            );
         }
         Ok(())
     }
@@ -226,62 +267,100 @@ impl DirtyBitmap {
         self.mark_range(gfn, gfn)
     }
 
+    /// Logs writes to `[start, end]` (the live plane).
     pub fn mark_range(&mut self, start: Gfn, end: Gfn) -> Result<(), Error> {
         self.reserve(start, end)?;
-        self.for_words(start.0, end.0, |word, mask| {
-            let new = mask & !*word;
-            *word |= mask;
+        let added = self.visit_words(start.0, end.0, &mut |live, armed, mask, _| {
+            let new = mask & !*live & !armed.map_or(0, |a| *a);
+            *live |= mask;
             new.count_ones() as u64
+        });
+        self.dirty += added;
+        Ok(())
+    }
+
+    /// The first half of a clean of `[start, end]`, done with the re-arm:
+    /// sets the range's live bits aside for [`DirtyBitmap::fetch_armed`].
+    /// Fails only with `NoMemory`, before changing anything (the set-aside
+    /// plane of a chunk is allocated on its first arm: 4 KiB per 128 MiB).
+    pub fn arm(&mut self, start: Gfn, end: Gfn) -> Result<(), Error> {
+        if start.check()? > end.check()? {
+            return Err(Error::BadRange);
+        }
+        let (lo, hi) = (start.0 >> CHUNK_SHIFT, end.0 >> CHUNK_SHIFT);
+        for ch in self.chunks.iter_mut() {
+            if (lo..=hi).contains(&ch.number) && ch.armed.is_empty() {
+                ch.armed = zeroed_words()?;
+            }
+        }
+        self.visit_words(start.0, end.0, &mut |live, armed, mask, _| {
+            if let Some(a) = armed {
+                *a |= *live & mask;
+                *live &= !mask;
+            }
+            0
         });
         Ok(())
     }
 
-    /// Calls `f` for every dirty gfn of `[start, end]`, in order, and clears it.
+    /// The second half of a clean: calls `f` for every gfn of `[start, end]`
+    /// set aside by `arm`, in order, and clears it there. Bits logged since
+    /// the arm stay for the next clean. Call it only once the INVEPTs of the
+    /// re-arm are done on every CPU (`hv-altp2m` enforces that).
+    pub fn fetch_armed(&mut self, start: Gfn, end: Gfn, mut f: impl FnMut(Gfn)) {
+        let gone = self.visit_words(start.0, end.0, &mut |live, armed, mask, first| {
+            let Some(a) = armed else { return 0 };
+            let bits = *a & mask;
+            *a &= !mask;
+            report(bits, first, &mut f);
+            (bits & !*live).count_ones() as u64
+        });
+        self.dirty -= gone;
+    }
+
+    /// Calls `f` for every dirty gfn of `[start, end]` (either plane), in
+    /// order, and clears it. For when no vCPU can write meanwhile (stopping
+    /// tracking, tests); a clean while vCPUs run is `arm` then `fetch_armed`.
     pub fn fetch_and_clear(&mut self, start: Gfn, end: Gfn, mut f: impl FnMut(Gfn)) {
-        let mut base_of = |word: &mut u64, mask: u64, first_gfn: u64| {
-            let mut bits = *word & mask;
-            *word &= !mask;
-            let n = bits.count_ones() as u64;
-            while bits != 0 {
-                f(Gfn(first_gfn + bits.trailing_zeros() as u64));
-                bits &= bits - 1;
+        let gone = self.visit_words(start.0, end.0, &mut |live, armed, mask, first| {
+            let mut bits = *live & mask;
+            *live &= !mask;
+            if let Some(a) = armed {
+                bits |= *a & mask;
+                *a &= !mask;
             }
-            n
-        };
-        let cleared = self.visit_words(start.0, end.0, &mut base_of);
-        self.dirty -= cleared;
+            report(bits, first, &mut f);
+            bits.count_ones() as u64
+        });
+        self.dirty -= gone;
     }
 
-    fn chunk(&self, c: u64) -> Option<&Vec<u64>> {
-        let i = self.chunks.binary_search_by_key(&c, |&(n, _)| n).ok()?;
-        Some(&self.chunks[i].1)
+    fn chunk(&self, c: u64) -> Option<&Chunk> {
+        let i = self.chunks.binary_search_by_key(&c, |ch| ch.number).ok()?;
+        Some(&self.chunks[i])
     }
 
-    /// Applies `f(word, mask)` to the allocated words covering `[start, end]`,
-    /// where `mask` selects the range's bits; `f` returns bits newly set.
-    fn for_words(&mut self, start: u64, end: u64, mut f: impl FnMut(&mut u64, u64) -> u64) {
-        let added = self.visit_words(start, end, &mut |w, m, _| f(w, m));
-        self.dirty += added;
-    }
-
-    /// Walks the allocated words covering `[start, end]`; `f(word, mask,
-    /// gfn of bit 0)` returns a count, summed.
+    /// Walks the allocated words covering `[start, end]`: `f(live word,
+    /// armed word if that plane exists, mask of the range's bits, gfn of bit
+    /// 0)` returns a count, summed.
     fn visit_words(
         &mut self,
         start: u64,
         end: u64,
-        f: &mut impl FnMut(&mut u64, u64, u64) -> u64,
+        f: &mut impl FnMut(&mut u64, Option<&mut u64>, u64, u64) -> u64,
     ) -> u64 {
         let first = self
             .chunks
-            .partition_point(|&(n, _)| n < start >> CHUNK_SHIFT);
+            .partition_point(|ch| ch.number < start >> CHUNK_SHIFT);
         let mut total = 0;
-        for (c, bits) in &mut self.chunks[first..] {
-            let chunk_first = *c << CHUNK_SHIFT;
+        for ch in &mut self.chunks[first..] {
+            let chunk_first = ch.number << CHUNK_SHIFT;
             if chunk_first > end {
                 break;
             }
-            for (w, word) in bits.iter_mut().enumerate() {
+            let mut armed = ch.armed.iter_mut();
+            for (w, live) in ch.live.iter_mut().enumerate() {
+                let a = armed.next();
                 let word_first = chunk_first + (w as u64) * 64;
                 let word_last = word_first + 63;
                 if word_last < start || word_first > end {
@@ -290,10 +369,27 @@ impl DirtyBitmap {
                 let lo = start.saturating_sub(word_first).min(64);
                 let hi = (end.min(word_last) - word_first) + 1;
                 let mask = (u64::MAX >> (64 - (hi - lo))) << lo;
-                total += f(word, mask, word_first);
+                total += f(live, a, mask, word_first);
             }
         }
         total
+    }
+}
+
+/// One chunk's worth of zeroed words, or `NoMemory`.
+fn zeroed_words() -> Result<Vec<u64>, Error> {
+    let mut bits = Vec::new();
+    bits.try_reserve_exact(CHUNK_WORDS)
+        .map_err(|_| Error::NoMemory)?;
+    bits.resize(CHUNK_WORDS, 0);
+    Ok(bits)
+}
+
+/// Calls `f` for the gfn of every set bit of `bits` (bit 0 = `first`).
+fn report(mut bits: u64, first: u64, f: &mut impl FnMut(Gfn)) {
+    while bits != 0 {
+        f(Gfn(first + bits.trailing_zeros() as u64));
+        bits &= bits - 1;
     }
 }
 
@@ -472,5 +568,38 @@ mod tests {
         assert_eq!(d.dirty_count(), 1 << 18);
         assert_eq!(d.mark(Gfn(Gfn::MAX.0 + 1)), Err(Error::GfnOutOfRange));
         assert_eq!(d.mark_range(Gfn(9), Gfn(8)), Err(Error::BadRange));
+    }
+
+    #[test]
+    fn arm_sets_bits_aside_and_fetch_reports_only_those() {
+        let mut d = DirtyBitmap::new();
+        d.mark_range(Gfn(10), Gfn(12)).unwrap();
+        d.mark(Gfn(1 << 20)).unwrap();
+        d.arm(Gfn(0), Gfn(11)).unwrap();
+        assert!(d.is_armed(Gfn(10)) && d.is_armed(Gfn(11)) && !d.is_armed(Gfn(12)));
+        assert_eq!(d.dirty_count(), 4, "setting aside changes no count");
+        // Logged between the two halves: 11 again (written after its fault
+        // made it writable) and 13.
+        d.mark(Gfn(11)).unwrap();
+        d.mark(Gfn(13)).unwrap();
+        assert_eq!(d.dirty_count(), 5);
+        let mut got = vec![];
+        d.fetch_armed(Gfn(0), Gfn::MAX, |g| got.push(g.0));
+        assert_eq!(got, [10, 11]);
+        assert!(
+            d.is_dirty(Gfn(11)) && !d.is_dirty(Gfn(10)),
+            "11 stays for the next clean"
+        );
+        assert_eq!(d.dirty_count(), 4);
+        got.clear();
+        d.fetch_armed(Gfn(0), Gfn::MAX, |g| got.push(g.0));
+        assert!(got.is_empty(), "nothing set aside any more");
+        // A second arm adds to what is set aside; fetch_and_clear takes both planes.
+        d.arm(Gfn(0), Gfn(12)).unwrap();
+        d.mark(Gfn(5)).unwrap();
+        d.fetch_and_clear(Gfn(0), Gfn(20), |g| got.push(g.0));
+        assert_eq!(got, [5, 11, 12, 13]);
+        assert_eq!(d.dirty_count(), 1);
+        assert_eq!(d.arm(Gfn(3), Gfn(2)), Err(Error::BadRange));
     }
 }

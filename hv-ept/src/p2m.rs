@@ -13,6 +13,7 @@ use crate::caps::EptCaps;
 use crate::entry::{EMT_WB, EptEntry};
 use crate::logdirty::LogDirtyRanges;
 use crate::memory::EptMemory;
+use crate::scope::Scopes;
 use crate::types::{P2mAccess, P2mType};
 
 /// One guest-physical to machine map kept as an EPT tree: the host p2m or an
@@ -27,6 +28,8 @@ pub struct P2m {
     flush_needed: bool,
     ad_enabled: bool,
     pub(crate) logdirty: LogDirtyRanges,
+    /// The ranges of scoped marks (see `scope.rs`).
+    pub(crate) scopes: Scopes,
 }
 
 /// What `get_entry` reports for one gfn.
@@ -47,6 +50,11 @@ pub struct EntryInfo {
     pub sve: bool,
     /// A `recalc` mark is pending on the path (the CPU would take a misconfig).
     pub recalc: bool,
+    /// A pending lazy type change covers this mapping: `ty` is what
+    /// resolution will make of it (the stored type may differ). Implies
+    /// `recalc`; a scoped mark on the path that does not cover the mapping
+    /// gives `recalc` without `retype`.
+    pub retype: bool,
 }
 
 /// A mapping as stored, pending marks not applied: what [`P2m::stored_leaf`]
@@ -58,7 +66,8 @@ pub struct StoredLeaf {
     pub order: Order,
     /// The stored type (not recomputed).
     pub ty: P2mType,
-    /// A mark is pending on the entry or above it.
+    /// A pending lazy type change covers the mapping: resolution will
+    /// recompute it whole.
     pub marked: bool,
 }
 
@@ -74,6 +83,7 @@ pub struct Leaf {
     pub ty: P2mType,
     pub access: P2mAccess,
     pub sve: bool,
+    /// A mark is pending on the path (as `EntryInfo::recalc`).
     pub recalc: bool,
 }
 
@@ -91,6 +101,42 @@ pub(crate) struct Lookup {
     pub(crate) level: u8,
     /// A mark on the entry or on any entry above it.
     pub(crate) marked: bool,
+    /// Resolution will recompute the leaf: an exact mark on the path, or a
+    /// scoped one whose ranges meet the leaf.
+    pub(crate) recompute: bool,
+}
+
+/// The marks met on the way down a path: whether one was exact, and the
+/// scoped ones (at most one per non-leaf level).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct PathMarks {
+    pub(crate) any: bool,
+    exact: bool,
+    scoped: [(u8, u64); ROOT_LEVEL as usize],
+    n: usize,
+}
+
+impl PathMarks {
+    /// Adds the marked entry `e` at `level` (first gfn `base`) to the path.
+    #[inline]
+    pub(crate) fn add(&mut self, e: EptEntry, level: u8, base: u64) {
+        self.any = true;
+        if e.is_leaf(level) || !e.is_scoped_table() || self.n == self.scoped.len() {
+            self.exact = true;
+        } else {
+            self.scoped[self.n] = (level, base);
+            self.n += 1;
+        }
+    }
+
+    /// Whether resolution recomputes a leaf over `[first, last]` below them.
+    #[inline]
+    pub(crate) fn recompute(&self, scopes: &Scopes, first: u64, last: u64) -> bool {
+        self.exact
+            || self.scoped[..self.n]
+                .iter()
+                .any(|&(lv, base)| scopes.intersects(lv, base, first, last))
+    }
 }
 
 /// Frames allocated before a change starts, so the change cannot fail halfway.
@@ -176,6 +222,7 @@ impl P2m {
             flush_needed: false,
             ad_enabled: false,
             logdirty: LogDirtyRanges::new(),
+            scopes: Scopes::new(),
         })
     }
 
@@ -230,6 +277,19 @@ impl P2m {
         &self.logdirty
     }
 
+    /// How many ranges the scoped marks of this p2m record (heap: 32 bytes
+    /// each). Zero when no scoped mark is pending.
+    pub fn scope_records(&self) -> usize {
+        self.scopes.len()
+    }
+
+    /// The (level, first gfn) of every entry with recorded ranges, for tests
+    /// that check them against the scoped marks in the tables.
+    #[cfg(feature = "sim")]
+    pub fn scoped_entries(&self) -> alloc::vec::Vec<(u8, u64)> {
+        self.scopes.keys()
+    }
+
     /// Makes room so that the next `change_type_range` cannot fail for want
     /// of heap (it adds or splits at most one range).
     pub fn reserve_logdirty(&mut self) -> Result<(), Error> {
@@ -237,6 +297,7 @@ impl P2m {
     }
 
     /// Walks to the leaf or non-present slot of `gfn`. No bound check.
+    #[inline]
     pub(crate) fn lookup<M: EptMemory + ?Sized>(&self, mem: &M, gfn: u64) -> Lookup {
         let mut table = self.root;
         let mut marked = false;
@@ -248,6 +309,7 @@ impl P2m {
                     entry: e,
                     level,
                     marked,
+                    recompute: false,
                 };
             }
             marked |= e.is_marked();
@@ -256,11 +318,31 @@ impl P2m {
                     entry: e,
                     level,
                     marked,
+                    // Marks are rare: only then walk again to see what they are.
+                    recompute: marked && self.recomputes(mem, gfn, level),
                 };
             }
             table = e.mfn();
             level -= 1;
         }
+    }
+
+    /// Whether resolution recomputes the leaf of `gfn`, found at `leaf_level`
+    /// under at least one mark.
+    #[cold]
+    #[inline(never)]
+    fn recomputes<M: EptMemory + ?Sized>(&self, mem: &M, gfn: u64, leaf_level: u8) -> bool {
+        let mut marks = PathMarks::default();
+        let mut table = self.root;
+        for level in (leaf_level..=ROOT_LEVEL).rev() {
+            let e = read(mem, table, index(gfn, level));
+            if e.is_marked() {
+                marks.add(e, level, level_base(gfn, level));
+            }
+            table = e.mfn();
+        }
+        let base = level_base(gfn, leaf_level);
+        marks.recompute(&self.scopes, base, base + level_pages(leaf_level) - 1)
     }
 
     /// The mapping of `gfn`: frame, type (recomputed if marked), access, the
@@ -282,7 +364,7 @@ impl P2m {
         if !l.entry.is_valid() {
             return Ok(hole(Order::of_level(level), l.entry.suppress_ve()));
         }
-        let (ty, level) = if l.marked {
+        let (ty, level) = if l.recompute {
             self.logdirty.uniform_at(l.entry.p2m_type(), g, level)
         } else {
             (l.entry.p2m_type(), level)
@@ -294,6 +376,7 @@ impl P2m {
             order: Order::of_level(level),
             sve: l.entry.suppress_ve(),
             recalc: l.marked,
+            retype: l.recompute,
         })
     }
 
@@ -318,7 +401,7 @@ impl P2m {
             gfn: Gfn(level_base(g, l.level)),
             order: Order::of_level(l.level),
             ty: l.entry.p2m_type(),
-            marked: l.marked,
+            marked: l.recompute,
         }))
     }
 
@@ -388,6 +471,7 @@ impl P2m {
         write(mem, table, i, new);
         if subtree {
             free_subtree(mem, old.mfn(), target - 1);
+            self.scopes.remove_within(target, g, g + order.pages() - 1);
         }
         if reduces(old, new, target) {
             self.flush_needed = true;
@@ -459,7 +543,7 @@ impl P2m {
                 t
             } else {
                 if e.is_marked() {
-                    self.push_mark(mem, e.mfn(), level - 1, base);
+                    self.push_mark(mem, e, level, base);
                     write(mem, table, i, e.unmarked_table());
                 }
                 e.mfn()
@@ -472,7 +556,7 @@ impl P2m {
     /// `level`, first gfn `base`): same everything, frame offset. If `e` was
     /// marked, the mark is pushed into them.
     pub(crate) fn fill_split<M: EptMemory + ?Sized>(
-        &self,
+        &mut self,
         mem: &mut M,
         t: Mfn,
         e: EptEntry,
@@ -483,7 +567,7 @@ impl P2m {
         for i in 0..ENTRIES {
             let mut c = e.split_child(level, i);
             if e.is_marked() {
-                c = self.pushed(c, level - 1, base + i as u64 * child_pages);
+                c = self.pushed_exact(c, level - 1, base + i as u64 * child_pages);
             }
             write(mem, t, i, c);
         }
@@ -517,7 +601,7 @@ impl P2m {
             end,
             f: &mut f,
         };
-        Ok(self.visit(mem, &mut v, self.root, ROOT_LEVEL, 0, false))
+        Ok(self.visit(mem, &mut v, self.root, ROOT_LEVEL, 0, &PathMarks::default()))
     }
 
     /// Whether any present mapping intersects `[start, end]`.
@@ -539,7 +623,7 @@ impl P2m {
         table: Mfn,
         level: u8,
         base: u64,
-        marked: bool,
+        marks: &PathMarks,
     ) -> ControlFlow<()>
     where
         M: EptMemory + ?Sized,
@@ -551,29 +635,41 @@ impl P2m {
                 continue;
             }
             let ebase = base + i as u64 * level_pages(level);
-            let marked = marked || e.is_marked();
-            if e.is_leaf(level) {
-                self.report_leaf(v, e, level, ebase, marked)?;
+            let with_e;
+            let marks = if e.is_marked() {
+                let mut m = *marks;
+                m.add(e, level, ebase);
+                with_e = m;
+                &with_e
             } else {
-                self.visit(mem, v, e.mfn(), level - 1, ebase, marked)?;
+                marks
+            };
+            if e.is_leaf(level) {
+                let last = ebase + level_pages(level) - 1;
+                let recompute = marks.recompute(&self.scopes, ebase, last);
+                self.report_leaf(v, e, level, ebase, (marks.any, recompute))?;
+            } else {
+                self.visit(mem, v, e.mfn(), level - 1, ebase, marks)?;
             }
         }
         ControlFlow::Continue(())
     }
 
+    /// Reports leaf `e`; `(marked, recompute)`: a mark is on its path, and
+    /// resolution will recompute it.
     fn report_leaf<F>(
         &self,
         v: &mut Visit<'_, F>,
         e: EptEntry,
         level: u8,
         base: u64,
-        marked: bool,
+        (marked, recompute): (bool, bool),
     ) -> ControlFlow<()>
     where
         F: FnMut(&Leaf) -> ControlFlow<()>,
     {
         let last = base + level_pages(level) - 1;
-        let ty = if marked {
+        let ty = if recompute {
             match self.logdirty.recalc_type(e.p2m_type(), base, last) {
                 Some(ty) => ty,
                 None => {
@@ -581,7 +677,7 @@ impl P2m {
                     for i in span(level - 1, base, v.start, v.end) {
                         let c = e.split_child(level, i);
                         let cbase = base + i as u64 * level_pages(level - 1);
-                        self.report_leaf(v, c, level - 1, cbase, true)?;
+                        self.report_leaf(v, c, level - 1, cbase, (true, true))?;
                     }
                     return ControlFlow::Continue(());
                 }
@@ -613,6 +709,7 @@ impl P2m {
                 self.flush_needed = true;
             }
         }
+        self.scopes.clear();
         self.max_mapped_pfn = Gfn(0);
     }
 
@@ -632,6 +729,7 @@ fn hole(order: Order, sve: bool) -> EntryInfo {
         order,
         sve,
         recalc: false,
+        retype: false,
     }
 }
 

@@ -243,6 +243,22 @@ pub fn marks(mem: &SimMemory, p2m: &crate::P2m) -> Vec<(u8, u64)> {
     out
 }
 
+/// Table entries with a scoped mark (bit 52 next to the mark), straight
+/// from the tables: (level, first gfn), sorted. Each must have recorded
+/// ranges, and no entry may have ranges without one:
+/// `p2m.scoped_entries() == scoped_marks(mem, p2m)`.
+pub fn scoped_marks(mem: &SimMemory, p2m: &crate::P2m) -> Vec<(u8, u64)> {
+    let mut out = Vec::new();
+    walk_tables(mem, p2m.root(), 3, 0, &mut |lv, base, i, raw| {
+        let e = crate::EptEntry(raw);
+        if e.is_valid() && !e.is_leaf(lv) && e.is_marked() && raw & crate::entry::SCOPED != 0 {
+            out.push((lv, base + ((i as u64) << (9 * lv))));
+        }
+    });
+    out.sort();
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

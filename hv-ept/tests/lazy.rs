@@ -147,12 +147,12 @@ fn marks_are_the_fewest_highest_covering_entries() {
     )
     .unwrap();
     mem.reset_counters();
-    // Head in PT 0, PT 1 whole, tail in PT 2; the 1G page partly.
+    // Head in PT 0, PT 1 whole, tail in PT 2: the PDEs of PT 0 and PT 2 are
+    // marked whole (scoped) rather than 511 PTEs each.
     p2m.change_type_range(&mut mem, Gfn(1), Gfn(3 * M2 - 2), Rw, Logdirty)
         .unwrap();
-    assert_eq!(mem.entry_writes(), 511 + 1 + 511);
-    let m = marks(&mem, &p2m);
-    assert!(m.contains(&(1, M2)) && m.contains(&(0, 1)) && !m.contains(&(0, 0)));
+    assert_eq!(mem.entry_writes(), 3);
+    assert_eq!(marks(&mem, &p2m), [(1, 0), (1, M2), (1, 2 * M2)]);
     mem.reset_counters();
     p2m.change_type_range(&mut mem, Gfn(2 * G1 - 1), Gfn(2 * G1 + 5), Rw, Logdirty)
         .unwrap();
@@ -172,6 +172,161 @@ fn marks_are_the_fewest_highest_covering_entries() {
         .unwrap();
     assert_eq!(mem.entry_writes(), 0, "mmio_direct is not changeable");
     assert_eq!(ty(&mem, &p2m, M2 + 5), P2mType::MmioDirect);
+    // A range of a few entries stays exact, with no scoped mark.
+    let (mut mem, mut p2m) = setup();
+    for g in 0..8 * M2 {
+        map(&mut mem, &mut p2m, g, Order::PAGE_4K, 0);
+    }
+    mem.reset_counters();
+    p2m.change_type_range(&mut mem, Gfn(2 * M2), Gfn(6 * M2 - 1), Rw, Logdirty)
+        .unwrap();
+    assert_eq!(mem.entry_writes(), 4);
+    assert_eq!(
+        marks(&mem, &p2m),
+        [(1, 2 * M2), (1, 3 * M2), (1, 4 * M2), (1, 5 * M2)]
+    );
+}
+
+/// 4 GiB mapped with every page size: 4K pages in the first two and the
+/// last 2M blocks of GiB 0 and in the first and last two of GiB 3, 2M pages
+/// in the rest of those two GiB, 1G pages for GiB 1 and 2.
+fn mixed() -> (SimMemory, P2m) {
+    let (mut mem, mut p2m) = setup();
+    for gib in [0, 3] {
+        for k in 0..512 {
+            let b = gib * G1 + k * M2;
+            if [0, 1, 511].contains(&k) || (gib == 3 && k == 510) {
+                for g in b..b + M2 {
+                    map(&mut mem, &mut p2m, g, Order::PAGE_4K, 0);
+                }
+            } else {
+                map(&mut mem, &mut p2m, b, Order::PAGE_2M, 0);
+            }
+        }
+    }
+    map(&mut mem, &mut p2m, G1, Order::PAGE_1G, 0);
+    map(&mut mem, &mut p2m, 2 * G1, Order::PAGE_1G, 0);
+    (mem, p2m)
+}
+
+#[test]
+fn at_most_two_writes_per_level_per_end_whatever_the_alignment() {
+    // Ends at every kind of offset from both edges of the mapping. Below the
+    // root, each end costs at most 2 writes per level; these ranges cover no
+    // root entry whole, so at most 16 writes in all.
+    let offsets = [
+        0,
+        1,
+        2,
+        511,
+        512,
+        513,
+        2 * M2 - 1,
+        2 * M2 + 1,
+        5 * M2 + 3,
+        G1 - 1,
+        G1,
+        G1 + 1,
+    ];
+    let (mut mem, mut p2m) = mixed();
+    for &a in &offsets {
+        for &b in &offsets {
+            let (s, e) = (a, 4 * G1 - 1 - b);
+            for (from, to) in [(Rw, Logdirty), (Logdirty, Rw)] {
+                mem.reset_counters();
+                p2m.change_type_range(&mut mem, Gfn(s), Gfn(e), from, to)
+                    .unwrap();
+                let w = mem.entry_writes();
+                assert!(w <= 16, "[{s:#x}, {e:#x}]: {w} writes");
+                // Resolve everything before the next range.
+                let mut g = 0;
+                while g < 4 * G1 {
+                    p2m.resolve_misconfig(&mut mem, Gfn(g)).unwrap();
+                    g += M2;
+                }
+                for g in [0, 1, M2, G1 + 3, 3 * G1 + 7, 4 * G1 - 1] {
+                    let e = p2m.get_entry(&mem, Gfn(g)).unwrap();
+                    assert!(!e.recalc, "{g:#x} still marked");
+                }
+            }
+        }
+    }
+    // The bench's case, small: [s + 1, e - 1] over 64 MiB of 4K pages is
+    // one scoped PDPTE.
+    let (mut mem, mut p2m) = setup();
+    for g in 0..32 * M2 {
+        map(&mut mem, &mut p2m, g, Order::PAGE_4K, 0);
+    }
+    mem.reset_counters();
+    p2m.change_type_range(&mut mem, Gfn(1), Gfn(32 * M2 - 2), Rw, Logdirty)
+        .unwrap();
+    assert_eq!(mem.entry_writes(), 1);
+    assert_eq!(marks(&mem, &p2m), [(2, 0)]);
+}
+
+#[test]
+fn scoped_marks_recompute_only_the_range() {
+    // PTs 0..3 (4K pages); beside the range, pages whose stored type
+    // disagrees with the log-dirty state: gfn 0 mapped ram_logdirty outside
+    // any range, gfn 3M-1 dirtied (ram_rw) inside a tracked range.
+    let (mut mem, mut p2m) = setup();
+    for g in 0..4 * M2 {
+        map(&mut mem, &mut p2m, g, Order::PAGE_4K, 0);
+    }
+    p2m.set_entry(
+        &mut mem,
+        Gfn(0),
+        Mfn(0),
+        Order::PAGE_4K,
+        Logdirty,
+        P2mAccess::Rwx,
+    )
+    .unwrap();
+    let last = 3 * M2 - 1;
+    p2m.change_type_range(&mut mem, Gfn(last), Gfn(4 * M2 - 1), Rw, Logdirty)
+        .unwrap();
+    let mut dirty = DirtyBitmap::new();
+    let (r, _) = guest_access(&mut mem, &mut p2m, &mut dirty, last, AccessKind::Write);
+    r.unwrap();
+    assert_eq!(ty(&mem, &p2m, last), Rw);
+    for g in 0..4 * M2 {
+        p2m.resolve_misconfig(&mut mem, Gfn(g)).unwrap();
+    }
+    p2m.take_flush_needed();
+
+    mem.reset_counters();
+    p2m.change_type_range(&mut mem, Gfn(1), Gfn(last - 1), Rw, Logdirty)
+        .unwrap();
+    assert_eq!(mem.entry_writes(), 3, "PDE 0 and PDE 2 scoped, PDE 1 exact");
+    // Before and after resolution: the neighbours keep their types.
+    let want = |g: u64| match g {
+        0 => Logdirty,
+        g if g == last => Rw,
+        g if g < last => Logdirty,
+        _ => Logdirty,
+    };
+    for g in [0, 1, M2 - 1, M2, last - 1, last, last + 1] {
+        assert_eq!(ty(&mem, &p2m, g), want(g), "before, gfn {g:#x}");
+        let e = p2m.get_entry(&mem, Gfn(g)).unwrap();
+        assert_eq!(e.retype, g != 0 && g != last && g < last, "gfn {g:#x}");
+    }
+    // Touching a neighbour beside the range costs one exit (the scoped mark
+    // above it), and leaves it as it was.
+    for g in [0, last] {
+        let (r, exits) = guest_access(&mut mem, &mut p2m, &mut dirty, g, AccessKind::Read);
+        r.unwrap();
+        assert_eq!(exits.misconfigs, 1, "gfn {g:#x}");
+    }
+    for g in 0..4 * M2 {
+        p2m.resolve_misconfig(&mut mem, Gfn(g)).unwrap();
+        assert_eq!(ty(&mem, &p2m, g), want(g), "after, gfn {g:#x}");
+    }
+    assert!(marks(&mem, &p2m).is_empty());
+    // A write to the dirtied page beside the range is not trapped; one
+    // inside is.
+    assert!(walk(&mut mem, &p2m, last, AccessKind::Write).is_ok());
+    assert!(walk(&mut mem, &p2m, 0, AccessKind::Write).is_err());
+    assert!(walk(&mut mem, &p2m, 5, AccessKind::Write).is_err());
 }
 
 #[test]

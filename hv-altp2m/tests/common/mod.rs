@@ -219,6 +219,27 @@ impl World {
         panic!("access to {gfn:#x} {kind:?} from vCPU {vcpu} did not settle");
     }
 
+    /// A log-dirty clean of `[start, end]` as the kernel does it: re-arm
+    /// and set the bits aside, INVEPT, take the bits. Returns them.
+    pub fn clean(&mut self, start: u64, end: u64) -> Vec<u64> {
+        let armed = self
+            .alt
+            .arm_dirty(
+                &mut self.mem,
+                &mut self.host,
+                &mut self.dirty,
+                Gfn(start),
+                Gfn(end),
+            )
+            .unwrap();
+        self.flush();
+        let mut got = Vec::new();
+        self.alt
+            .fetch_dirty(&mut self.dirty, &armed, |g| got.push(g.0))
+            .unwrap();
+        got
+    }
+
     pub fn read(&mut self, vcpu: usize, gfn: u64) -> End {
         self.access(vcpu, gfn, AccessKind::Read).0
     }
@@ -294,6 +315,11 @@ impl World {
     pub fn check_invariants(&self) {
         check_bound(&self.mem, &self.host);
         assert_eq!(
+            self.host.scoped_entries(),
+            scoped_marks(&self.mem, &self.host),
+            "host: scoped marks and their ranges"
+        );
+        assert_eq!(
             self.frames_in_use(),
             self.mem.outstanding(),
             "frames leaked"
@@ -302,6 +328,11 @@ impl World {
             let v = v as u16;
             let p = self.view(v);
             check_bound(&self.mem, p);
+            assert_eq!(
+                p.scoped_entries(),
+                scoped_marks(&self.mem, p),
+                "view {v}: scoped marks and their ranges"
+            );
             let remaps: HashMap<u64, u64> = self
                 .alt
                 .remaps(v)
@@ -335,8 +366,8 @@ impl World {
                             .view(v)
                             .get_entry(&self.mem, Gfn(first))
                             .unwrap()
-                            .recalc,
-                        "alias {first:#x} under a mark"
+                            .retype,
+                        "alias {first:#x} under a mark that recomputes it"
                     );
                 }
             }
@@ -497,4 +528,4 @@ pub fn teardown(w: World) {
 
 // Each test binary uses some of these.
 #[allow(unused_imports)]
-pub use hv_ept::sim::{marks, raw_leaves, walk_tables};
+pub use hv_ept::sim::{marks, raw_leaves, scoped_marks, walk_tables};

@@ -74,8 +74,13 @@ pub fn logdirty_fetch<C: Cpu, P: Platform>(
     g.write(ctx.platform, at, &bitmap[..bytes])
         .map_err(|_| error::EFAULT)?;
     let mut dirty = 0;
+    let armed = g
+        .altp2m
+        .arm_dirty(ctx.platform, &mut g.p2m, &mut g.dirty, first, last)
+        .map_err(errno)?;
+    crate::views::flush(g, ctx.platform);
     g.altp2m
-        .clean_dirty(ctx.platform, &mut g.p2m, &mut g.dirty, first, last, |gfn| {
+        .fetch_dirty(&mut g.dirty, &armed, |gfn| {
             let i = (gfn.0 - first.0) as usize;
             bitmap[i / 8] |= 1 << (i % 8);
             dirty += 1;

@@ -137,19 +137,18 @@ pub fn refresh(guest: &mut Vm, platform: &mut impl Platform) -> Result<u64, hv_a
     let (first, last, copy) = (display.first, display.last(), display.copy);
     let mut dirty = [0u64; MAX_PAGES as usize];
     let mut count = 0;
-    guest.altp2m.clean_dirty(
-        platform,
-        &mut guest.p2m,
-        &mut guest.dirty,
-        first,
-        last,
-        |gfn| {
-            if let Some(slot) = dirty.get_mut(count) {
-                *slot = gfn.0;
-                count += 1;
-            }
-        },
-    )?;
+    // Re-arm, INVEPT, then take the dirty pages: no write is lost while
+    // vCPUs run (see Altp2m::arm_dirty).
+    let armed = guest
+        .altp2m
+        .arm_dirty(platform, &mut guest.p2m, &mut guest.dirty, first, last)?;
+    crate::views::flush(guest, platform);
+    guest.altp2m.fetch_dirty(&mut guest.dirty, &armed, |gfn| {
+        if let Some(slot) = dirty.get_mut(count) {
+            *slot = gfn.0;
+            count += 1;
+        }
+    })?;
     for &gfn in &dirty[..count] {
         copy_page(guest, platform, copy, gfn - first.0, Gfn(gfn));
     }

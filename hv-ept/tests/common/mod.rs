@@ -141,4 +141,4 @@ where
 
 // Each test binary uses some of these.
 #[allow(unused_imports)]
-pub use hv_ept::sim::{marks, raw_leaves, walk_tables};
+pub use hv_ept::sim::{marks, raw_leaves, scoped_marks, walk_tables};
