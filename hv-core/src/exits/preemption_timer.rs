@@ -43,7 +43,7 @@ pub fn handle<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Flow {
     if ctx.vm.display.is_none() {
         return Flow::Resume;
     }
-    match display::refresh(ctx.vm, ctx.platform) {
+    match display::refresh(ctx.vm, ctx.cpu, ctx.platform) {
         Ok(_) => Flow::Resume,
         Err(_) => ctx.stop(StopReason::Internal("out of memory refreshing the display")),
     }

@@ -10,6 +10,7 @@ use hv_ept::{Gfn, Mfn, P2mType};
 use crate::abi::error;
 use crate::platform::Platform;
 use crate::vm::{PAGE, Vm};
+use crate::vmx::Cpu;
 
 /// Largest framebuffer tracked, in pages.
 pub const MAX_PAGES: u64 = 64;
@@ -130,7 +131,11 @@ fn stop(guest: &mut Vm, platform: &mut impl Platform) -> Result<(), i64> {
 /// Copies the framebuffer's dirty pages into the display copy, re-arms
 /// tracking, mirrors the first page to the text screen. Returns the number
 /// of pages copied.
-pub fn refresh(guest: &mut Vm, platform: &mut impl Platform) -> Result<u64, hv_altp2m::Error> {
+pub fn refresh(
+    guest: &mut Vm,
+    cpu: &mut impl Cpu,
+    platform: &mut impl Platform,
+) -> Result<u64, hv_altp2m::Error> {
     let Some(display) = guest.display.as_ref() else {
         return Ok(0);
     };
@@ -142,7 +147,7 @@ pub fn refresh(guest: &mut Vm, platform: &mut impl Platform) -> Result<u64, hv_a
     let armed = guest
         .altp2m
         .arm_dirty(platform, &mut guest.p2m, &mut guest.dirty, first, last)?;
-    crate::views::flush(guest, platform);
+    crate::views::flush(guest, cpu, platform);
     guest.altp2m.fetch_dirty(&mut guest.dirty, &armed, |gfn| {
         if let Some(slot) = dirty.get_mut(count) {
             *slot = gfn.0;
