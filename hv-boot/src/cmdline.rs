@@ -36,6 +36,9 @@ pub struct Options {
     pub boot_views: BootViews,
     /// The Linux entry point (`guest.linux-entry=`).
     pub linux_entry: LinuxEntry,
+    /// All guest RAM under log-dirty tracking, fetched on every tick
+    /// (`guest.logdirty=all`).
+    pub logdirty_all: bool,
 }
 
 /// Guest RAM when the command line does not say.
@@ -51,6 +54,7 @@ impl Default for Options {
             altp2m_mode: Altp2mMode::Mixed,
             boot_views: BootViews::Host,
             linux_entry: LinuxEntry::Auto,
+            logdirty_all: false,
         }
     }
 }
@@ -91,6 +95,7 @@ const MULTIBOOT: &str = "1|2";
 const ALTP2M_MODES: &str = "external|mixed|limited";
 const BOOT_VIEWS: &str = "host|fresh|switch";
 const LINUX_ENTRIES: &str = "auto|32|64";
+const LOGDIRTY: &str = "all|off";
 
 impl Options {
     /// Parses `cmdline`, reporting each problem to `report`. A first word that
@@ -159,6 +164,15 @@ impl Options {
                         expected: BOOT_VIEWS,
                     }),
                 },
+                "guest.logdirty" => match value {
+                    "all" => options.logdirty_all = true,
+                    "off" => options.logdirty_all = false,
+                    _ => report(Problem::BadValue {
+                        key,
+                        value,
+                        expected: LOGDIRTY,
+                    }),
+                },
                 "guest.linux-entry" => match LinuxEntry::parse(value) {
                     Some(entry) => options.linux_entry = entry,
                     None => report(Problem::BadValue {
@@ -224,8 +238,10 @@ mod tests {
         assert_eq!(options.guest_memory_mib, DEFAULT_GUEST_MIB);
         assert_eq!(options.altp2m_mode, Altp2mMode::Mixed);
         assert_eq!(problems.len(), 4);
-        let (options, problems) = parse("guest.views=switch guest.linux-entry=32");
+        let (options, problems) =
+            parse("guest.views=switch guest.linux-entry=32 guest.logdirty=all");
         assert!(problems.is_empty());
+        assert!(options.logdirty_all);
         assert_eq!(options.boot_views, BootViews::Switching);
         assert_eq!(options.linux_entry, LinuxEntry::Force32);
         let (options, problems) = parse("guest.views=many guest.linux-entry=16");

@@ -155,6 +155,7 @@ pub fn run_guest(
         },
         altp2m_mode: options.altp2m_mode,
         boot_views: options.boot_views,
+        logdirty_all: options.logdirty_all,
         host,
         apic_ids: &[bsp_apic_id],
     };
@@ -251,6 +252,12 @@ fn run_vm(
         }
     };
     report_exits(&vm.counters);
+    if let Some(totals) = vm.logdirty_all {
+        info!(
+            "logdirty: {} fetches of all guest RAM found {} dirty pages",
+            totals.fetches, totals.pages
+        );
+    }
     if vm.stray_accesses > 0 {
         warn!(
             "vmm: the guest touched memory outside its RAM {} times",

@@ -78,6 +78,29 @@ fn linux_boots_while_the_hypervisor_switches_views_on_every_tick() {
     run.clean_up();
 }
 
+#[test]
+#[ignore = "long suite: scripts/test --long"]
+fn linux_boots_with_all_its_ram_under_log_dirty_fetched_on_every_tick() {
+    let run = linux("guest.logdirty=all", "");
+    all_checks_passed(&run);
+    let line = run.line("logdirty: ").unwrap_or_default();
+    let number = |after: &str| -> u64 {
+        line.split(after)
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let (fetches, pages) = (number("logdirty: "), number("found "));
+    // The memory test alone writes 256 MiB: 65536 pages, seen dirty.
+    assert!(
+        fetches >= 10 && pages >= 65_536,
+        "{fetches} fetches, {pages} dirty pages\n{}",
+        run.report()
+    );
+    run.clean_up();
+}
+
 /// The count of one exit reason in the hypervisor's exit summary.
 fn exits_of(run: &Run, reason: &str) -> u64 {
     let line = run.line("exits: ").unwrap_or_default();

@@ -40,6 +40,11 @@ pub fn handle<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Flow {
         ctx.vm.switch_boot_view(ctx.vcpu.id.index());
         views::apply(ctx.cpu, ctx.vm, ctx.vcpu);
     }
+    if ctx.vm.logdirty_tick(ctx.cpu, ctx.platform).is_err() {
+        return ctx.stop(StopReason::Internal(
+            "out of memory fetching the dirty pages",
+        ));
+    }
     if ctx.vm.display.is_none() {
         return Flow::Resume;
     }

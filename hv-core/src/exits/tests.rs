@@ -36,6 +36,7 @@ fn config(image: &[u8]) -> GuestConfig<'_> {
         boot: crate::loader::BootOptions::default(),
         altp2m_mode: hv_abi::Altp2mMode::Mixed,
         boot_views: crate::vm::BootViews::Host,
+        logdirty_all: false,
         host: std::boxed::Box::leak(std::boxed::Box::new(
             crate::devices::acpi::HostPlatform::pc(),
         )),
@@ -57,8 +58,16 @@ struct Machine {
 
 impl Machine {
     fn new() -> Self {
+        Self::with(|_| {})
+    }
+
+    /// A machine whose guest configuration `change` adjusts first.
+    fn with(change: impl FnOnce(&mut GuestConfig<'_>)) -> Self {
         let mut platform = SimPlatform::new();
-        let vm = new_guest(&mut platform);
+        let image = image();
+        let mut config = config(&image);
+        change(&mut config);
+        let vm = Vm::create(&caps(), &config, &mut platform).unwrap();
         let vcpu = Vcpu::new(&vm, VcpuId::BSP, &mut platform).unwrap();
         let mut vmcs = FakeVmcs::default();
         vmcs.write(g::RIP, 0x1000);
@@ -1077,4 +1086,47 @@ fn tsc_writes_become_an_offset_and_mtrrs_read_back() {
     assert!(stopped(m.exit(ExitReason::Rdmsr)).is_none());
     assert_eq!(m.vcpu.regs.edx_eax(), 0xc06);
     assert_eq!(wrmsr(&mut m, 0x2ff, 0x02), 0x8000_0b0d, "no memory type 2");
+}
+
+#[test]
+fn a_guest_can_boot_on_a_fresh_view_or_switched_between_two() {
+    let m = Machine::with(|c| c.boot_views = crate::vm::BootViews::Fresh);
+    assert!(m.vm.altp2m.is_enabled());
+    assert_eq!(m.vm.altp2m.vcpu_view(0), Ok(1));
+    assert_eq!(
+        m.vm.altp2m.max_mapped_pfn(&m.vm.p2m, 1),
+        Ok(Gfn(0)),
+        "empty: every page is copied lazily"
+    );
+    let mut m = Machine::with(|c| c.boot_views = crate::vm::BootViews::Switching);
+    assert_eq!(m.vm.altp2m.vcpu_view(0), Ok(1));
+    assert!(stopped(m.exit(ExitReason::PreemptionTimer)).is_none());
+    assert_eq!(m.vm.altp2m.vcpu_view(0), Ok(2), "the tick switched");
+    assert_eq!(
+        m.vmcs.read(control::EPTP_FULL),
+        m.vm.altp2m.eptp(&m.vm.p2m, 2).unwrap()
+    );
+    assert!(stopped(m.exit(ExitReason::PreemptionTimer)).is_none());
+    assert_eq!(m.vm.altp2m.vcpu_view(0), Ok(1));
+}
+
+#[test]
+fn all_ram_under_log_dirty_is_fetched_on_every_tick() {
+    let mut m = Machine::with(|c| c.logdirty_all = true);
+    assert_eq!(
+        m.vm.p2m.get_entry(&m.platform, Gfn(0x300)).unwrap().ty,
+        P2mType::RamLogdirty
+    );
+    assert!(stopped(m.touch(0x30_0000, true)).is_none());
+    assert!(stopped(m.touch(0x40_1000, true)).is_none());
+    assert!(stopped(m.exit(ExitReason::PreemptionTimer)).is_none());
+    let totals = m.vm.logdirty_all.unwrap();
+    assert_eq!((totals.fetches, totals.pages), (1, 2));
+    assert_eq!(
+        m.vm.p2m.get_entry(&m.platform, Gfn(0x300)).unwrap().ty,
+        P2mType::RamLogdirty,
+        "re-armed"
+    );
+    assert!(stopped(m.exit(ExitReason::PreemptionTimer)).is_none());
+    assert_eq!(m.vm.logdirty_all.unwrap().pages, 2, "nothing new");
 }

@@ -53,10 +53,20 @@ pub struct GuestConfig<'a> {
     pub altp2m_mode: Altp2mMode,
     /// The views the guest boots on.
     pub boot_views: BootViews,
+    /// Track all guest RAM log-dirty from the start, fetched on every tick.
+    pub logdirty_all: bool,
     /// The machine's interrupt hardware, which the guest gets.
     pub host: &'a HostPlatform,
     /// The APIC ids of the physical CPUs the vCPUs run on, BSP first.
     pub apic_ids: &'a [u32],
+}
+
+/// What `guest.logdirty=all` found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogdirtyTotals {
+    pub fetches: u64,
+    /// Dirty pages over all fetches.
+    pub pages: u64,
 }
 
 /// What the CPU lets the hypervisor offer this guest beyond the base set.
@@ -199,6 +209,9 @@ pub struct Vm {
     pub refusals_logged: u128,
     /// The views the guest booted on.
     pub boot_views: BootViews,
+    /// Log-dirty tracking of all guest RAM, fetched on every tick
+    /// (`guest.logdirty=all`): pages found dirty so far, and fetches.
+    pub logdirty_all: Option<LogdirtyTotals>,
     /// The VM-execution, exit and entry controls every vCPU's VMCS gets.
     pub controls: Controls,
     /// The VMCS revision identifier (IA32_VMX_BASIC).
@@ -314,6 +327,7 @@ impl Vm {
             released: Vec::new(),
             refusals_logged: 0,
             boot_views: BootViews::Host,
+            logdirty_all: None,
             controls,
             vmcs_revision: caps.revision_id(),
             msr_bitmap,
@@ -336,6 +350,7 @@ impl Vm {
             .and_then(|()| vm.load(&plan, platform))
             .and_then(|()| {
                 vm.start_views(config.boot_views, platform)
+                    .and_then(|()| vm.start_logdirty(config.logdirty_all, platform))
                     .map_err(GuestError::from_altp2m)
             });
         match built {
@@ -382,6 +397,66 @@ impl Vm {
                 .create_view(platform, &self.p2m, P2mAccess::Rwx)?;
         }
         self.altp2m.switch_all(1)
+    }
+
+    /// Puts all guest RAM under log-dirty tracking (host and views).
+    fn start_logdirty(
+        &mut self,
+        all: bool,
+        platform: &mut impl Platform,
+    ) -> Result<(), hv_altp2m::Error> {
+        if !all {
+            return Ok(());
+        }
+        for &(start, end) in &self.ram_ranges() {
+            self.altp2m.host_change_type_range(
+                platform,
+                &mut self.p2m,
+                Gfn(start / PAGE),
+                Gfn(end / PAGE - 1),
+                P2mType::RamRw,
+                P2mType::RamLogdirty,
+            )?;
+        }
+        self.logdirty_all = Some(LogdirtyTotals::default());
+        Ok(())
+    }
+
+    /// With `guest.logdirty=all`, on each tick: fetches and clears the
+    /// dirty pages of all guest RAM, as a migration or a monitor would.
+    pub fn logdirty_tick(
+        &mut self,
+        cpu: &mut impl Cpu,
+        platform: &mut impl Platform,
+    ) -> Result<(), hv_altp2m::Error> {
+        if self.logdirty_all.is_none() {
+            return Ok(());
+        }
+        let mut dirty = 0u64;
+        for &(start, end) in &self.ram_ranges() {
+            let (first, last) = (Gfn(start / PAGE), Gfn(end / PAGE - 1));
+            let armed =
+                self.altp2m
+                    .arm_dirty(platform, &mut self.p2m, &mut self.dirty, first, last)?;
+            crate::views::flush(self, cpu, platform);
+            self.altp2m
+                .fetch_dirty(&mut self.dirty, &armed, |_| dirty += 1)?;
+        }
+        if let Some(totals) = self.logdirty_all.as_mut() {
+            totals.fetches += 1;
+            totals.pages += dirty;
+        }
+        Ok(())
+    }
+
+    /// The RAM ranges the guest is told about (from its memory map).
+    fn ram_ranges(&self) -> heapless::Vec<(u64, u64), 8> {
+        self.memory_map
+            .iter()
+            .filter(|r| r.kind == loader::MemoryKind::Ram)
+            .map(|r| (r.start, r.end))
+            .take(8)
+            .collect()
     }
 
     /// On each of a vCPU's ticks with [`BootViews::Switching`]: the vCPU
