@@ -18,6 +18,7 @@ pub mod exits;
 pub mod hypercall;
 pub mod loader;
 pub mod platform;
+pub mod smp;
 #[cfg(test)]
 pub(crate) mod testing;
 pub mod vcpu;
