@@ -39,6 +39,8 @@ pub struct Options {
     /// All guest RAM under log-dirty tracking, fetched on every tick
     /// (`guest.logdirty=all`).
     pub logdirty_all: bool,
+    /// The guest's vCPUs at most, one per CPU (`guest.cpus=`; default: all).
+    pub guest_cpus: usize,
 }
 
 /// Guest RAM when the command line does not say.
@@ -55,6 +57,7 @@ impl Default for Options {
             boot_views: BootViews::Host,
             linux_entry: LinuxEntry::Auto,
             logdirty_all: false,
+            guest_cpus: usize::MAX,
         }
     }
 }
@@ -96,6 +99,7 @@ const ALTP2M_MODES: &str = "external|mixed|limited";
 const BOOT_VIEWS: &str = "host|fresh|switch";
 const LINUX_ENTRIES: &str = "auto|32|64";
 const LOGDIRTY: &str = "all|off";
+const GUEST_CPUS: &str = "a number of vCPUs, 1 to 64";
 
 impl Options {
     /// Parses `cmdline`, reporting each problem to `report`. A first word that
@@ -162,6 +166,14 @@ impl Options {
                         key,
                         value,
                         expected: BOOT_VIEWS,
+                    }),
+                },
+                "guest.cpus" => match value.parse::<usize>() {
+                    Ok(n @ 1..=64) => options.guest_cpus = n,
+                    _ => report(Problem::BadValue {
+                        key,
+                        value,
+                        expected: GUEST_CPUS,
                     }),
                 },
                 "guest.logdirty" => match value {

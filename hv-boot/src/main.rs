@@ -13,6 +13,7 @@ mod entry;
 mod heap;
 mod memory;
 mod platform;
+mod smp;
 mod vmm;
 
 use hv_boot::bootinfo::{BootInfo, RegionKind};
@@ -51,6 +52,11 @@ extern "C" fn kmain(magic: u32, info_address: u32) -> ! {
         fatal(format_args!("heap: {e}"));
     }
     let machine = acpi::discover(boot.acpi_root);
+    let bsp_apic_id = raw_cpuid::CpuId::new()
+        .get_feature_info()
+        .map_or(0, |f| u32::from(f.initial_local_apic_id()));
+    let listed = machine.as_ref().map_or(&[][..], |m| m.apic_ids.as_slice());
+    smp::start_aps(bsp_apic_id, listed);
     let caps = match hv_core::vmx::caps::probe_this_cpu() {
         Ok(caps) => {
             log::debug!("vmx: capability MSRs {:x?}", caps.msrs);

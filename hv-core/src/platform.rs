@@ -6,6 +6,13 @@
 
 use hv_ept::{EptMemory, Mfn};
 
+/// How to make a vCPU leave guest mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kick {
+    Nmi,
+    Sipi,
+}
+
 pub trait Platform: EptMemory {
     /// `count` contiguous frames starting at a multiple of `align` frames.
     fn alloc_frames(&mut self, count: u64, align: u64) -> Option<Mfn>;
@@ -33,6 +40,12 @@ pub trait Platform: EptMemory {
     /// A monitor event (altp2m access violation, breakpoint, dropped view
     /// entry...), one structured line.
     fn monitor_event(&mut self, line: &str);
+
+    /// Makes the CPU that runs `vcpu` leave guest mode: an NMI, or a SIPI
+    /// for a vCPU parked in wait-for-SIPI (which blocks NMIs and INITs). A
+    /// kicked vCPU tells a kick from the guest's own NMI by
+    /// `smp::Coherence`; a SIPI kick only ever ends a run.
+    fn kick(&mut self, vcpu: usize, kick: Kick);
 
     /// Whether an NMI reached this CPU while the hypervisor ran (the host
     /// NMI handler notes it; this clears the note). It belongs to the guest.

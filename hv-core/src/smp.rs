@@ -43,6 +43,7 @@ use loom::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering, fence};
 pub const MAX_VCPUS: usize = 16;
 
 /// What one vCPU publishes without the VM lock.
+#[derive(Debug)]
 pub struct CpuState {
     in_guest: AtomicBool,
     /// The epoch of this vCPU's last full flush.
@@ -54,6 +55,9 @@ pub struct CpuState {
     /// The vCPU must write its view-related VMCS fields again before entry
     /// (another vCPU switched its view).
     reapply: AtomicBool,
+    /// In guest mode but parked in wait-for-SIPI: it accesses no memory
+    /// (so it is left out of shootdowns) and blocks NMIs (an INIT reaches it).
+    parked: AtomicBool,
 }
 
 impl CpuState {
@@ -64,11 +68,13 @@ impl CpuState {
             kick: AtomicBool::new(false),
             view: AtomicU16::new(0),
             reapply: AtomicBool::new(false),
+            parked: AtomicBool::new(false),
         }
     }
 }
 
 /// The shared state of the protocol for one VM's vCPUs.
+#[derive(Debug)]
 pub struct Coherence {
     epoch: AtomicU64,
     cpus: [CpuState; MAX_VCPUS],
@@ -105,10 +111,23 @@ impl Coherence {
         self.cpus[vcpu].seen.store(epoch, Ordering::SeqCst);
     }
 
+    /// Right before a VM entry of `vcpu` into wait-for-SIPI: it stays out
+    /// of shootdowns (it uses no translation until a SIPI exit, and the
+    /// entry after that flushes if the epoch moved).
+    pub fn park(&self, vcpu: usize) {
+        self.cpus[vcpu].parked.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether `vcpu` is parked in wait-for-SIPI.
+    pub fn parked(&self, vcpu: usize) -> bool {
+        self.cpus[vcpu].parked.load(Ordering::SeqCst)
+    }
+
     /// After a VM exit of `vcpu`, running on `view`.
     pub fn exit(&self, vcpu: usize, view: u16) {
         let cpu = &self.cpus[vcpu];
         cpu.view.store(view, Ordering::SeqCst);
+        cpu.parked.store(false, Ordering::SeqCst);
         cpu.in_guest.store(false, Ordering::SeqCst);
     }
 

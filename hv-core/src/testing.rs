@@ -23,6 +23,11 @@ pub struct SimPlatform {
     pub screen: Vec<u8>,
     /// An NMI the next `take_nmi` reports.
     pub nmi: bool,
+    /// Kicks sent, in order.
+    pub kicks: Vec<(usize, crate::platform::Kick)>,
+    /// The other vCPUs' side of a kick: each kicked vCPU leaves guest mode
+    /// on the view given here (as its exit would publish it).
+    pub kicked_exit: Option<(&'static crate::smp::Coherence, u16)>,
 }
 
 impl SimPlatform {
@@ -117,6 +122,14 @@ impl Platform for SimPlatform {
 
     fn monitor_event(&mut self, line: &str) {
         self.events.push(line.into());
+    }
+
+    fn kick(&mut self, vcpu: usize, kick: crate::platform::Kick) {
+        self.kicks.push((vcpu, kick));
+        if let Some((coherence, view)) = self.kicked_exit {
+            coherence.take_kick(vcpu);
+            coherence.exit(vcpu, view);
+        }
     }
 
     fn take_nmi(&mut self) -> bool {

@@ -10,7 +10,7 @@ use hv_ept::walk::AccessKind;
 use hv_ept::{Gfn, P2mAccess};
 use x86::vmx::vmcs::{control, guest};
 
-use crate::platform::{Platform, monitor_event};
+use crate::platform::{Kick, Platform, monitor_event};
 use crate::vcpu::events::{BLOCKING_STI_MOVSS, PENDING_BS, vector};
 use crate::vcpu::{Step, Vcpu};
 use crate::vm::Vm;
@@ -93,21 +93,71 @@ pub fn apply(vmcs: &mut impl Vmcs, vm: &Vm, vcpu: &Vcpu) {
 /// After a VM exit: the guest may have switched views with VMFUNC; the
 /// EPTP-index field says where it is now. An index the altp2m state cannot
 /// have produced means corrupt state: `Err`.
-pub fn sync(vmcs: &impl Vmcs, vm: &mut Vm, vcpu: &Vcpu) -> Result<(), hv_altp2m::Error> {
+/// `index` is that field as read after the exit.
+pub fn sync(vm: &mut Vm, vcpu: &Vcpu, index: u64) -> Result<(), hv_altp2m::Error> {
     if !(vm.features.vmfunc && vm.altp2m.is_enabled()) {
         return Ok(());
     }
-    let index = vmcs.read(control::EPTP_INDEX);
     vm.altp2m.sync_vcpu_view(vcpu.id.index(), index)
 }
 
-/// Does the INVEPTs the host p2m and the views ask for, and reports the
-/// view entries host changes dropped. Before every VM entry.
-pub fn flush(vm: &mut Vm, cpu: &mut impl Cpu, platform: &mut impl Platform) {
+/// After a change to other vCPUs' views (a switch of all or one, altp2m on
+/// or off): each of them writes its view-related VMCS fields again before
+/// its next entry, and one in guest mode is kicked out to do so.
+pub fn reapply_others(vm: &Vm, platform: &mut impl Platform, vcpu: usize) {
+    for other in (0..vm.vcpus()).filter(|&v| v != vcpu) {
+        vm.coherence
+            .request_reapply(other, |v| platform.kick(v, Kick::Nmi));
+    }
+}
+
+/// Destroys `view`, unless a vCPU runs on it (`Busy`). A vCPU may switch
+/// to a visible view with VMFUNC without an exit, so the view leaves the
+/// EPTP list first, then every vCPU in guest mode is made to exit (which
+/// publishes the view its hardware is on, `smp`), and only then is "is a
+/// vCPU on it" decided; a refused destroy puts the view back in the list.
+pub fn destroy_view(
+    vm: &mut Vm,
+    platform: &mut impl Platform,
+    vcpu: usize,
+    view: u16,
+) -> Result<(), hv_altp2m::Error> {
+    let hide = vm.features.vmfunc && vm.altp2m.is_visible(view)?;
+    if hide {
+        vm.altp2m.set_visibility(platform, &vm.p2m, view, false)?;
+    }
+    if vm.vcpus() > 1 {
+        vm.coherence
+            .shootdown(vcpu, |other| platform.kick(other, Kick::Nmi));
+    }
+    // The hardware of a vCPU that VMFUNCed to the view is on it, whatever
+    // altp2m's record says until that vCPU's exit is handled.
+    let on_it = vm.features.vmfunc
+        && (0..vm.vcpus())
+            .filter(|&v| v != vcpu)
+            .any(|v| vm.coherence.last_view(v) == view);
+    let destroyed = if on_it {
+        Err(hv_altp2m::Error::Busy)
+    } else {
+        vm.altp2m.destroy_view(platform, view)
+    };
+    if destroyed.is_err() && hide {
+        vm.altp2m.set_visibility(platform, &vm.p2m, view, true)?;
+    }
+    destroyed
+}
+
+/// Does the INVEPTs the host p2m and the views ask for, on this CPU and
+/// (through a shootdown, `smp`) on every CPU that runs another vCPU, then
+/// reports the view entries host changes dropped. Before every VM entry,
+/// and wherever a change must be in force before the hypervisor goes on
+/// (a frame given back, a dirty log fetched). `vcpu` is the caller's.
+pub fn flush(vm: &mut Vm, cpu: &mut impl Cpu, platform: &mut impl Platform, vcpu: usize) {
     if !vm.altp2m.flush_pending(&vm.p2m) && !vm.altp2m.has_dropped() {
         return;
     }
     let request = vm.altp2m.take_flush(&mut vm.p2m);
+    let any = request.all_contexts || request.views.iter().next().is_some();
     if request.all_contexts {
         cpu.invept(None);
     } else {
@@ -116,6 +166,10 @@ pub fn flush(vm: &mut Vm, cpu: &mut impl Cpu, platform: &mut impl Platform) {
                 cpu.invept(Some(eptp));
             }
         }
+    }
+    if any && vm.vcpus() > 1 {
+        vm.coherence
+            .shootdown(vcpu, |other| platform.kick(other, Kick::Nmi));
     }
     if vm.altp2m.has_dropped() {
         let lost = vm.altp2m.drain_dropped(|d| report_drop(platform, d));

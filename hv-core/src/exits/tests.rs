@@ -41,6 +41,7 @@ fn config(image: &[u8]) -> GuestConfig<'_> {
             crate::devices::acpi::HostPlatform::pc(),
         )),
         apic_ids: &[0],
+        coherence: std::boxed::Box::leak(std::boxed::Box::new(crate::smp::Coherence::new(2))),
     }
 }
 
@@ -582,11 +583,11 @@ fn a_vmfunc_switch_is_picked_up_from_the_eptp_index() {
     m.call(call::ALTP2M_SET_STATE, &[1]);
     let v = m.call(call::ALTP2M_CREATE_VIEW, &[access::RWX]) as u64;
     m.vmcs.write(control::EPTP_INDEX, v);
-    crate::views::sync(&m.vmcs, &mut m.vm, &m.vcpu).unwrap();
+    crate::views::sync(&mut m.vm, &m.vcpu, m.vmcs.read(control::EPTP_INDEX)).unwrap();
     assert_eq!(m.vm.altp2m.vcpu_view(0), Ok(v as u16));
     m.vmcs.write(control::EPTP_INDEX, 77);
     assert!(
-        crate::views::sync(&m.vmcs, &mut m.vm, &m.vcpu).is_err(),
+        crate::views::sync(&mut m.vm, &m.vcpu, m.vmcs.read(control::EPTP_INDEX)).is_err(),
         "a view that does not exist"
     );
 }
@@ -691,7 +692,7 @@ fn a_stepped_instruction_that_switches_views_ends_where_it_asked() {
     m.vmcs.write(control::EPTP_INDEX, 0);
     m.vmcs
         .write(ro::VMEXIT_INTERRUPTION_INFO, 1 << 31 | 3 << 8 | 1);
-    crate::views::sync(&m.vmcs, &mut m.vm, &m.vcpu).unwrap();
+    crate::views::sync(&mut m.vm, &m.vcpu, m.vmcs.read(control::EPTP_INDEX)).unwrap();
     assert!(stopped(m.exit(ExitReason::ExceptionOrNmi)).is_none());
     assert_eq!(m.vm.altp2m.vcpu_view(0), Ok(0), "VMFUNC 0 is not undone");
     assert_eq!(m.vmcs.read(control::EPTP_FULL), m.vm.p2m.eptp());
@@ -1129,4 +1130,91 @@ fn all_ram_under_log_dirty_is_fetched_on_every_tick() {
     );
     assert!(stopped(m.exit(ExitReason::PreemptionTimer)).is_none());
     assert_eq!(m.vm.logdirty_all.unwrap().pages, 2, "nothing new");
+}
+
+/// A machine whose VM has two vCPUs: this one (0) and another one (1) whose
+/// CPU the tests play through `smp::Coherence`.
+fn two_vcpus() -> Machine {
+    Machine::with(|c| c.apic_ids = &[0, 1])
+}
+
+#[test]
+fn switching_another_vcpus_view_kicks_it_to_reapply_its_fields() {
+    let mut m = two_vcpus();
+    m.call(call::ALTP2M_SET_STATE, &[1]);
+    let v = m.call(call::ALTP2M_CREATE_VIEW, &[access::RWX]) as u64;
+    let coherence = m.vm.coherence;
+    // vCPU 1 is in guest mode.
+    assert_eq!(coherence.enter(1), None);
+    m.platform.kicks.clear();
+    assert_eq!(m.call(call::ALTP2M_SWITCH_VCPU_VIEW, &[1, v]), 0);
+    assert_eq!(m.vm.altp2m.vcpu_view(1), Ok(v as u16));
+    assert_eq!(m.vm.altp2m.vcpu_view(0), Ok(0), "this vCPU stays");
+    assert_eq!(m.platform.kicks, [(1, crate::platform::Kick::Nmi)]);
+    assert!(coherence.take_reapply(1), "vCPU 1 writes its EPTP again");
+    assert!(!coherence.take_reapply(0));
+}
+
+#[test]
+fn a_view_another_vcpu_switched_to_by_vmfunc_cannot_be_destroyed() {
+    let mut m = two_vcpus();
+    m.call(call::ALTP2M_SET_STATE, &[1]);
+    let v = m.call(call::ALTP2M_CREATE_VIEW, &[access::RWX]) as u64;
+    let coherence = m.vm.coherence;
+    // vCPU 1 VMFUNCs to the view without an exit: altp2m does not know.
+    assert_eq!(coherence.enter(1), None);
+    m.platform.kicked_exit = Some((coherence, v as u16));
+    assert_eq!(
+        m.call(call::ALTP2M_DESTROY_VIEW, &[v]),
+        error::EBUSY,
+        "the kick made vCPU 1 publish its view"
+    );
+    assert_eq!(
+        m.vm.altp2m.is_visible(v as u16),
+        Ok(true),
+        "the refused destroy put the view back in the EPTP list"
+    );
+    // vCPU 1 left the view (VMFUNC back to 0): now it goes.
+    if let Some(epoch) = coherence.enter(1) {
+        coherence.flushed(1, epoch);
+    }
+    m.platform.kicked_exit = Some((coherence, 0));
+    assert_eq!(m.call(call::ALTP2M_DESTROY_VIEW, &[v]), 0);
+}
+
+#[test]
+fn a_page_given_back_is_shot_down_on_every_vcpu_first() {
+    let mut m = two_vcpus();
+    let coherence = m.vm.coherence;
+    assert_eq!(coherence.enter(1), None);
+    m.platform.kicked_exit = Some((coherence, 0));
+    assert_eq!(m.call(call::BALLOON_RELEASE, &[0x300]), 0);
+    assert_eq!(
+        m.platform.kicks,
+        [(1, crate::platform::Kick::Nmi)],
+        "vCPU 1 was in guest mode: kicked before the frame went back"
+    );
+    assert!(
+        coherence.enter(1).is_some(),
+        "and it flushes before it enters again"
+    );
+}
+
+#[test]
+fn the_guest_is_stopped_only_when_every_vcpu_is_halted_for_good() {
+    let mut m = two_vcpus();
+    let halted = |m: &mut Machine| {
+        m.vmcs.write(g::ACTIVITY_STATE, crate::vcpu::state::HLT);
+        m.vmcs.write(g::RFLAGS, 0x2);
+        m.exit(ExitReason::PreemptionTimer)
+    };
+    for _ in 0..4 {
+        assert!(stopped(halted(&mut m)).is_none(), "vCPU 1 still runs");
+    }
+    // vCPU 1 parks in wait-for-SIPI (a CPU the guest took offline).
+    m.vm.coherence.park(1);
+    assert_eq!(
+        stopped(halted(&mut m)),
+        Some(GuestEnd::Stopped(StopReason::Halted))
+    );
 }

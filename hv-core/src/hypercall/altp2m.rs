@@ -20,8 +20,18 @@ pub fn call<C: Cpu, P: Platform>(
     a: &Args,
 ) -> Result<i64, i64> {
     let result = run(ctx, number, a);
-    // Whatever changed, the VMCS follows (EPTP, index, VMFUNC, #VE, exceptions).
+    // Whatever changed, the VMCS follows (EPTP, index, VMFUNC, #VE,
+    // exceptions), here and on the other vCPUs a switch or a state change
+    // reached.
     views::apply(ctx.cpu, ctx.vm, ctx.vcpu);
+    if result.is_ok()
+        && matches!(
+            number,
+            call::ALTP2M_SET_STATE | call::ALTP2M_SWITCH_VIEW | call::ALTP2M_SWITCH_VCPU_VIEW
+        )
+    {
+        views::reapply_others(ctx.vm, ctx.platform, ctx.vcpu.id.index());
+    }
     result
 }
 
@@ -79,7 +89,9 @@ fn run<C: Cpu, P: Platform>(
             .create_view(mem, host, a.access(0)?)
             .map(i64::from)
             .map_err(errno),
-        call::ALTP2M_DESTROY_VIEW => done(alt.destroy_view(mem, a.view(0)?)),
+        call::ALTP2M_DESTROY_VIEW => {
+            done(views::destroy_view(g, mem, ctx.vcpu.id.index(), a.view(0)?))
+        }
         call::ALTP2M_SWITCH_VIEW => done(alt.switch_all(a.view(0)?)),
         call::ALTP2M_SWITCH_VCPU_VIEW => {
             let vcpu = usize::try_from(a.get(0)).map_err(|_| error::EINVAL)?;

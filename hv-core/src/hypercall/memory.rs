@@ -78,7 +78,7 @@ pub fn logdirty_fetch<C: Cpu, P: Platform>(
         .altp2m
         .arm_dirty(ctx.platform, &mut g.p2m, &mut g.dirty, first, last)
         .map_err(errno)?;
-    crate::views::flush(g, ctx.cpu, ctx.platform);
+    crate::views::flush(g, ctx.cpu, ctx.platform, ctx.vcpu.id.index());
     g.altp2m
         .fetch_dirty(&mut g.dirty, &armed, |gfn| {
             let i = (gfn.0 - first.0) as usize;
@@ -110,7 +110,7 @@ pub fn balloon_release<C: Cpu, P: Platform>(
         ctx.vcpu.ve_page = None;
         views::apply(ctx.cpu, g, ctx.vcpu);
     }
-    if let Err(e) = g.release_page(ctx.platform, ctx.cpu, gfn) {
+    if let Err(e) = g.release_page(ctx.platform, ctx.cpu, ctx.vcpu.id.index(), gfn) {
         ctx.vcpu.ve_page = ve_page;
         views::apply(ctx.cpu, g, ctx.vcpu);
         return Err(errno(e));
@@ -132,7 +132,7 @@ pub fn display_refresh<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Resu
     if ctx.vm.display.is_none() {
         return Err(error::ENOENT);
     }
-    display::refresh(ctx.vm, ctx.cpu, ctx.platform)
+    display::refresh(ctx.vm, ctx.cpu, ctx.platform, ctx.vcpu.id.index())
         .map(|n| n as i64)
         .map_err(errno)
 }

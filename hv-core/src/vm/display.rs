@@ -135,6 +135,7 @@ pub fn refresh(
     guest: &mut Vm,
     cpu: &mut impl Cpu,
     platform: &mut impl Platform,
+    vcpu: usize,
 ) -> Result<u64, hv_altp2m::Error> {
     let Some(display) = guest.display.as_ref() else {
         return Ok(0);
@@ -147,7 +148,7 @@ pub fn refresh(
     let armed = guest
         .altp2m
         .arm_dirty(platform, &mut guest.p2m, &mut guest.dirty, first, last)?;
-    crate::views::flush(guest, cpu, platform);
+    crate::views::flush(guest, cpu, platform, vcpu);
     guest.altp2m.fetch_dirty(&mut guest.dirty, &armed, |gfn| {
         if let Some(slot) = dirty.get_mut(count) {
             *slot = gfn.0;

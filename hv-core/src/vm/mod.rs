@@ -21,9 +21,11 @@ use x86::vmx::vmcs::control::PrimaryControls;
 
 use crate::devices::acpi::{self, HostPlatform};
 use crate::devices::ports::{self, Devices};
+use crate::exits::GuestEnd;
 use crate::exits::{PASS_READ_ONLY, PASS_WRITE};
 use crate::loader::{self, BootOptions, BootPlan, EntryState, ImageError, MemoryRegion, Module};
 use crate::platform::Platform;
+use crate::smp::Coherence;
 use crate::vcpu::cr::Fixed;
 use crate::vmx::caps::VmxCaps;
 use crate::vmx::exit::NUM_REASONS;
@@ -57,8 +59,12 @@ pub struct GuestConfig<'a> {
     pub logdirty_all: bool,
     /// The machine's interrupt hardware, which the guest gets.
     pub host: &'a HostPlatform,
-    /// The APIC ids of the physical CPUs the vCPUs run on, BSP first.
+    /// The APIC ids of the physical CPUs the vCPUs run on, BSP first: one
+    /// vCPU each.
     pub apic_ids: &'a [u32],
+    /// The cross-CPU invalidation state the vCPUs share (`smp`), for as
+    /// many vCPUs.
+    pub coherence: &'static Coherence,
 }
 
 /// What `guest.logdirty=all` found.
@@ -212,6 +218,14 @@ pub struct Vm {
     /// Log-dirty tracking of all guest RAM, fetched on every tick
     /// (`guest.logdirty=all`): pages found dirty so far, and fetches.
     pub logdirty_all: Option<LogdirtyTotals>,
+    /// Cross-CPU invalidations: shared with the vCPUs without the VM lock.
+    pub coherence: &'static Coherence,
+    /// How the guest ended, once one vCPU saw it end: the others stop at
+    /// their next exit.
+    pub end: Option<GuestEnd>,
+    /// vCPUs the watchdog found halted for good (interrupts off, nothing
+    /// owed), one bit each: the guest is stopped when all are.
+    pub halted: u32,
     /// The VM-execution, exit and entry controls every vCPU's VMCS gets.
     pub controls: Controls,
     /// The VMCS revision identifier (IA32_VMX_BASIC).
@@ -283,7 +297,11 @@ impl Vm {
         )
         .map_err(GuestError::Image)?;
         let p2m = P2m::new(platform, ept_caps).map_err(GuestError::from)?;
-        let altp2m = match Altp2m::new(platform, 1, DROP_LOG) {
+        let vcpus = config.apic_ids.len();
+        if vcpus == 0 || vcpus > config.coherence.vcpus() {
+            return Err(GuestError::BadConfig("the number of vCPUs").into());
+        }
+        let altp2m = match Altp2m::new(platform, vcpus, DROP_LOG) {
             Ok(altp2m) => altp2m,
             Err(_) => {
                 p2m.destroy(platform);
@@ -328,6 +346,9 @@ impl Vm {
             refusals_logged: 0,
             boot_views: BootViews::Host,
             logdirty_all: None,
+            coherence: config.coherence,
+            end: None,
+            halted: 0,
             controls,
             vmcs_revision: caps.revision_id(),
             msr_bitmap,
@@ -342,7 +363,7 @@ impl Vm {
             .map_err(|_| GuestError::NoMemory)
             .map(|()| {
                 let gfn = Gfn(crate::vcpu::APIC_BASE_RESET / PAGE);
-                vm.apic_pages.push(apic::ApicPage::reset(gfn, 1));
+                vm.apic_pages.push(apic::ApicPage::reset(gfn, vcpus as u32));
             })
             .and_then(|()| vm.populate(&layout.backed(), platform))
             .and_then(|()| vm.map_mmio(&mmio, platform))
@@ -372,6 +393,11 @@ impl Vm {
             WATCHDOG_TICK_TSC
         };
         u32::try_from(tsc >> self.timer_shift).unwrap_or(u32::MAX)
+    }
+
+    /// The number of vCPUs.
+    pub fn vcpus(&self) -> usize {
+        self.altp2m.vcpus()
     }
 
     /// The MSR bitmap's and I/O bitmaps' addresses, for each vCPU's VMCS.
@@ -428,6 +454,7 @@ impl Vm {
         &mut self,
         cpu: &mut impl Cpu,
         platform: &mut impl Platform,
+        vcpu: usize,
     ) -> Result<(), hv_altp2m::Error> {
         if self.logdirty_all.is_none() {
             return Ok(());
@@ -438,7 +465,7 @@ impl Vm {
             let armed =
                 self.altp2m
                     .arm_dirty(platform, &mut self.p2m, &mut self.dirty, first, last)?;
-            crate::views::flush(self, cpu, platform);
+            crate::views::flush(self, cpu, platform, vcpu);
             self.altp2m
                 .fetch_dirty(&mut self.dirty, &armed, |_| dirty += 1)?;
         }
@@ -592,6 +619,7 @@ impl Vm {
         &mut self,
         platform: &mut impl Platform,
         cpu: &mut impl Cpu,
+        vcpu: usize,
         gfn: Gfn,
     ) -> Result<(), hv_altp2m::Error> {
         gfn.check().map_err(|_| hv_altp2m::Error::GfnOutOfRange)?;
@@ -611,7 +639,7 @@ impl Vm {
         self.altp2m
             .host_remove(platform, &mut self.p2m, gfn, Order::PAGE_4K)?;
         // No CPU may still translate to the frame when it is reused.
-        crate::views::flush(self, cpu, platform);
+        crate::views::flush(self, cpu, platform, vcpu);
         platform.free_frames(mfn, 1);
         let at = self.released.binary_search(&mfn.0).unwrap_or_else(|at| at);
         self.released.insert(at, mfn.0);
