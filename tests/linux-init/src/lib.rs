@@ -11,6 +11,7 @@
 //! `main.rs` makes the system calls and runs the instructions.
 
 pub mod checks;
+pub mod kallsyms;
 pub mod params;
 pub mod pattern;
 pub mod procfs;

@@ -225,6 +225,7 @@ fn memory_check(params: &Params) -> Outcome {
         firmware_ram: firmware_memmap().map(|ranges| procfs::total(&ranges, "System RAM")),
         iomem_ram: procfs::total(&iomem, "System RAM"),
         mem_total: mem_total * 1024,
+        kernel: procfs::kernel_memory_line(&kernel_log()),
     };
     checks::memory(params.mem_mib, &view)
 }
@@ -348,16 +349,20 @@ fn memtest_check(params: &Params) -> Outcome {
     }
 }
 
-/// The kernel's log buffer, through syslog(2), on the console.
-fn print_kernel_log() {
+/// The kernel's log buffer, through syslog(2).
+fn kernel_log() -> String {
     // SAFETY: SYSLOG_ACTION_SIZE_BUFFER (10) takes no buffer.
     let size = unsafe { libc::klogctl(10, std::ptr::null_mut(), 0) };
     let mut buffer = vec![0u8; size.max(0) as usize];
     // SAFETY: SYSLOG_ACTION_READ_ALL (3) writes at most `len` bytes into the buffer.
     let len = unsafe { libc::klogctl(3, buffer.as_mut_ptr().cast(), buffer.len() as i32) };
     buffer.truncate(len.max(0) as usize);
+    String::from_utf8_lossy(&buffer).into_owned()
+}
+
+fn print_kernel_log() {
     say("kernel log:");
-    for line in String::from_utf8_lossy(&buffer).lines() {
+    for line in kernel_log().lines() {
         out(&format!("  {line}"));
     }
 }

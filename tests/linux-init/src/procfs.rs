@@ -151,14 +151,31 @@ pub fn cpuinfo_flag(text: &str, flag: &str) -> Vec<bool> {
         .collect()
 }
 
-/// The kernel's memory accounting line at boot,
-/// `Memory: 474540K/523896K available (...)`: (available, managed) KiB.
-pub fn kernel_memory_line(log: &str) -> Option<(u64, u64)> {
+/// The kernel's memory accounting at boot, from its log line
+/// `Memory: 474540K/523896K available (... 49096K reserved, ...)`, in KiB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelMemory {
+    /// Free after the kernel set itself up.
+    pub available: u64,
+    /// Every page of RAM the kernel manages.
+    pub managed: u64,
+    /// Taken by the kernel at boot (image, page array, early allocations).
+    pub reserved: u64,
+}
+
+pub fn kernel_memory_line(log: &str) -> Option<KernelMemory> {
     log.lines().find_map(|line| {
         let rest = &line[line.find("Memory: ")? + "Memory: ".len()..];
         let (available, rest) = rest.split_once("K/")?;
-        let (managed, _) = rest.split_once("K available")?;
-        Some((available.parse().ok()?, managed.parse().ok()?))
+        let (managed, rest) = rest.split_once("K available")?;
+        let reserved = rest
+            .split([',', '('])
+            .find_map(|part| part.trim().strip_suffix("K reserved"))?;
+        Some(KernelMemory {
+            available: available.parse().ok()?,
+            managed: managed.parse().ok()?,
+            reserved: reserved.parse().ok()?,
+        })
     })
 }
 
@@ -250,8 +267,20 @@ fec00000-fec003ff : IOAPIC 0
     #[test]
     fn kernel_memory_accounting_line() {
         let log = "<6>[    0.000000] Zone ranges:\n\
-                   <6>[    0.512000] Memory: 474540K/523896K available (14336K kernel code, 49096K reserved)\n";
-        assert_eq!(kernel_memory_line(log), Some((474_540, 523_896)));
+                   <6>[    0.512000] Memory: 207548K/523832K available (14343K kernel code, \
+                   2338K rwdata, 9132K rodata, 2824K init, 17344K bss, 64968K reserved, 0K cma-reserved)\n";
+        assert_eq!(
+            kernel_memory_line(log),
+            Some(KernelMemory {
+                available: 207_548,
+                managed: 523_832,
+                reserved: 64_968
+            })
+        );
         assert_eq!(kernel_memory_line("Memory: lots"), None);
+        assert_eq!(
+            kernel_memory_line("Memory: 1K/2K available (3K kernel code)"),
+            None
+        );
     }
 }
