@@ -4,6 +4,7 @@
 //! wrong. Volatile accesses keep the compiler from skipping the round trip
 //! through memory.
 
+use std::collections::TryReserveError;
 use std::ptr;
 
 /// The value of the word at `address`: a multiply-xorshift mix, cheap
@@ -18,17 +19,22 @@ fn fold(sum: u64, value: u64) -> u64 {
     sum.rotate_left(1) ^ value
 }
 
-/// Writes the pattern into `words`; returns the checksum of what was written.
-pub fn fill(words: &mut [u64], seed: u64) -> u64 {
+/// Makes `words` hold `len` words of the pattern, written once each into
+/// freshly reserved memory (no zeroing pass first: in an emulator every
+/// pass costs seconds); returns the checksum of what was written.
+pub fn fill(words: &mut Vec<u64>, len: usize, seed: u64) -> Result<u64, TryReserveError> {
+    words.clear();
+    words.try_reserve_exact(len)?;
     let mut sum = 0;
-    for slot in words.iter_mut() {
-        let slot: *mut u64 = slot;
-        let value = word(seed, slot as u64);
-        // SAFETY: `slot` comes from a live `&mut u64`.
-        unsafe { ptr::write_volatile(slot, value) };
+    for slot in &mut words.spare_capacity_mut()[..len] {
+        let value = word(seed, slot.as_ptr() as u64);
+        slot.write(value);
         sum = fold(sum, value);
     }
-    sum
+    // SAFETY: the first `len` words were written just above, within the
+    // capacity reserved for them.
+    unsafe { words.set_len(len) };
+    Ok(sum)
 }
 
 /// What reading the pattern back found.
@@ -68,8 +74,9 @@ mod tests {
 
     #[test]
     fn round_trip_matches_and_damage_is_found() {
-        let mut words = vec![0u64; 4096];
-        let written = fill(&mut words, 0x1234);
+        let mut words = Vec::new();
+        let written = fill(&mut words, 4096, 0x1234).unwrap();
+        assert_eq!(words.len(), 4096);
         let clean = verify(&words, 0x1234);
         assert_eq!(clean.checksum, written);
         assert_eq!(clean.mismatches, 0);
@@ -85,8 +92,9 @@ mod tests {
 
     #[test]
     fn pattern_depends_on_address_and_seed() {
-        let mut words = vec![0u64; 512];
-        fill(&mut words, 7);
+        let mut words = vec![1, 2, 3];
+        fill(&mut words, 512, 7).unwrap();
+        assert_eq!(words.len(), 512);
         // Swapping two words (a misplaced write) is seen.
         words.swap(10, 11);
         assert_eq!(verify(&words, 7).mismatches, 2);
