@@ -16,8 +16,9 @@ use hv_linux_init::params::{ExitPath, Params};
 use hv_linux_init::{Outcome, pattern, procfs, status, summary};
 
 fn main() {
-    // First, before anything else runs: under Bochs the TSC counts emulated
-    // instructions since power-on.
+    // First, before anything else runs: under Bochs the TSC counts ticks
+    // since power-on (one per emulated instruction, plus the time skipped
+    // while every CPU halts).
     let tsc = rdtsc();
     let notes = mount_and_open_console();
     let uptime = read("/proc/uptime").ok().and_then(|t| procfs::uptime(&t));
