@@ -69,13 +69,17 @@ pub fn base_msr() -> u64 {
 
 /// Writes IA32_APIC_BASE and follows it: the registers are at the new
 /// base, and the interrupt handler EOIs only while the APIC is enabled.
+/// Interrupts wait meanwhile, so none finds the APIC moved and the
+/// handler not.
 pub fn set_base_msr(value: u64) -> Result<(), u8> {
-    probe::wrmsr(IA32_APIC_BASE, value)?;
-    let address = value & BASE_ADDRESS;
-    paging::map_uncached(address);
-    BASE.store(address, Ordering::SeqCst);
-    interrupts::APIC_EOI.store(value & BASE_ENABLE != 0, Ordering::SeqCst);
-    Ok(())
+    x86_64::instructions::interrupts::without_interrupts(|| {
+        probe::wrmsr(IA32_APIC_BASE, value)?;
+        let address = value & BASE_ADDRESS;
+        paging::map_uncached(address);
+        BASE.store(address, Ordering::SeqCst);
+        interrupts::APIC_EOI.store(value & BASE_ENABLE != 0, Ordering::SeqCst);
+        Ok(())
+    })
 }
 
 /// Software-enables the APIC at the base IA32_APIC_BASE names: spurious

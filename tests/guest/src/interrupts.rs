@@ -134,6 +134,11 @@ pub fn count(vector: u8) -> u64 {
     COUNTS[usize::from(vector)].load(Ordering::SeqCst)
 }
 
+/// `vector`'s arrival counter itself, for code that watches it in assembly.
+pub fn counter(vector: u8) -> &'static AtomicU64 {
+    &COUNTS[usize::from(vector)]
+}
+
 /// The TSC when `vector` last arrived.
 pub fn last_tsc(vector: u8) -> u64 {
     LAST_TSC[usize::from(vector)].load(Ordering::SeqCst)

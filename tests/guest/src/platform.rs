@@ -343,8 +343,12 @@ pub fn ticking(clocks: Clocks) -> Outcome {
     Ok(())
 }
 
-/// HLT on `top`'s stack: the interrupt that wakes it is delivered there.
-fn halt_on_stack(top: u64) {
+/// Waits on `top`'s stack, interrupts on, until the timer's next tick
+/// arrives (delivered onto that stack) or `rounds` spins pass. Returns
+/// whether it arrived. Nothing but the delivery touches the stack.
+fn wait_on_stack(top: u64, rounds: u64) -> bool {
+    let counter = irq::counter(TIMER);
+    let from = counter.load(Ordering::SeqCst);
     // SAFETY: `top` is the end of guest RAM nothing else uses; the handler
     // runs on it and returns; RSP is restored before anything else runs.
     unsafe {
@@ -352,19 +356,30 @@ fn halt_on_stack(top: u64) {
             "mov r12, rsp",
             "mov rsp, {top}",
             "sti",
-            "hlt",
+            "2:",
+            "cmp qword ptr [{counter}], {from}",
+            "jne 3f",
+            "pause",
+            "dec {rounds}",
+            "jnz 2b",
+            "3:",
+            "cli",
             "mov rsp, r12",
             top = in(reg) top,
+            counter = in(reg) counter.as_ptr(),
+            from = in(reg) from,
+            rounds = inout(reg) rounds => _,
             out("r12") _,
         )
     };
+    counter.load(Ordering::SeqCst) != from
 }
 
 /// A periodic timer (50 Hz) keeps firing while the guest makes the
 /// hypervisor work: each round makes a fresh altp2m view, switches to it,
 /// touches memory it must copy lazily, makes a stray access (an EPT
-/// violation, #GP, and a line in the hypervisor's log), and sleeps on a
-/// stack that is not copied yet, so the waking interrupt's delivery is
+/// violation, #GP, and a line in the hypervisor's log), and waits for the
+/// next tick on a stack that is not copied yet, so the tick's delivery is
 /// itself cut short by an EPT violation and must be delivered again. Every
 /// tick must arrive: as many interrupts as periods passed, none lost. (The
 /// period is longer than any of these exits, the logged one included: a
@@ -389,8 +404,13 @@ pub fn irq_during_exit(clocks: Clocks) -> Outcome {
             if probe::read(NOT_RAM) == Err(GP) {
                 stray += 1;
             }
-            halt_on_stack(ALT_STACK_TOP);
+            let woken = wait_on_stack(ALT_STACK_TOP, 10 * period);
+            irq::enable();
             altp2m::switch(0)?;
+            check(
+                woken,
+                "a tick delivered onto an uncopied stack never arrived",
+            )?;
             ok(
                 hypercall(call::ALTP2M_DESTROY_VIEW, &[view]),
                 "DESTROY_VIEW",
@@ -408,7 +428,7 @@ pub fn irq_during_exit(clocks: Clocks) -> Outcome {
     result?;
     let (n, periods) = (c1 - c0, (t1 - t0 + period / 2) / period);
     println!(
-        "irq-during-exit: {rounds} rounds (fresh view, lazy copies, {stray} stray accesses, a wake-up delivered onto an uncopied stack): {n} ticks over {periods} periods; exits: {} EPT violation, {} VMCALL, {} exception or NMI",
+        "irq-during-exit: {rounds} rounds (fresh view, lazy copies, {stray} stray accesses, a tick delivered onto an uncopied stack): {n} ticks over {periods} periods; exits: {} EPT violation, {} VMCALL, {} exception or NMI",
         exits[reason::EPT_VIOLATION],
         exits[reason::VMCALL],
         exits[reason::EXCEPTION_OR_NMI]
@@ -586,11 +606,17 @@ pub fn apic_base(clocks: Clocks) -> Outcome {
     let base = apic::base();
     let (version, id) = (apic::read(apic::VERSION), apic::id());
     let result = (|| {
-        // Disabled: all ones, no ticks (after one that may be in flight).
+        // Disabled right after a tick (none pending or in service): all
+        // ones, and no ticks from then on (the exit that disables it is
+        // long, the hypervisor logs a line, but the APIC is masked first).
+        let from = irq::count(TIMER);
+        check(
+            irq::wait_for(TIMER, from, 1, 10 * period),
+            "the timer stopped before the APIC was disabled",
+        )?;
+        let from = irq::count(TIMER);
         apic::set_base_msr(msr & !apic::BASE_ENABLE).map_err(|_| "disabling faulted")?;
         let disabled_reads = apic::read_at(base, apic::VERSION);
-        irq::spin(2 * period);
-        let from = irq::count(TIMER);
         irq::spin(10 * period);
         let while_disabled = irq::count(TIMER) - from;
         apic::set_base_msr(msr).map_err(|_| "re-enabling faulted")?;
