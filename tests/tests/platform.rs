@@ -242,3 +242,24 @@ fn without_the_hypervisor_acpi_s5_powers_bare_bochs_off() {
     );
     run.clean_up();
 }
+
+/// On bare Bochs, GRUB's own Multiboot 2 module reaches the guest intact.
+#[test]
+#[ignore = "a cross-check of the test guest itself; run with --ignored"]
+fn without_the_hypervisor_a_module_from_grub_arrives_intact() {
+    let bytes = module_bytes(300_001);
+    let checksum = hv_abi::display_checksum(bytes.iter().copied());
+    let path = hv_tests::scratch_file("bare-module", &bytes);
+    let mut boot = Boot::new(Engine::Bochs).bare_guest(&format!(
+        "modules module={}:{checksum:x}:payload",
+        bytes.len()
+    ));
+    boot.modules
+        .push((path.clone(), "payload second-word".into()));
+    let run = boot.run();
+    let _ = std::fs::remove_file(&path);
+    println!("{}", run.report());
+    run.expect_line("guest: PASS modules")
+        .expect_line("guest: result: 1 passed, 0 failed");
+    run.clean_up();
+}
