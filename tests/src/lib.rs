@@ -188,6 +188,9 @@ pub struct Boot {
     /// [`Engine::emulator_program`]: `bochs` or `qemu-system-x86_64`, or what
     /// `HV_BOCHS` / `HV_QEMU` say.
     pub emulator: Option<String>,
+    /// The kernel to boot; by default the hypervisor ([`Boot::bare_guest`]
+    /// boots the test guest itself).
+    pub kernel: Option<PathBuf>,
 }
 
 impl Boot {
@@ -203,6 +206,7 @@ impl Boot {
             timeout: Duration::from_secs(120),
             stream: false,
             emulator: None,
+            kernel: None,
         }
     }
 
@@ -233,6 +237,16 @@ impl Boot {
         self
     }
 
+    /// Boots the test guest directly, without the hypervisor, with
+    /// `cmdline` (its scenarios): a cross-check that tells the hypervisor's
+    /// bugs from the guest's. Its console is COM1 ([`Run::guest`]); there
+    /// is no `hv: exit` line, so the run's outcome is not a status.
+    pub fn bare_guest(mut self, cmdline: &str) -> Self {
+        self.kernel = Some(test_guest_image().to_path_buf());
+        self.cmdline = cmdline.into();
+        self
+    }
+
     /// Builds what is needed, boots, waits for the end or the timeout.
     pub fn run(&self) -> Run {
         self.run_in(new_run_dir(self.engine))
@@ -249,7 +263,10 @@ impl Boot {
 
     /// The kernel to boot and, unless QEMU loads it directly, its GRUB ISO.
     fn boot_medium(&self, dir: &Path) -> Result<Medium, String> {
-        let kernel = build_images()?.kernel.clone();
+        let kernel = match &self.kernel {
+            Some(kernel) => kernel.clone(),
+            None => build_images()?.kernel.clone(),
+        };
         let iso = if self.engine == Engine::Bochs || !self.qemu_direct_kernel {
             Some(self.grub_iso(&kernel, dir)?)
         } else {
@@ -512,6 +529,16 @@ pub fn network_isolation() -> Isolation {
             })
             .map_or(Isolation::None, Isolation::Namespace)
     })
+}
+
+/// Writes `bytes` to a file of its own under `target/runs` (a boot module,
+/// say) and returns its path.
+pub fn scratch_file(name: &str, bytes: &[u8]) -> PathBuf {
+    let dir = workspace_root().join("target/runs");
+    fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot make {}: {e}", dir.display()));
+    let path = dir.join(format!("{name}-{}.bin", std::process::id()));
+    fs::write(&path, bytes).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+    path
 }
 
 /// A fresh directory for one run's files, so runs in parallel never share one.
@@ -826,6 +853,27 @@ impl Run {
             self.report()
         );
         self
+    }
+
+    /// Panics with the report unless the hypervisor tore its guest down
+    /// cleanly: every frame back, its own code and page tables unchanged.
+    pub fn expect_torn_down_cleanly(&self) -> &Self {
+        self.expect_line("vmm: guest torn down, all frames returned")
+            .expect_line("isolation: hypervisor image and page tables unchanged")
+            .expect_no_line("frame leak")
+    }
+
+    /// Panics with the report unless the run ended with status 0, the test
+    /// guest passed exactly `scenarios`, and the guest was torn down cleanly.
+    pub fn expect_scenarios_passed(&self, scenarios: &[&str]) -> &Self {
+        self.expect_exit(exit::OK).expect_line(&format!(
+            "{GUEST_PREFIX}result: {} passed, 0 failed",
+            scenarios.len()
+        ));
+        for s in scenarios {
+            self.expect_line(&format!("{GUEST_PREFIX}PASS {s}"));
+        }
+        self.expect_torn_down_cleanly()
     }
 
     /// The first line of the run's log containing `text`.
