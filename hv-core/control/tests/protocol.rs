@@ -450,7 +450,12 @@ proptest! {
     ) {
         let first = encode(&first);
         let second = encode(&second);
-        let mut stream = first[..cut.index(first.len())].to_vec();
+        let cut = cut.index(first.len());
+        // The next frame's first bytes may be exactly the cut ones (an
+        // answer whose view ends in 'H', 'V', ...): then the stream holds
+        // the whole first frame, and that is what must come out.
+        prop_assume!(!second.starts_with(&first[cut..]));
+        let mut stream = first[..cut].to_vec();
         stream.extend_from_slice(&second);
         let mut decoder = Decoder::new();
         let mut seen = decode_all(&mut decoder, &stream);
