@@ -89,11 +89,13 @@ impl Serial {
     }
 }
 
-/// Raw mode: no line discipline, no echo, 8 data bits.
+/// Raw mode: no line discipline, no echo, 8 data bits, 115200 baud (what
+/// the hypervisor's COM3 runs at; a pty ignores the speed).
 pub fn make_raw(fd: &impl AsFd) -> io::Result<()> {
-    use nix::sys::termios::{SetArg, cfmakeraw, tcgetattr, tcsetattr};
+    use nix::sys::termios::{BaudRate, SetArg, cfmakeraw, cfsetspeed, tcgetattr, tcsetattr};
     let mut attrs = tcgetattr(fd.as_fd()).map_err(io::Error::from)?;
     cfmakeraw(&mut attrs);
+    cfsetspeed(&mut attrs, BaudRate::B115200).map_err(io::Error::from)?;
     tcsetattr(fd.as_fd(), SetArg::TCSANOW, &attrs).map_err(io::Error::from)
 }
 
