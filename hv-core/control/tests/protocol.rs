@@ -325,49 +325,46 @@ enum Seen {
     Error(FrameError),
 }
 
-fn decode_all(decoder: &mut Decoder, bytes: &[u8]) -> Vec<Seen> {
-    let mut seen = Vec::new();
-    let mut record = |d: Decoded<'_>| match d {
+/// A decoder result, owned: a frame as its bytes again.
+fn seen(d: Decoded<'_>) -> Seen {
+    match d {
         Decoded::Frame(f) => {
             let mut buf = vec![0; MAX_FRAME];
             let n = frame::encode(&mut buf, f.kind, f.id, f.seq, |w| w.bytes(f.payload)).unwrap();
             buf.truncate(n);
-            seen.push(Seen::Frame(buf));
+            Seen::Frame(buf)
         }
-        Decoded::Error(e) => seen.push(Seen::Error(e)),
-    };
+        Decoded::Error(e) => Seen::Error(e),
+    }
+}
+
+fn decode_all(decoder: &mut Decoder, bytes: &[u8]) -> Vec<Seen> {
+    let mut out = Vec::new();
     for &b in bytes {
         if let Some(d) = decoder.push(b) {
-            record(d);
+            out.push(seen(d));
             while let Some(d) = decoder.poll() {
-                record(d);
+                out.push(seen(d));
             }
         }
     }
-    seen
+    out
 }
 
 /// The same through `feed`, in chunks of `chunk` bytes.
 fn feed_all(decoder: &mut Decoder, bytes: &[u8], chunk: usize) -> Vec<Seen> {
-    let mut seen = Vec::new();
+    let mut out = Vec::new();
     for mut part in bytes.chunks(chunk) {
         loop {
             let (used, d) = decoder.feed(part);
             part = &part[used..];
             match d {
-                Some(Decoded::Frame(f)) => {
-                    let mut buf = vec![0; MAX_FRAME];
-                    let n = frame::encode(&mut buf, f.kind, f.id, f.seq, |w| w.bytes(f.payload))
-                        .unwrap();
-                    buf.truncate(n);
-                    seen.push(Seen::Frame(buf));
-                }
-                Some(Decoded::Error(e)) => seen.push(Seen::Error(e)),
+                Some(d) => out.push(seen(d)),
                 None => break,
             }
         }
     }
-    seen
+    out
 }
 
 fn frames(seen: &[Seen]) -> Vec<&[u8]> {
@@ -458,24 +455,20 @@ proptest! {
         let mut stream = first[..cut].to_vec();
         stream.extend_from_slice(&second);
         let mut decoder = Decoder::new();
-        let mut seen = decode_all(&mut decoder, &stream);
+        let mut seen_after = decode_all(&mut decoder, &stream);
         // A cut header's size may promise more bytes than follow: the
         // second frame then comes out when the receiver's idle timeout
         // expires the first.
-        if frames(&seen).is_empty() {
+        if frames(&seen_after).is_empty() {
             prop_assert!(decoder.is_mid_frame());
-            let mut record = |d: Decoded<'_>| seen.push(match d {
-                Decoded::Frame(f) => Seen::Frame(stream[stream.len() - HEADER_LEN - f.payload.len()..].to_vec()),
-                Decoded::Error(e) => Seen::Error(e),
-            });
             if let Some(d) = decoder.expire() {
-                record(d);
+                seen_after.push(seen(d));
             }
             while let Some(d) = decoder.poll() {
-                record(d);
+                seen_after.push(seen(d));
             }
         }
-        prop_assert_eq!(frames(&seen), vec![second.as_slice()]);
+        prop_assert_eq!(frames(&seen_after), vec![second.as_slice()]);
         prop_assert!(!decoder.is_mid_frame());
     }
 

@@ -114,7 +114,9 @@ enum Cmd {
     },
     /// The guest's RAM ranges.
     MemoryMap,
-    /// Which event classes are reported: mem,bp,cr3,ve | all | none.
+    /// Which event classes are reported: mem,bp,cr3,ve | all | none. A
+    /// session's end turns them off again, so this shows what the
+    /// hypervisor accepts; `watch --events` keeps them on while it watches.
     Events {
         #[arg(value_parser = classes)]
         classes: u32,
