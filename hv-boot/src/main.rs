@@ -9,6 +9,7 @@ extern crate alloc;
 mod acpi;
 mod arch;
 mod console;
+mod control_line;
 mod entry;
 mod heap;
 mod memory;
@@ -43,6 +44,9 @@ extern "C" fn kmain(magic: u32, info_address: u32) -> ! {
         );
     }
     report_memory_map(&boot);
+    if control_line::init(options.control) {
+        info!("control: channel on COM3 (tsc {} kHz)", platform::tsc_khz());
+    }
     let (image_start, image_end) = memory::image_range();
     info!("boot: hypervisor image {image_start:#x}..{image_end:#x}");
     if let Err(e) = memory::init(&boot) {

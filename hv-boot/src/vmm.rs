@@ -92,6 +92,22 @@ impl Platform for KernelPlatform {
         crate::arch::take_nmi()
     }
 
+    fn has_control_line(&self) -> bool {
+        crate::control_line::present()
+    }
+
+    fn control_receive(&mut self) -> Option<u8> {
+        crate::control_line::receive()
+    }
+
+    fn control_send(&mut self, bytes: &[u8]) {
+        crate::control_line::send(bytes);
+    }
+
+    fn tsc_khz(&self) -> u64 {
+        platform::tsc_khz()
+    }
+
     fn show_text(&mut self, cells: &[u8]) {
         /// The VGA text buffer (80x25 cells), identity-mapped like all low memory.
         const VGA_TEXT: usize = 0xb8000;
@@ -364,6 +380,9 @@ fn run_vm(
             "logdirty: {} fetches of all guest RAM found {} dirty pages",
             totals.fetches, totals.pages
         );
+    }
+    if vm.control.has_line() {
+        info!("control: served {}", vm.control.stats);
     }
     if vm.stray_accesses > 0 {
         warn!(

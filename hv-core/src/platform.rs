@@ -54,6 +54,21 @@ pub trait Platform: EptMemory {
     /// Shows a text screen (80x25 cells of character and attribute bytes):
     /// the VGA text buffer on a PC.
     fn show_text(&mut self, cells: &[u8]);
+
+    /// Whether the machine has a control line (`control`): a serial port
+    /// of the hypervisor's own that a tool is or may be connected to.
+    fn has_control_line(&self) -> bool;
+
+    /// A byte the tool sent on the control line, if one is waiting.
+    fn control_receive(&mut self) -> Option<u8>;
+
+    /// Sends bytes on the control line (waiting for the transmitter, but
+    /// boundedly: a line nobody reads must not hang the hypervisor).
+    fn control_send(&mut self, bytes: &[u8]);
+
+    /// The time-stamp counter's rate in kHz (for the control channel's
+    /// timeouts; an estimate is enough).
+    fn tsc_khz(&self) -> u64;
 }
 
 /// Reports a monitor event, formatted without the heap (a guest may have

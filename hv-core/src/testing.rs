@@ -28,6 +28,11 @@ pub struct SimPlatform {
     /// The other vCPUs' side of a kick: each kicked vCPU leaves guest mode
     /// on the view given here (as its exit would publish it).
     pub kicked_exit: Option<(&'static crate::smp::Coherence, u16)>,
+    /// The machine has a control line: bytes the tool sent, and bytes the
+    /// hypervisor sent.
+    pub control_line: bool,
+    pub control_in: std::collections::VecDeque<u8>,
+    pub control_out: Vec<u8>,
 }
 
 impl SimPlatform {
@@ -138,5 +143,22 @@ impl Platform for SimPlatform {
 
     fn show_text(&mut self, cells: &[u8]) {
         self.screen = cells.to_vec();
+    }
+
+    fn has_control_line(&self) -> bool {
+        self.control_line
+    }
+
+    fn control_receive(&mut self) -> Option<u8> {
+        self.control_in.pop_front()
+    }
+
+    fn control_send(&mut self, bytes: &[u8]) {
+        self.control_out.extend_from_slice(bytes);
+    }
+
+    /// One TSC cycle per millisecond: timeouts in tests are counted in ms.
+    fn tsc_khz(&self) -> u64 {
+        1
     }
 }

@@ -114,6 +114,9 @@ pub struct Client<T: Transport> {
     pub session: Session,
 }
 
+/// How long a HELLO waits for its reply before it is sent again.
+pub const HELLO_RETRY: Duration = Duration::from_secs(10);
+
 /// How many recent event sequence numbers a client remembers to drop repeats.
 const SEEN_EVENTS: usize = 256;
 
@@ -144,23 +147,47 @@ impl<T: Transport> Client<T> {
                 max_payload: 0,
             },
         };
-        client.session = client.call(
-            Command::Hello {
-                version: u16::from(hv_control::VERSION),
-                liveness_ms,
-            },
-            |body| match body {
-                ReplyBody::Hello {
-                    version,
-                    max_payload,
-                } => Some(Session {
-                    version,
-                    max_payload,
-                }),
-                _ => None,
-            },
-        )?;
+        client.session = client.hello(liveness_ms)?;
         Ok(client)
+    }
+
+    /// Opens the session. A HELLO without a reply is sent again every
+    /// [`HELLO_RETRY`] until the timeout: its first bytes may have been
+    /// lost while the hypervisor set up its line (a tool that connects
+    /// while the machine boots), and the hypervisor finds the next frame.
+    fn hello(&mut self, liveness_ms: u32) -> Result<Session> {
+        let timeout = self.timeout;
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.timeout = HELLO_RETRY.min(deadline.saturating_duration_since(Instant::now()));
+            let reply = self.call(
+                Command::Hello {
+                    version: u16::from(hv_control::VERSION),
+                    liveness_ms,
+                },
+                |body| match body {
+                    ReplyBody::Hello {
+                        version,
+                        max_payload,
+                    } => Some(Session {
+                        version,
+                        max_payload,
+                    }),
+                    _ => None,
+                },
+            );
+            self.timeout = timeout;
+            match reply {
+                Err(Error::Timeout { .. }) if Instant::now() < deadline => continue,
+                Err(Error::Timeout { what, .. }) => {
+                    return Err(Error::Timeout {
+                        what,
+                        after: timeout,
+                    });
+                }
+                other => return other,
+            }
+        }
     }
 
     /// The transport, for a caller that needs it back.

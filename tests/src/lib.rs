@@ -553,6 +553,25 @@ impl Running {
         &self.dir
     }
 
+    /// Waits until a line of the run's log so far (the hypervisor's or the
+    /// guest's console) contains `text`, and returns it; `None` if `timeout`
+    /// passes or the emulator ends first.
+    pub fn wait_for_line(&mut self, text: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for port in SERIAL_PORTS {
+                let log = fs::read_to_string(self.dir.join(port.file)).unwrap_or_default();
+                if let Some(line) = log.lines().find(|l| l.contains(text)) {
+                    return Some(line.to_owned());
+                }
+            }
+            if Instant::now() >= deadline || !self.is_running() {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// Whether the emulator is still running.
     pub fn is_running(&mut self) -> bool {
         match &mut self.child {

@@ -20,7 +20,8 @@ pub fn init<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Flow {
         return Flow::Stop(end);
     }
     log::info!("guest: INIT on vCPU {}: waiting for SIPI", ctx.vcpu.id.0);
-    crate::views::finish_step(ctx.cpu, ctx.vm, ctx.vcpu);
+    // A processor reset ends any step, a tool's too (no event: INIT wins).
+    crate::views::cancel_step(ctx.cpu, ctx.vm, ctx.vcpu);
     ctx.vcpu.pending = Default::default();
     ctx.vcpu.waiting_for_sipi = true;
     state::wait_for_sipi(ctx.cpu);

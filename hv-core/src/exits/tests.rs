@@ -19,15 +19,15 @@ use crate::vmx::vmcs::tests::FakeVmcs;
 const IMAGE_AT: u64 = 0x20_0000;
 /// Bochs's corei7_skylake_x: VMFUNC, #VE, the preemption timer, VPID and
 /// wait-for-SIPI, but no monitor trap flag, so single steps use TF.
-fn caps() -> VmxCaps {
+pub(crate) fn caps() -> VmxCaps {
     VmxCaps::new(bochs_skylake_x(), 46)
 }
 
-fn image() -> Vec<u8> {
+pub(crate) fn image() -> Vec<u8> {
     elf(IMAGE_AT, 0x2000, 0x4000, IMAGE_AT + 0x40, None, true)
 }
 
-fn config(image: &[u8]) -> GuestConfig<'_> {
+pub(crate) fn config(image: &[u8]) -> GuestConfig<'_> {
     GuestConfig {
         memory_mib: 8,
         image,
@@ -50,20 +50,20 @@ fn new_guest(platform: &mut SimPlatform) -> Vm {
     Vm::create(&caps(), &config(&image), platform).unwrap()
 }
 
-struct Machine {
-    platform: SimPlatform,
-    vm: Vm,
-    vcpu: Vcpu,
-    vmcs: FakeVmcs,
+pub(crate) struct Machine {
+    pub(crate) platform: SimPlatform,
+    pub(crate) vm: Vm,
+    pub(crate) vcpu: Vcpu,
+    pub(crate) vmcs: FakeVmcs,
 }
 
 impl Machine {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::with(|_| {})
     }
 
     /// A machine whose guest configuration `change` adjusts first.
-    fn with(change: impl FnOnce(&mut GuestConfig<'_>)) -> Self {
+    pub(crate) fn with(change: impl FnOnce(&mut GuestConfig<'_>)) -> Self {
         let mut platform = SimPlatform::new();
         let image = image();
         let mut config = config(&image);
@@ -86,7 +86,7 @@ impl Machine {
         }
     }
 
-    fn exit(&mut self, reason: ExitReason) -> Flow {
+    pub(crate) fn exit(&mut self, reason: ExitReason) -> Flow {
         // As every VM exit does: the valid bit of the injection field is clear.
         let info = self.vmcs.read(control::VMENTRY_INTERRUPTION_INFO_FIELD);
         self.vmcs
@@ -101,7 +101,7 @@ impl Machine {
     }
 
     /// Tears the vCPU and the VM down; their frames go back to the platform.
-    fn destroy(self) -> SimPlatform {
+    pub(crate) fn destroy(self) -> SimPlatform {
         let Machine {
             mut platform,
             vm,
@@ -113,12 +113,12 @@ impl Machine {
         platform
     }
 
-    fn injected(&self) -> u64 {
+    pub(crate) fn injected(&self) -> u64 {
         self.vmcs.read(control::VMENTRY_INTERRUPTION_INFO_FIELD)
     }
 }
 
-fn stopped(flow: Flow) -> Option<GuestEnd> {
+pub(crate) fn stopped(flow: Flow) -> Option<GuestEnd> {
     match flow {
         Flow::Stop(end) => Some(end),
         Flow::Resume => None,
@@ -491,7 +491,7 @@ use crate::abi::{access, call, error};
 
 impl Machine {
     /// Makes hypercall `number` and returns RAX.
-    fn call(&mut self, number: u64, args: &[u64]) -> i64 {
+    pub(crate) fn call(&mut self, number: u64, args: &[u64]) -> i64 {
         let arg = |i: usize| args.get(i).copied().unwrap_or(0);
         self.vcpu.regs = GuestRegisters {
             rax: number,
@@ -507,7 +507,7 @@ impl Machine {
 
     /// An EPT exit at `gpa` as the CPU would give it: first the
     /// misconfiguration of a pending type change, if any, then the violation.
-    fn touch(&mut self, gpa: u64, write: bool) -> Flow {
+    pub(crate) fn touch(&mut self, gpa: u64, write: bool) -> Flow {
         self.vmcs.write(ro::GUEST_PHYSICAL_ADDR_FULL, gpa);
         if self
             .vm
@@ -1134,7 +1134,7 @@ fn all_ram_under_log_dirty_is_fetched_on_every_tick() {
 
 /// A machine whose VM has two vCPUs: this one (0) and another one (1) whose
 /// CPU the tests play through `smp::Coherence`.
-fn two_vcpus() -> Machine {
+pub(crate) fn two_vcpus() -> Machine {
     Machine::with(|c| c.apic_ids = &[0, 1])
 }
 

@@ -13,12 +13,13 @@ pub mod state;
 use hv_ept::{Gfn, Mfn};
 use x86::vmx::vmcs::{control, guest, ro};
 
+use crate::control as channel;
 use crate::devices::mtrr::Mtrrs;
 use crate::exits::{self, EntryFailure, ExitCtx, Flow, GuestEnd, StopReason};
 use crate::platform::{Kick, Platform};
 use crate::views;
 use crate::vm::{Vm, VmError};
-use crate::vmx::exit::Exit;
+use crate::vmx::exit::{Exit, ExitReason};
 use crate::vmx::vmcs::{Vmcs, dump_guest_state};
 use crate::vmx::{self, Cpu, ThisCpu, VmxError};
 use entry::Entry;
@@ -50,6 +51,9 @@ pub struct Step {
     /// `trap_flag` is the guest's own TF, restored after the step.
     pub mtf: bool,
     pub trap_flag: bool,
+    /// A tool asked for it (answering an event): it runs in the vCPU's own
+    /// view and ends with a `SINGLE_STEP` event.
+    pub for_tool: bool,
 }
 
 pub struct Vcpu {
@@ -172,7 +176,18 @@ impl Vcpu {
                 }
                 views::flush(&mut vm, &mut cpu, platform, id);
                 if coherence.take_reapply(id) {
+                    channel::take_notify(&mut vm, self);
                     views::apply(&mut cpu, &vm, self);
+                }
+                if vm.control.must_stop(id) {
+                    drop(vm);
+                    if let Some(end) = self.hold(machine, platform, &mut cpu) {
+                        return end;
+                    }
+                    continue;
+                }
+                if self.waiting_for_sipi && vm.control.has_line() {
+                    channel::parking(&mut vm, &mut cpu, self);
                 }
             }
             // An NMI that reached the hypervisor while it ran is the
@@ -231,6 +246,39 @@ impl Vcpu {
             if let Flow::Stop(end) = flow {
                 return end_all(vm, id, end, platform);
             }
+            // The tick is when a running vCPU looks at the control line.
+            let serve = vm.control.has_line() && exit.reason == ExitReason::PreemptionTimer;
+            drop(guard);
+            if serve {
+                channel::serve(machine, &mut cpu, platform, id);
+            }
+        }
+    }
+
+    /// Stays in the hypervisor while the control channel stops this vCPU
+    /// (paused by the tool, or held by an event until its answer), serving
+    /// the line meanwhile; the VM lock is free between rounds. Returns the
+    /// guest's end if it ended meanwhile.
+    fn hold(
+        &mut self,
+        machine: &spin::Mutex<Vm>,
+        platform: &mut impl Platform,
+        cpu: &mut ThisCpu,
+    ) -> Option<GuestEnd> {
+        let id = self.id.index();
+        channel::stop(&mut machine.lock(), cpu, self);
+        loop {
+            channel::serve(machine, cpu, platform, id);
+            {
+                let mut vm = machine.lock();
+                if let Some(end) = vm.end.clone() {
+                    return Some(end);
+                }
+                if channel::resume(&mut vm, cpu, platform, self) {
+                    return None;
+                }
+            }
+            core::hint::spin_loop();
         }
     }
 

@@ -92,7 +92,7 @@ pub fn set(
     );
     if let Err(e) = tracked {
         platform.free_frames(copy, pages);
-        return Err(crate::hypercall::errno(e));
+        return Err(crate::operations::errno(e));
     }
     guest.display = Some(Display {
         first,
@@ -119,7 +119,7 @@ fn stop(guest: &mut Vm, platform: &mut impl Platform) -> Result<(), i64> {
             P2mType::RamLogdirty,
             P2mType::RamRw,
         )
-        .map_err(crate::hypercall::errno)?;
+        .map_err(crate::operations::errno)?;
     guest.dirty.fetch_and_clear(first, last, |_| {});
     if let Some(display) = guest.display.take() {
         display.destroy(platform);

@@ -19,6 +19,7 @@ use hv_ept::{DirtyBitmap, EptCaps, Gfn, Mfn, Order, P2m, P2mAccess, P2mType};
 
 use x86::vmx::vmcs::control::PrimaryControls;
 
+use crate::control::Control;
 use crate::devices::acpi::{self, HostPlatform};
 use crate::devices::ports::{self, Devices};
 use crate::exits::GuestEnd;
@@ -238,6 +239,9 @@ pub struct Vm {
     apic_pages: Vec<apic::ApicPage>,
     /// The frame a disabled APIC's page reads from, once needed.
     all_ones: Option<Mfn>,
+    /// The control channel: a tool's session, held and paused vCPUs,
+    /// shadow pages.
+    pub control: Control,
 }
 
 impl Vm {
@@ -296,11 +300,13 @@ impl Vm {
             &options,
         )
         .map_err(GuestError::Image)?;
-        let p2m = P2m::new(platform, ept_caps).map_err(GuestError::from)?;
         let vcpus = config.apic_ids.len();
         if vcpus == 0 || vcpus > config.coherence.vcpus() {
             return Err(GuestError::BadConfig("the number of vCPUs").into());
         }
+        let ram_end = layout.map.iter().map(|r| r.end).max().unwrap_or(0);
+        let control = Control::new(platform, vcpus, ram_end).map_err(|_| GuestError::NoMemory)?;
+        let p2m = P2m::new(platform, ept_caps).map_err(GuestError::from)?;
         let altp2m = match Altp2m::new(platform, vcpus, DROP_LOG) {
             Ok(altp2m) => altp2m,
             Err(_) => {
@@ -356,6 +362,7 @@ impl Vm {
             lapic: Mfn(config.host.local_apic / PAGE),
             apic_pages: Vec::new(),
             all_ones: None,
+            control,
         };
         let built = vm
             .apic_pages
@@ -385,12 +392,19 @@ impl Vm {
 
     /// The period of the hypervisor's tick, in VMX-preemption timer units:
     /// the display refresh rate while there is a display, otherwise the
-    /// watchdog's, slow enough to cost an idle guest next to nothing.
+    /// watchdog's, slow enough to cost an idle guest next to nothing; with a
+    /// control line, often enough that a tool's command waits little.
     pub fn tick_period(&self) -> u32 {
         let tsc = if self.display.is_some() {
             DISPLAY_TICK_TSC
         } else {
             WATCHDOG_TICK_TSC
+        };
+        // A machine with a control line looks at it on every tick.
+        let tsc = if self.control.has_line() {
+            tsc.min(crate::control::CONTROL_TICK_TSC)
+        } else {
+            tsc
         };
         u32::try_from(tsc >> self.timer_shift).unwrap_or(u32::MAX)
     }
@@ -592,7 +606,8 @@ impl Vm {
     /// Gives every frame back: the display copy, the views, RAM, EPT tables
     /// and bitmaps. Every vCPU is gone and the EPT translations of this VM
     /// flushed on every CPU (all-context INVEPT) before.
-    pub fn destroy(self, platform: &mut impl Platform) {
+    pub fn destroy(mut self, platform: &mut impl Platform) {
+        self.control.destroy(platform);
         if let Some(frame) = self.all_ones {
             platform.free_frames(frame, 1);
         }

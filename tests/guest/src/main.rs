@@ -15,7 +15,8 @@
 //! `irq-during-exit`, `ve-and-timer`, `apic-base`, `modules`, `cr0`, and
 //! the run's end: `reset-i8042`, `reset-cf9`, `reset-92`, `acpi-s5`;
 //! figures: `cpuid-bench`, `vmfunc-bench`, `lazy-copy-bench`,
-//! `display-bench`, `idle-bench`, `exit-bench`. Options: `exit=N`,
+//! `display-bench`, `idle-bench`, `exit-bench`; `control` (the guest's half
+//! of the control channel's end-to-end test). Options: `exit=N`,
 //! `tsc-hz=`, `apic-hz=` (default 200 MHz, Bochs's), `module=SIZE:CHECKSUM[:WORD]`.
 //!
 //! It also runs on bare metal (GRUB booting it without the hypervisor),
@@ -27,6 +28,7 @@
 mod altp2m;
 mod apic;
 mod console;
+mod control;
 mod figures;
 mod firmware;
 mod interrupts;

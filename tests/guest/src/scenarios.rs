@@ -123,6 +123,7 @@ fn run_one(word: &str, boot: &BootInfo, options: &Options) -> Outcome {
         "acpi-s5" => platform::acpi_s5(boot),
         "idle-bench" => figures::idle_bench(clocks),
         "exit-bench" => figures::exit_bench(clocks),
+        "control" => crate::control::scenario(),
         _ => Err("no such scenario"),
     }
 }
