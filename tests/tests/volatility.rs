@@ -136,7 +136,7 @@ fn volatility_finds_debians_kernel_in_a_dump_of_the_running_guest() {
         .expect("linux_banner in System.map");
     let mut boot = Boot::new(Engine::Bochs)
         .cmdline("guest.mem=256")
-        .linux("hvtest.expect=hv hvtest.mem=256 hvtest.memtest=0")
+        .linux("hvtest.expect=hv hvtest.mem=256 hvtest.memtest=0 hvtest.probe=1")
         .control(true);
     boot.memory_mib = 512;
     boot.timeout = Duration::from_secs(1500);
@@ -147,13 +147,16 @@ fn volatility_finds_debians_kernel_in_a_dump_of_the_running_guest() {
         Err(e) => panic!("no session: {e}\n{}", running.stop().report()),
     };
     client.timeout = Duration::from_secs(60);
-    // Once init runs, the kernel is up and its banner in place.
-    if running
-        .wait_for_line("hv-linux-init: started", Duration::from_secs(1200))
-        .is_none()
-    {
-        panic!("init never started\n{}", running.stop().report());
-    }
+    // Once init runs, the kernel is up and its banner in place; init's probe
+    // check waits for the tool meanwhile (tests/linux-init/src/probe.rs).
+    let Some(line) = running.wait_for_line("probe: mailbox=", Duration::from_secs(1200)) else {
+        panic!("init never started\n{}", running.stop().report())
+    };
+    let mailbox = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("mailbox=0x"))
+        .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+        .expect("the mailbox's address");
     client.pause(ALL_VCPUS).unwrap();
     let gpa = client.translate(0, 0, banner_va).unwrap().gpa;
     client.resume(ALL_VCPUS).unwrap();
@@ -176,8 +179,20 @@ fn volatility_finds_debians_kernel_in_a_dump_of_the_running_guest() {
         |_, _| {},
     )
     .unwrap();
+    // Let init go on: its probe (without a breakpoint), then the end.
+    client
+        .write_memory(mailbox + 8, &1u64.to_le_bytes())
+        .unwrap();
+    while client.read_memory(mailbox + 32, 1).unwrap()[0] != 2 {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    client
+        .write_memory(mailbox + 8, &2u64.to_le_bytes())
+        .unwrap();
     let run = running.wait();
-    run.expect_exit(exit::OK).expect_torn_down_cleanly();
+    run.expect_exit(exit::OK)
+        .expect_line("guest: PASS probe")
+        .expect_torn_down_cleanly();
     expect_banner(&vol, "linux", raw.into_inner(), lime, gpa, &banner);
     run.clean_up();
 }

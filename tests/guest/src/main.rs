@@ -9,7 +9,8 @@
 //! `unhandled` (end the guest the hard way); altp2m: `altp2m` (every call,
 //! good and bad arguments), `mode-external`, `mode-limited`, `vmfunc`, `ve`,
 //! `hidden-breakpoint`, `balloon`, `display`, `display-late`, `memory-calls`
-//! (log-dirty, balloon and display calls with good and bad arguments); the
+//! (log-dirty, balloon and display calls with good and bad arguments),
+//! `exhaust` (runs the hypervisor out of the guest's heap and frame quotas); the
 //! platform (`platform.rs`): `madt`, `lapic-timer`, `pit`, `hlt-wakes`,
 //! `self-ipi`, `nmi`, `ticking` (leaves a 1 kHz timer running),
 //! `irq-during-exit`, `ve-and-timer`, `apic-base`, `modules`, `cr0`, and
