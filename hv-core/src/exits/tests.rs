@@ -448,6 +448,25 @@ fn init_then_sipi_starts_real_mode_at_the_vector() {
     );
 }
 
+/// An INIT resets the processor: no interrupt shadow, no pending debug
+/// exception, and never "blocking by SMI" outside SMM, which VM entry
+/// refuses. Bochs saves that bit at the INIT exit of a vCPU that a SIPI
+/// took out of wait-for-SIPI (found by the test guest's INIT-SIPI-SIPI: the
+/// INIT held back in wait-for-SIPI arrives after the first SIPI).
+#[test]
+fn an_init_leaves_no_blocking_for_the_wait_for_sipi_entry() {
+    let mut m = Machine::new();
+    m.vmcs.write(g::INTERRUPTIBILITY_STATE, 0b1101);
+    m.vmcs.write(g::PENDING_DBG_EXCEPTIONS, 1 << 14);
+    m.exit(ExitReason::Init);
+    assert_eq!(
+        m.vmcs.read(g::ACTIVITY_STATE),
+        crate::vcpu::state::WAIT_FOR_SIPI
+    );
+    assert_eq!(m.vmcs.read(g::INTERRUPTIBILITY_STATE), 0);
+    assert_eq!(m.vmcs.read(g::PENDING_DBG_EXCEPTIONS), 0);
+}
+
 #[test]
 fn an_unhandled_exit_stops_the_guest_with_its_name() {
     let mut m = Machine::new();
