@@ -189,10 +189,10 @@ fn remove_stealth_breakpoint(c: &mut Client<Serial>, view: u16, code_gfn: u64, s
 }
 
 fn start() -> (Running, Client<Serial>) {
-    let mut running = Boot::new(Engine::Bochs)
-        .guest("control")
-        .control(true)
-        .start();
+    let mut boot = Boot::new(Engine::Bochs).guest("control").control(true);
+    // Every command crosses Bochs's paced serial line: minutes under load.
+    boot.timeout = Duration::from_secs(900);
+    let mut running = boot.start();
     let client = running.connect_tool(Duration::from_secs(300));
     (running, client)
 }
