@@ -450,6 +450,26 @@ fn a_tool_hides_a_breakpoint_in_debians_kernel_and_linux_never_sees_it() {
         seen.took.as_secs_f64()
     );
     remove_stealth_breakpoint(&mut c, view, code_gfn, shadow);
+    // CR3 writes, opt-in: each one holds the vCPU before it takes effect.
+    c.set_events(class::CR3_WRITE).unwrap();
+    for _ in 0..4 {
+        let e = c
+            .next_event(Duration::from_secs(120))
+            .unwrap()
+            .expect("Linux writes CR3 (task switches, page-table isolation)");
+        let EventKind::Cr3Write { old, new } = e.event.kind else {
+            panic!("unexpected event {:?}", e.event.kind)
+        };
+        assert_eq!(old, e.event.context.cr3, "reported before it takes effect");
+        assert!(new != 0, "a CR3 write of 0");
+        c.answer(&e, Answer::CONTINUE).unwrap();
+    }
+    c.set_events(0).unwrap();
+    // An event raised before the class went off still holds its vCPU.
+    while let Some(e) = c.next_event(Duration::from_secs(5)).unwrap() {
+        assert!(matches!(e.event.kind, EventKind::Cr3Write { .. }));
+        c.answer(&e, Answer::CONTINUE).unwrap();
+    }
     c.write_memory(mailbox + WORD_GO * 8, &FINISH.to_le_bytes())
         .unwrap();
     let run = running.wait();
