@@ -1006,6 +1006,22 @@ fn a_guest_nmi_is_forwarded_once_the_guest_can_take_it() {
 }
 
 #[test]
+fn a_kick_is_not_the_guests_nmi() {
+    let mut m = two_vcpus();
+    let coherence = m.vm.coherence;
+    // vCPU 1 switches vCPU 0's view while vCPU 0 runs: a kick, an NMI exit.
+    assert_eq!(coherence.enter(0), None);
+    coherence.request_reapply(0, |_| {});
+    coherence.exit(0, 0);
+    m.vmcs.write(ro::VMEXIT_INTERRUPTION_INFO, 0x8000_0202);
+    assert!(stopped(m.exit(ExitReason::ExceptionOrNmi)).is_none());
+    assert!(!m.vcpu.pending.nmi, "the kick's NMI is the hypervisor's");
+    // The next NMI exit is the guest's again.
+    assert!(stopped(m.exit(ExitReason::ExceptionOrNmi)).is_none());
+    assert!(m.vcpu.pending.nmi);
+}
+
+#[test]
 fn the_watchdog_stops_a_guest_halted_for_good_and_only_that() {
     let mut m = Machine::new();
     let halted = |m: &mut Machine, rflags: u64| {
