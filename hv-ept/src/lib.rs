@@ -39,11 +39,11 @@ pub mod walk;
 pub use addr::{ENTRIES, Gfn, Mfn, Order, aligned_blocks};
 pub use caps::EptCaps;
 pub use entry::{ADDR_MASK, EMT_MARK, EMT_UC, EMT_WB, EptEntry, EptFlags};
-pub use logdirty::{Coverage, DirtyBitmap, LogDirtyRanges, WriteFault};
+pub use logdirty::{Coverage, DirtyBitmap, LogDirtyRanges, Rearm, WriteFault};
 pub use memory::EptMemory;
 pub use p2m::{EntryInfo, Leaf, P2m, StoredLeaf};
 pub use recalc::{check_type_change, check_type_range};
-pub use types::{P2mAccess, P2mType, Rights};
+pub use types::{LogMode, P2mAccess, P2mType, Rights};
 
 /// Why a p2m operation was refused. Every refusal leaves the p2m unchanged.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
