@@ -33,7 +33,7 @@ use alloc::vec::Vec;
 use hv_ept::{DirtyBitmap, EptMemory, Gfn, P2m, Rearm};
 
 use crate::host::REARM_PAGES;
-use crate::{Altp2m, Error};
+use crate::{Altp2m, Error, ViewSet};
 
 /// Sources of alias leaves that were rewritten or removed with their dirty
 /// flag set, to be marked dirty at the next drain or clean.
@@ -177,15 +177,13 @@ impl Altp2m {
             dirty.mark(gfn)?;
             found = true;
         }
-        if !self.enabled {
-            return Ok(());
-        }
         // An alias is noted where it lies: its view is a candidate too.
-        let mut holders = self
-            .occupancy
-            .candidates(gfn.0, gfn.0)
-            .intersection(&self.active);
-        holders.remove(0);
+        let mut holders = ViewSet::EMPTY;
+        if self.enabled {
+            holders = self.occupancy.candidates(gfn.0, gfn.0);
+            holders = holders.intersection(&self.active);
+            holders.remove(0);
+        }
         for i in holders.iter() {
             let Some(v) = self.views[i].as_ref() else {
                 continue;
