@@ -39,6 +39,10 @@ pub struct Options {
     /// All guest RAM under log-dirty tracking, fetched on every tick
     /// (`guest.logdirty=all`).
     pub logdirty_all: bool,
+    /// VMX features the guest is not given although the CPU has them
+    /// (`vmx.mask=`, a comma-separated list): `pml` makes log-dirty use
+    /// write protection.
+    pub mask_pml: bool,
 }
 
 /// Guest RAM when the command line does not say.
@@ -55,6 +59,7 @@ impl Default for Options {
             boot_views: BootViews::Host,
             linux_entry: LinuxEntry::Auto,
             logdirty_all: false,
+            mask_pml: false,
         }
     }
 }
@@ -96,6 +101,7 @@ const ALTP2M_MODES: &str = "external|mixed|limited";
 const BOOT_VIEWS: &str = "host|fresh|switch";
 const LINUX_ENTRIES: &str = "auto|32|64";
 const LOGDIRTY: &str = "all|off";
+const VMX_MASK: &str = "a comma-separated list of: pml";
 
 impl Options {
     /// Parses `cmdline`, reporting each problem to `report`. A first word that
@@ -173,6 +179,18 @@ impl Options {
                         expected: LOGDIRTY,
                     }),
                 },
+                "vmx.mask" => {
+                    for feature in value.split(',') {
+                        match feature {
+                            "pml" => options.mask_pml = true,
+                            _ => report(Problem::BadValue {
+                                key,
+                                value: feature,
+                                expected: VMX_MASK,
+                            }),
+                        }
+                    }
+                }
                 "guest.linux-entry" => match LinuxEntry::parse(value) {
                     Some(entry) => options.linux_entry = entry,
                     None => report(Problem::BadValue {
@@ -247,6 +265,23 @@ mod tests {
         let (options, problems) = parse("guest.views=many guest.linux-entry=16");
         assert_eq!(options.boot_views, BootViews::Host);
         assert_eq!(problems.len(), 2);
+    }
+
+    #[test]
+    fn vmx_features_can_be_masked() {
+        let (options, problems) = parse("vmx.mask=pml");
+        assert!(problems.is_empty() && options.mask_pml);
+        let (options, problems) = parse("vmx.mask=pml,vpid");
+        assert!(options.mask_pml);
+        assert_eq!(
+            problems,
+            [Problem::BadValue {
+                key: "vmx.mask",
+                value: "vpid",
+                expected: VMX_MASK
+            }]
+        );
+        assert!(!parse("vmx.mask=").0.mask_pml);
     }
 
     #[test]

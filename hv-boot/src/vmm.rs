@@ -169,7 +169,15 @@ pub fn run_guest(
             return exit::BOOT_FAILED;
         }
     };
-    let status = run_vm(caps, &config, options, &mut platform);
+    let masked;
+    let guest_caps = if options.mask_pml {
+        info!("vmx: PML masked (vmx.mask=pml): log-dirty by write protection");
+        masked = caps.without_pml();
+        &masked
+    } else {
+        caps
+    };
+    let status = run_vm(guest_caps, &config, options, &mut platform);
     if let Err(e) = hv_core::vmx::disable(vmx, &mut platform) {
         error!("vmx: {e}");
     }
@@ -223,12 +231,17 @@ fn run_vm(
         return GUEST_STOPPED;
     }
     info!(
-        "vmm: guest of {} MiB ({} frames), {}, altp2m mode {:?}, boot views {:?}, command line '{}', {} module(s)",
+        "vmm: guest of {} MiB ({} frames), {}, altp2m mode {:?}, boot views {:?}, log-dirty by {}, command line '{}', {} module(s)",
         options.guest_memory_mib,
         vm.ram_frames(),
         vm.entry,
         options.altp2m_mode,
         options.boot_views,
+        if vm.features.pml {
+            "PML"
+        } else {
+            "write protection"
+        },
         config.cmdline,
         config.modules.len()
     );
