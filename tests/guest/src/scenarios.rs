@@ -54,6 +54,7 @@ pub fn run_all(boot: &BootInfo) -> u8 {
             "vmfunc-bench" => altp2m::vmfunc_bench(),
             "lazy-copy-bench" => altp2m::lazy_copy_bench(),
             "display-bench" => altp2m::display_bench(),
+            "logdirty-bench" => altp2m::logdirty_bench(),
             _ => Err("no such scenario"),
         };
         match outcome {
