@@ -3,8 +3,11 @@
 //! 4K/2M/1G leaves. It changes the type of large ranges lazily, through EPT
 //! misconfigurations resolved on fault (`change_type_range`,
 //! `resolve_misconfig`), keeps per-p2m log-dirty state and the guest's dirty
-//! log, tracks when an INVEPT is needed, and carries a model of the CPU's EPT
-//! walk (`walk::translate`) to test all of it the way hardware uses it.
+//! log (writes noticed by write protection, or by page-modification logging
+//! through the EPT dirty flags: [`LogMode`]), tracks when an INVEPT is
+//! needed, and carries a model of the CPU's EPT walk (`walk::translate`,
+//! with PML `walk::translate_logged`) to test all of it the way hardware
+//! uses it.
 //!
 //! Semantics: `shared/design/p2m-and-altp2m.md`. Vocabulary follows Xen's
 //! p2m-ept.c (`set_entry`, `get_entry`, `max_mapped_pfn`, `resolve_misconfig`,

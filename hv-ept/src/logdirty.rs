@@ -28,6 +28,15 @@
 //! leaves for the next clean, even when the fault happened between arm and
 //! fetch and made the page writable again. Clearing a bit while its page can
 //! still be written without a fault never happens.
+//!
+//! Under PML ([`LogMode::Pml`]) the same two halves hold with the dirty flag
+//! in place of the write protection: a 4K `ram_logdirty` page is writable,
+//! and its flag set means its write was logged (the CPU logs the address in
+//! a PML buffer as it sets the flag; the buffer is drained into the bitmap).
+//! The re-arm clears the flags of the pages set aside ([`P2m::rearm_page`]),
+//! and the INVEPT comes before the fetch: a write through a translation
+//! cached dirty logs nothing, but its page is the one this clean hands over.
+//! A page the CPU logs after the INVEPT goes to the live plane.
 
 use alloc::vec::Vec;
 

@@ -892,6 +892,33 @@ pub fn logdirty_bench() -> Outcome {
     Ok(())
 }
 
+/// Tracks one-page ranges (every other page, far beyond RAM) until the
+/// hypervisor runs out of heap for them: the number of ranges is bounded by
+/// its memory (`ENOMEM`, never a failure of the hypervisor), and fetching
+/// still works after. Uses up the hypervisor's heap: run it last.
+pub fn logdirty_limit() -> Outcome {
+    const FAR: u64 = 1 << 26;
+    static BITMAP: [AtomicU64; 512] = [const { AtomicU64::new(0) }; 512];
+    let mut n = 0u64;
+    loop {
+        let r = hypercall(call::LOGDIRTY_TRACK, &[FAR + 2 * n, 1]);
+        if r == error::ENOMEM {
+            break;
+        }
+        ok(r, "LOGDIRTY_TRACK")?;
+        n += 1;
+        check(n < 1 << 24, "no limit on the number of ranges")?;
+    }
+    println!("logdirty-limit: {n} one-page ranges tracked, then ENOMEM");
+    let bitmap = BITMAP.as_ptr() as u64;
+    expect(
+        hypercall(call::LOGDIRTY_FETCH, &[FAR, 32768, bitmap]),
+        0,
+        "a fetch once the ranges filled the heap",
+    )
+    .map(|_| ())
+}
+
 /// Log-dirty, balloon and display calls with good and bad arguments.
 pub fn memory_calls() -> Outcome {
     use error::*;

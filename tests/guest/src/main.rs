@@ -9,7 +9,8 @@
 //! way); altp2m: `altp2m` (every call, good and bad arguments),
 //! `mode-external`, `mode-limited`, `vmfunc`, `ve`, `hidden-breakpoint`,
 //! `balloon`, `display`, `display-late`, `memory-calls` (log-dirty, balloon
-//! and display calls with good and bad arguments); figures: `cpuid-bench`,
+//! and display calls with good and bad arguments), `logdirty-limit` (tracks
+//! ranges until the hypervisor's heap is full; last); figures: `cpuid-bench`,
 //! `vmfunc-bench`, `lazy-copy-bench`, `display-bench`, `logdirty-bench` (last: it
 //! leaves 18,432 ranges tracked).
 #![no_std]

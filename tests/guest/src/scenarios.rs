@@ -55,6 +55,7 @@ pub fn run_all(boot: &BootInfo) -> u8 {
             "lazy-copy-bench" => altp2m::lazy_copy_bench(),
             "display-bench" => altp2m::display_bench(),
             "logdirty-bench" => altp2m::logdirty_bench(),
+            "logdirty-limit" => altp2m::logdirty_limit(),
             _ => Err("no such scenario"),
         };
         match outcome {
