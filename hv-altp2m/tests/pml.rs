@@ -432,11 +432,7 @@ impl Side {
             Op::Track { a, b, on } => {
                 self.exit(0);
                 let w = &mut self.w;
-                let (from, to) = if on {
-                    (P2mType::RamRw, P2mType::RamLogdirty)
-                } else {
-                    (P2mType::RamLogdirty, P2mType::RamRw)
-                };
+                let (from, to) = tracking(on);
                 let r = w.alt.host_change_type_range(
                     &mut w.mem,
                     &mut w.host,
@@ -451,11 +447,7 @@ impl Side {
             Op::Global { on } => {
                 self.exit(0);
                 let w = &mut self.w;
-                let (from, to) = if on {
-                    (P2mType::RamRw, P2mType::RamLogdirty)
-                } else {
-                    (P2mType::RamLogdirty, P2mType::RamRw)
-                };
+                let (from, to) = tracking(on);
                 let r = w
                     .alt
                     .host_change_type_global(&mut w.mem, &mut w.host, from, to);
@@ -579,6 +571,15 @@ impl Side {
     }
 }
 
+/// The type change that starts (`on`) or stops log-dirty tracking.
+fn tracking(on: bool) -> (P2mType, P2mType) {
+    if on {
+        (P2mType::RamRw, P2mType::RamLogdirty)
+    } else {
+        (P2mType::RamLogdirty, P2mType::RamRw)
+    }
+}
+
 /// An access's end as both modes must agree on it: a written page is
 /// `ram_rw` after a write fault and stays `ram_logdirty` under PML, so a
 /// violation says `ram_rw` for either.
@@ -607,16 +608,9 @@ fn owner(side: &Side, vcpu: usize, gfn: u64) -> u64 {
         .map_or(gfn, |s| s.0)
 }
 
-fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(128)
-}
-
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: cases(),
+        cases: cases(128),
         max_shrink_iters: 4000,
         ..ProptestConfig::default()
     })]

@@ -1119,16 +1119,9 @@ impl Run {
     }
 }
 
-fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(128)
-}
-
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: cases(),
+        cases: cases(128),
         max_shrink_iters: 4000,
         ..ProptestConfig::default()
     })]

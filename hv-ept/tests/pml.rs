@@ -20,6 +20,19 @@ fn track(mem: &mut hv_ept::sim::SimMemory, p2m: &mut P2m, s: u64, e: u64) {
     p2m.take_flush_needed();
 }
 
+/// A guest write to `gfn` with PML.
+fn write(
+    mem: &mut hv_ept::sim::SimMemory,
+    p2m: &mut P2m,
+    dirty: &mut DirtyBitmap,
+    pml: &mut hv_ept::walk::PmlLog,
+    gfn: u64,
+) -> Exits {
+    let (r, exits) = guest_access_logged(mem, p2m, dirty, Some(pml), gfn, AccessKind::Write);
+    r.unwrap();
+    exits
+}
+
 fn leaf(mem: &hv_ept::sim::SimMemory, p2m: &P2m, gfn: u64) -> (u8, EptEntry) {
     raw_leaves(mem, p2m)
         .into_iter()
@@ -58,61 +71,28 @@ fn a_tracked_4k_page_logs_its_writes_without_a_fault() {
         map(&mut mem, &mut p2m, g, Order::PAGE_4K, 100);
     }
     track(&mut mem, &mut p2m, 1, 2);
-    let (r, exits) = guest_access_logged(
-        &mut mem,
-        &mut p2m,
-        &mut dirty,
-        Some(&mut pml),
-        1,
-        AccessKind::Write,
-    );
-    r.unwrap();
+    let exits = write(&mut mem, &mut p2m, &mut dirty, &mut pml, 1);
     assert_eq!(
         (exits.misconfigs, exits.logdirty_faults),
         (1, 0),
         "the recompute only"
     );
     assert!(dirty.is_dirty(Gfn(1)) && p2m.written(&mem, Gfn(1)).unwrap());
-    let (_, exits) = guest_access_logged(
-        &mut mem,
-        &mut p2m,
-        &mut dirty,
-        Some(&mut pml),
-        2,
-        AccessKind::Write,
-    );
+    let exits = write(&mut mem, &mut p2m, &mut dirty, &mut pml, 2);
     assert_eq!(
         exits.misconfigs + exits.logdirty_faults,
         0,
         "nothing at all"
     );
     // Untracked pages never log: their dirty flag is preset.
-    guest_access_logged(
-        &mut mem,
-        &mut p2m,
-        &mut dirty,
-        Some(&mut pml),
-        3,
-        AccessKind::Write,
-    )
-    .0
-    .unwrap();
+    write(&mut mem, &mut p2m, &mut dirty, &mut pml, 3);
     assert!(!dirty.is_dirty(Gfn(3)) && !p2m.written(&mem, Gfn(3)).unwrap());
     let preset = hv_ept::EptFlags::ACCESSED | hv_ept::EptFlags::DIRTY;
     assert!(leaf(&mem, &p2m, 3).1.flags().contains(preset));
     // Written again: nothing logged, the flag is set.
     let mut logged = Vec::new();
     let mut again = DirtyBitmap::new();
-    guest_access_logged(
-        &mut mem,
-        &mut p2m,
-        &mut again,
-        Some(&mut pml),
-        1,
-        AccessKind::Write,
-    )
-    .0
-    .unwrap();
+    write(&mut mem, &mut p2m, &mut again, &mut pml, 1);
     logged.extend(drain(&mem, &p2m, &mut again, &mut pml));
     assert!(logged.is_empty() && again.dirty_count() == 0);
     // The re-arm of a clean clears the flag and asks for an INVEPT; the
@@ -122,14 +102,7 @@ fn a_tracked_4k_page_logs_its_writes_without_a_fault() {
     assert_eq!(p2m.rearm_page(&mut mem, Gfn(1)).unwrap(), Rearm::Unchanged);
     assert_eq!(p2m.rearm_page(&mut mem, Gfn(3)).unwrap(), Rearm::Unchanged);
     assert!(!p2m.flush_needed());
-    let (_, exits) = guest_access_logged(
-        &mut mem,
-        &mut p2m,
-        &mut again,
-        Some(&mut pml),
-        1,
-        AccessKind::Write,
-    );
+    let exits = write(&mut mem, &mut p2m, &mut again, &mut pml, 1);
     assert_eq!(exits.misconfigs + exits.logdirty_faults, 0);
     assert!(again.is_dirty(Gfn(1)));
     // Untracking makes the page plain ram_rw again, flag preset.
@@ -153,28 +126,12 @@ fn a_tracked_superpage_splits_on_its_first_write_and_each_page_logs_alone() {
     let mut dirty = DirtyBitmap::new();
     map(&mut mem, &mut p2m, M2, Order::PAGE_2M, 0);
     track(&mut mem, &mut p2m, M2, 2 * M2 - 1);
-    let (r, exits) = guest_access_logged(
-        &mut mem,
-        &mut p2m,
-        &mut dirty,
-        Some(&mut pml),
-        M2 + 7,
-        AccessKind::Write,
-    );
-    r.unwrap();
+    let exits = write(&mut mem, &mut p2m, &mut dirty, &mut pml, M2 + 7);
     assert_eq!((exits.misconfigs, exits.logdirty_faults), (1, 1));
     assert_eq!(leaf(&mem, &p2m, M2 + 7).0, 0, "split to 4K");
     let mut total = exits;
     for g in M2..2 * M2 {
-        let (r, e) = guest_access_logged(
-            &mut mem,
-            &mut p2m,
-            &mut dirty,
-            Some(&mut pml),
-            g,
-            AccessKind::Write,
-        );
-        r.unwrap();
+        let e = write(&mut mem, &mut p2m, &mut dirty, &mut pml, g);
         total.misconfigs += e.misconfigs;
         total.logdirty_faults += e.logdirty_faults;
         total.pml_full += e.pml_full;

@@ -30,6 +30,14 @@ pub fn needed(kind: AccessKind) -> Rights {
     }
 }
 
+/// Property-test cases: `PROPTEST_CASES`, else `default` (what CI runs).
+pub fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 /// How a guest access ended.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum End {
