@@ -1,39 +1,12 @@
 //! ACPI discovery: the CPUs (APIC ids) from the MADT.
 
-use core::ptr::NonNull;
-
+use acpi::AcpiTables;
 use acpi::madt::{Madt, MadtEntry};
-use acpi::{AcpiHandler, AcpiTables, PhysicalMapping};
 use alloc::vec::Vec;
+use hv_boot::acpi_tables::IdentityMapped;
 use hv_boot::bootinfo::AcpiRoot;
 use hv_core::devices::acpi::{HostPlatform, InterruptOverride, IoApic, LapicNmi};
 use log::{info, warn};
-
-/// ACPI tables are read in place through the direct map.
-#[derive(Clone, Copy)]
-struct DirectMap;
-
-impl AcpiHandler for DirectMap {
-    unsafe fn map_physical_region<T>(
-        &self,
-        physical_address: usize,
-        size: usize,
-    ) -> PhysicalMapping<Self, T> {
-        // SAFETY: physical memory is identity-mapped, and the acpi crate asks only
-        // for regions it found through validated table pointers.
-        unsafe {
-            PhysicalMapping::new(
-                physical_address,
-                NonNull::new(physical_address as *mut T).expect("ACPI never maps address 0"),
-                size,
-                size,
-                *self,
-            )
-        }
-    }
-
-    fn unmap_physical_region<T>(_region: &PhysicalMapping<Self, T>) {}
-}
 
 pub const MAX_CPUS: usize = 64;
 
@@ -52,8 +25,10 @@ pub fn discover(root: Option<AcpiRoot>) -> Option<Cpus> {
     // BIOS scan reads the legacy BIOS areas, which the direct map covers.
     let tables = unsafe {
         match root {
-            Some(root) => AcpiTables::from_rsdt(DirectMap, root.revision, root.address as usize),
-            None => AcpiTables::search_for_rsdp_bios(DirectMap),
+            Some(root) => {
+                AcpiTables::from_rsdt(IdentityMapped, root.revision, root.address as usize)
+            }
+            None => AcpiTables::search_for_rsdp_bios(IdentityMapped),
         }
     };
     let tables = match tables {

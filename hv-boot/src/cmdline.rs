@@ -43,6 +43,11 @@ pub struct Options {
     /// (`vmx.mask=`, a comma-separated list): `pml` makes log-dirty use
     /// write protection.
     pub mask_pml: bool,
+    /// The guest's vCPUs at most, one per CPU (`guest.cpus=`; default: all).
+    pub guest_cpus: usize,
+    /// Serve the control channel on COM3 if the machine has one
+    /// (`control=com3`, the default; `control=off`).
+    pub control: bool,
 }
 
 /// Guest RAM when the command line does not say.
@@ -60,6 +65,8 @@ impl Default for Options {
             linux_entry: LinuxEntry::Auto,
             logdirty_all: false,
             mask_pml: false,
+            guest_cpus: usize::MAX,
+            control: true,
         }
     }
 }
@@ -100,8 +107,10 @@ const MULTIBOOT: &str = "1|2";
 const ALTP2M_MODES: &str = "external|mixed|limited";
 const BOOT_VIEWS: &str = "host|fresh|switch";
 const LINUX_ENTRIES: &str = "auto|32|64";
+const CONTROL: &str = "com3|off";
 const LOGDIRTY: &str = "all|off";
 const VMX_MASK: &str = "a comma-separated list of: pml";
+const GUEST_CPUS: &str = "a number of vCPUs, 1 to 64";
 
 impl Options {
     /// Parses `cmdline`, reporting each problem to `report`. A first word that
@@ -168,6 +177,23 @@ impl Options {
                         key,
                         value,
                         expected: BOOT_VIEWS,
+                    }),
+                },
+                "guest.cpus" => match value.parse::<usize>() {
+                    Ok(n @ 1..=64) => options.guest_cpus = n,
+                    _ => report(Problem::BadValue {
+                        key,
+                        value,
+                        expected: GUEST_CPUS,
+                    }),
+                },
+                "control" => match value {
+                    "com3" => options.control = true,
+                    "off" => options.control = false,
+                    _ => report(Problem::BadValue {
+                        key,
+                        value,
+                        expected: CONTROL,
                     }),
                 },
                 "guest.logdirty" => match value {
@@ -265,6 +291,10 @@ mod tests {
         let (options, problems) = parse("guest.views=many guest.linux-entry=16");
         assert_eq!(options.boot_views, BootViews::Host);
         assert_eq!(problems.len(), 2);
+        assert!(parse("").0.control, "the control line is on by default");
+        assert!(!parse("control=off").0.control);
+        let (options, problems) = parse("control=com9");
+        assert!(options.control && problems.len() == 1);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! the host; the kernel binary (`src/main.rs`) adds what touches the machine.
 #![no_std]
 
+pub mod acpi_tables;
 pub mod bootinfo;
 pub mod cmdline;
 pub mod exception;

@@ -9,10 +9,12 @@ extern crate alloc;
 mod acpi;
 mod arch;
 mod console;
+mod control_line;
 mod entry;
 mod heap;
 mod memory;
 mod platform;
+mod smp;
 mod vmm;
 
 use hv_boot::bootinfo::{BootInfo, RegionKind};
@@ -42,6 +44,9 @@ extern "C" fn kmain(magic: u32, info_address: u32) -> ! {
         );
     }
     report_memory_map(&boot);
+    if control_line::init(options.control) {
+        info!("control: channel on COM3 (tsc {} kHz)", platform::tsc_khz());
+    }
     let (image_start, image_end) = memory::image_range();
     info!("boot: hypervisor image {image_start:#x}..{image_end:#x}");
     if let Err(e) = memory::init(&boot) {
@@ -51,6 +56,11 @@ extern "C" fn kmain(magic: u32, info_address: u32) -> ! {
         fatal(format_args!("heap: {e}"));
     }
     let machine = acpi::discover(boot.acpi_root);
+    let bsp_apic_id = raw_cpuid::CpuId::new()
+        .get_feature_info()
+        .map_or(0, |f| u32::from(f.initial_local_apic_id()));
+    let listed = machine.as_ref().map_or(&[][..], |m| m.apic_ids.as_slice());
+    smp::start_aps(bsp_apic_id, listed);
     let caps = match hv_core::vmx::caps::probe_this_cpu() {
         Ok(caps) => {
             log::debug!("vmx: capability MSRs {:x?}", caps.msrs);

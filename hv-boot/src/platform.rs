@@ -23,6 +23,41 @@ pub fn rdtsc() -> u64 {
     unsafe { core::arch::x86_64::_rdtsc() }
 }
 
+/// The TSC's rate in kHz, measured once against the PIT (channel 2, its
+/// gate through port 0x61, 10 ms); 1 GHz if the PIT never answers. In
+/// Bochs both count emulated time.
+pub fn tsc_khz() -> u64 {
+    static KHZ: Once<u64> = Once::new();
+    *KHZ.call_once(|| {
+        const PIT_HZ: u64 = 1_193_182;
+        const MS: u64 = 10;
+        let count = (PIT_HZ * MS / 1000) as u16;
+        let saved = inb(0x61);
+        // Gate 2 on, speaker off; channel 2, lobyte/hibyte, mode 0 (OUT
+        // goes high at the terminal count, seen in port 0x61 bit 5).
+        outb(0x61, saved & !0x02 | 0x01);
+        outb(0x43, 0xb0);
+        outb(0x42, count as u8);
+        outb(0x42, (count >> 8) as u8);
+        let start = rdtsc();
+        let mut ended = false;
+        for _ in 0..50_000_000u32 {
+            if inb(0x61) & 0x20 != 0 {
+                ended = true;
+                break;
+            }
+            core::hint::spin_loop();
+        }
+        let elapsed = rdtsc() - start;
+        outb(0x61, saved);
+        if ended {
+            (elapsed / MS).max(1)
+        } else {
+            1_000_000
+        }
+    })
+}
+
 /// Masks both legacy 8259 PICs: the hypervisor polls, and a stray timer
 /// interrupt must not reach it or a guest.
 pub fn mask_legacy_pic() {

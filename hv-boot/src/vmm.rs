@@ -2,13 +2,16 @@
 //! (frames from the allocator, physical memory through the direct map, the
 //! console), and running the guest given as the first boot module.
 
+use core::sync::atomic::{AtomicU8, Ordering};
 use hv_boot::bootinfo::BootInfo;
 use hv_boot::cmdline::Options;
 use hv_boot::exit;
 use hv_core::devices::acpi::HostPlatform;
+
 use hv_core::exits::GuestEnd;
 use hv_core::loader::{BootOptions, Module};
 use hv_core::platform::Platform;
+use hv_core::smp::Coherence;
 use hv_core::vcpu::{Vcpu, VcpuId};
 use hv_core::vm::{GuestConfig, Vm, VmError};
 use hv_core::vmx::caps::VmxCaps;
@@ -81,8 +84,28 @@ impl Platform for KernelPlatform {
         println!("monitor: {line}");
     }
 
+    fn kick(&mut self, vcpu: usize, kick: hv_core::platform::Kick) {
+        crate::smp::kick(vcpu, kick == hv_core::platform::Kick::Sipi);
+    }
+
     fn take_nmi(&mut self) -> bool {
         crate::arch::take_nmi()
+    }
+
+    fn has_control_line(&self) -> bool {
+        crate::control_line::present()
+    }
+
+    fn control_receive(&mut self) -> Option<u8> {
+        crate::control_line::receive()
+    }
+
+    fn control_send(&mut self, bytes: &[u8]) {
+        crate::control_line::send(bytes);
+    }
+
+    fn tsc_khz(&self) -> u64 {
+        platform::tsc_khz()
     }
 
     fn show_text(&mut self, cells: &[u8]) {
@@ -139,10 +162,10 @@ pub fn run_guest(
         ..HostPlatform::pc()
     };
     let host = machine.map_or(&fallback, |m| &m.platform);
-    // The guest's one vCPU runs on this CPU, the BSP.
-    let bsp_apic_id = raw_cpuid::CpuId::new()
-        .get_feature_info()
-        .map_or(0, |f| u32::from(f.initial_local_apic_id()));
+    // One vCPU per online CPU (at most `guest.cpus`), vCPU i on CPU i.
+    let online = crate::smp::apic_ids();
+    let vcpus = options.guest_cpus.clamp(1, online.len());
+    let apic_ids = &online[..vcpus];
     let config = GuestConfig {
         memory_mib: options.guest_memory_mib,
         image,
@@ -157,7 +180,8 @@ pub fn run_guest(
         boot_views: options.boot_views,
         logdirty_all: options.logdirty_all,
         host,
-        apic_ids: &[bsp_apic_id],
+        apic_ids,
+        coherence: COHERENCE.call_once(|| Coherence::new(hv_core::smp::MAX_VCPUS)),
     };
     let mut platform = KernelPlatform;
     let free_before = memory::free_frames();
@@ -200,7 +224,74 @@ pub fn run_guest(
     status
 }
 
-/// Creates the VM and its vCPU, runs it, destroys both; returns the run's status.
+/// The cross-CPU invalidation state: one guest per boot, so one for all.
+static COHERENCE: spin::Once<Coherence> = spin::Once::new();
+
+/// What the BSP hands to each AP for a guest's run: where the VM is, and
+/// each AP's report on its vCPU.
+pub struct ApWork {
+    /// The VM, owned by the BSP's `run_vm`, which waits for every AP to be
+    /// done before it drops it (`smp::run_on_aps`).
+    vm: *const spin::Mutex<Vm>,
+    caps: *const VmxCaps,
+    /// Per AP: 0 preparing, 1 its vCPU is ready, 2 it failed.
+    ready: [AtomicU8; crate::smp::MAX_CPUS],
+}
+
+// SAFETY: the pointers are only dereferenced while the BSP keeps what they
+// point at alive (see `vm`), and `spin::Mutex<Vm>` serializes access.
+unsafe impl Sync for ApWork {}
+
+const PREPARING: u8 = 0;
+const READY: u8 = 1;
+const FAILED: u8 = 2;
+
+/// On AP `index`: VMX on, its vCPU made and loaded, run until the guest
+/// ends, then torn down (VMCS cleared, VMX off), all on this CPU.
+pub fn run_ap(work: &ApWork, index: usize) {
+    // SAFETY: see `ApWork::vm`: both outlive this call.
+    let (machine, caps) = unsafe { (&*work.vm, &*work.caps) };
+    let mut platform = KernelPlatform;
+    let mut cpu = ThisCpu;
+    let report = |state: u8| work.ready[index].store(state, Ordering::Release);
+    let vmx = match hv_core::vmx::enable(caps, &mut platform) {
+        Ok(vmx) => vmx,
+        Err(e) => {
+            error!("vmx: CPU {index} cannot enter VMX operation: {e}");
+            report(FAILED);
+            return;
+        }
+    };
+    let vcpu = {
+        let vm = machine.lock();
+        Vcpu::new(&vm, VcpuId(index as u16), &mut platform).and_then(|mut vcpu| {
+            match vcpu.load(&vm, &mut cpu) {
+                Ok(()) => Ok(vcpu),
+                Err(e) => {
+                    vcpu.destroy(&mut cpu, &mut platform);
+                    Err(VmError::Vmx(e))
+                }
+            }
+        })
+    };
+    match vcpu {
+        Ok(mut vcpu) => {
+            report(READY);
+            vcpu.run(machine, &mut platform);
+            vcpu.destroy(&mut cpu, &mut platform);
+        }
+        Err(e) => {
+            error!("vmm: vCPU {index} could not be made: {e}");
+            report(FAILED);
+        }
+    }
+    if let Err(e) = hv_core::vmx::disable(vmx, &mut platform) {
+        error!("vmx: CPU {index}: {e}");
+    }
+}
+
+/// Creates the VM and its vCPUs (one on each CPU), runs it, destroys all;
+/// returns the run's status.
 fn run_vm(
     caps: &VmxCaps,
     config: &GuestConfig<'_>,
@@ -217,7 +308,7 @@ fn run_vm(
             }
         }
     });
-    let (mut vm, mut vcpu) = match created {
+    let (vm, mut vcpu) = match created {
         Ok(both) => both,
         Err(e) => {
             error!("vmm: guest refused: {e}");
@@ -231,9 +322,10 @@ fn run_vm(
         return GUEST_STOPPED;
     }
     info!(
-        "vmm: guest of {} MiB ({} frames), {}, altp2m mode {:?}, boot views {:?}, log-dirty by {}, command line '{}', {} module(s)",
+        "vmm: guest of {} MiB ({} frames), {} vCPU(s), {}, altp2m mode {:?}, boot views {:?}, log-dirty by {}, command line '{}', {} module(s)",
         options.guest_memory_mib,
         vm.ram_frames(),
+        vm.vcpus(),
         vm.entry,
         options.altp2m_mode,
         options.boot_views,
@@ -245,8 +337,38 @@ fn run_vm(
         config.cmdline,
         config.modules.len()
     );
-    println!("vmx: launching the guest (tsc {})", platform::rdtsc());
-    let status = match vcpu.run(&mut vm, platform) {
+    let aps = vm.vcpus() - 1;
+    let machine = spin::Mutex::new(vm);
+    let work = ApWork {
+        vm: &machine,
+        caps,
+        ready: [const { AtomicU8::new(PREPARING) }; crate::smp::MAX_CPUS],
+    };
+    let end = crate::smp::run_on_aps(&work, aps, || {
+        // Every AP's vCPU must exist before the guest can start one.
+        let failed = (1..=aps).any(|index| {
+            loop {
+                match work.ready[index].load(Ordering::Acquire) {
+                    PREPARING => core::hint::spin_loop(),
+                    state => break state == FAILED,
+                }
+            }
+        });
+        if failed {
+            let end = GuestEnd::Stopped(hv_core::exits::StopReason::Internal(
+                "a CPU could not run its vCPU",
+            ));
+            machine.lock().end = Some(end.clone());
+            for index in 1..=aps {
+                let parked = machine.lock().coherence.parked(index);
+                crate::smp::kick(index, parked);
+            }
+            return end;
+        }
+        println!("vmx: launching the guest (tsc {})", platform::rdtsc());
+        vcpu.run(&machine, platform)
+    });
+    let status = match end {
         GuestEnd::Exited(status) => {
             info!("vmm: guest exited with status {status}");
             status
@@ -264,12 +386,16 @@ fn run_vm(
             GUEST_STOPPED
         }
     };
+    let vm = machine.into_inner();
     report_exits(&vm.counters);
     if let Some(totals) = vm.logdirty_all {
         info!(
             "logdirty: {} fetches of all guest RAM found {} dirty pages",
             totals.fetches, totals.pages
         );
+    }
+    if vm.control.has_line() {
+        info!("control: served {}", vm.control.stats);
     }
     if vm.stray_accesses > 0 {
         warn!(

@@ -7,17 +7,22 @@
 //! Layout: `vmx` (the CPU's VMX and nothing else), `vm` (what the vCPUs of
 //! a guest share), `vcpu` (one vCPU), `exits` (one file per exit reason),
 //! `hypercall`, `views` (the kernel's side of altp2m), `devices` (what the
-//! hypervisor emulates for the guest), `loader` (guest images).
+//! hypervisor emulates for the guest), `loader` (guest images), `control`
+//! (the control channel's server), `operations` (what hypercalls and
+//! control commands share).
 #![no_std]
 
 extern crate alloc;
 
 pub use hv_abi as abi;
+pub mod control;
 pub mod devices;
 pub mod exits;
 pub mod hypercall;
 pub mod loader;
+pub mod operations;
 pub mod platform;
+pub mod smp;
 #[cfg(test)]
 pub(crate) mod testing;
 pub mod vcpu;

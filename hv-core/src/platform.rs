@@ -6,6 +6,13 @@
 
 use hv_ept::{EptMemory, Mfn};
 
+/// How to make a vCPU leave guest mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kick {
+    Nmi,
+    Sipi,
+}
+
 pub trait Platform: EptMemory {
     /// `count` contiguous frames starting at a multiple of `align` frames.
     fn alloc_frames(&mut self, count: u64, align: u64) -> Option<Mfn>;
@@ -34,6 +41,12 @@ pub trait Platform: EptMemory {
     /// entry...), one structured line.
     fn monitor_event(&mut self, line: &str);
 
+    /// Makes the CPU that runs `vcpu` leave guest mode: an NMI, or a SIPI
+    /// for a vCPU parked in wait-for-SIPI (which blocks NMIs and INITs). A
+    /// kicked vCPU tells a kick from the guest's own NMI by
+    /// `smp::Coherence`; a SIPI kick only ever ends a run.
+    fn kick(&mut self, vcpu: usize, kick: Kick);
+
     /// Whether an NMI reached this CPU while the hypervisor ran (the host
     /// NMI handler notes it; this clears the note). It belongs to the guest.
     fn take_nmi(&mut self) -> bool;
@@ -41,6 +54,21 @@ pub trait Platform: EptMemory {
     /// Shows a text screen (80x25 cells of character and attribute bytes):
     /// the VGA text buffer on a PC.
     fn show_text(&mut self, cells: &[u8]);
+
+    /// Whether the machine has a control line (`control`): a serial port
+    /// of the hypervisor's own that a tool is or may be connected to.
+    fn has_control_line(&self) -> bool;
+
+    /// A byte the tool sent on the control line, if one is waiting.
+    fn control_receive(&mut self) -> Option<u8>;
+
+    /// Sends bytes on the control line (waiting for the transmitter, but
+    /// boundedly: a line nobody reads must not hang the hypervisor).
+    fn control_send(&mut self, bytes: &[u8]);
+
+    /// The time-stamp counter's rate in kHz (for the control channel's
+    /// timeouts; an estimate is enough).
+    fn tsc_khz(&self) -> u64;
 }
 
 /// Reports a monitor event, formatted without the heap (a guest may have

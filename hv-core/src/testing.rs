@@ -23,6 +23,16 @@ pub struct SimPlatform {
     pub screen: Vec<u8>,
     /// An NMI the next `take_nmi` reports.
     pub nmi: bool,
+    /// Kicks sent, in order.
+    pub kicks: Vec<(usize, crate::platform::Kick)>,
+    /// The other vCPUs' side of a kick: each kicked vCPU leaves guest mode
+    /// on the view given here (as its exit would publish it).
+    pub kicked_exit: Option<(&'static crate::smp::Coherence, u16)>,
+    /// The machine has a control line: bytes the tool sent, and bytes the
+    /// hypervisor sent.
+    pub control_line: bool,
+    pub control_in: std::collections::VecDeque<u8>,
+    pub control_out: Vec<u8>,
 }
 
 impl SimPlatform {
@@ -119,11 +129,36 @@ impl Platform for SimPlatform {
         self.events.push(line.into());
     }
 
+    fn kick(&mut self, vcpu: usize, kick: crate::platform::Kick) {
+        self.kicks.push((vcpu, kick));
+        if let Some((coherence, view)) = self.kicked_exit {
+            coherence.take_kick(vcpu);
+            coherence.exit(vcpu, view);
+        }
+    }
+
     fn take_nmi(&mut self) -> bool {
         core::mem::take(&mut self.nmi)
     }
 
     fn show_text(&mut self, cells: &[u8]) {
         self.screen = cells.to_vec();
+    }
+
+    fn has_control_line(&self) -> bool {
+        self.control_line
+    }
+
+    fn control_receive(&mut self) -> Option<u8> {
+        self.control_in.pop_front()
+    }
+
+    fn control_send(&mut self, bytes: &[u8]) {
+        self.control_out.extend_from_slice(bytes);
+    }
+
+    /// One TSC cycle per millisecond: timeouts in tests are counted in ms.
+    fn tsc_khz(&self) -> u64 {
+        1
     }
 }

@@ -10,7 +10,7 @@ use hv_ept::walk::AccessKind;
 use hv_ept::{Gfn, P2mAccess};
 use x86::vmx::vmcs::{control, guest};
 
-use crate::platform::{Platform, monitor_event};
+use crate::platform::{Kick, Platform, monitor_event};
 use crate::vcpu::events::{BLOCKING_STI_MOVSS, PENDING_BS, vector};
 use crate::vcpu::{Step, Vcpu};
 use crate::vm::Vm;
@@ -27,13 +27,18 @@ const VECTOR_MC: u64 = vector::MC as u64;
 /// Primary processor-based control: monitor trap flag.
 const PRIMARY_MTF: u64 = 1 << 27;
 
-/// Writes every VMCS field that depends on the guest's altp2m state. Cheap
-/// enough to call after any change to it.
+/// Primary processor-based control: CR3-load exiting.
+const PRIMARY_CR3_LOAD: u64 = 1 << 15;
+
+/// Writes every VMCS field that depends on the guest's altp2m state and on
+/// the events a tool asked for. Cheap enough to call after any change.
 pub fn apply(vmcs: &mut impl Vmcs, vm: &Vm, vcpu: &Vcpu) {
     let id = vcpu.id.index();
     let eptp = match vcpu.step {
-        Some(_) => vm.p2m.eptp(),
-        None => vm
+        Some(Step {
+            for_tool: false, ..
+        }) => vm.p2m.eptp(),
+        _ => vm
             .altp2m
             .vcpu_eptp(&vm.p2m, id)
             .unwrap_or_else(|_| vm.p2m.eptp()),
@@ -55,7 +60,10 @@ pub fn apply(vmcs: &mut impl Vmcs, vm: &Vm, vcpu: &Vcpu) {
     }
     if vm.features.ve {
         let secondary = vmcs.read(control::SECONDARY_PROCBASED_EXEC_CONTROLS);
-        match (on, vcpu.ve_page) {
+        // A tool that wants #VE events gets them for every #VE: the
+        // hypervisor delivers them itself (`exits::ept`), so each exits.
+        let emulated = vm.control.wants(hv_control::class::VE);
+        match (on && !emulated, vcpu.ve_page) {
             (true, Some((_, mfn))) => {
                 vmcs.write(control::VIRT_EXCEPTION_INFO_ADDR_FULL, mfn.hpa());
                 vmcs.write(
@@ -72,42 +80,95 @@ pub fn apply(vmcs: &mut impl Vmcs, vm: &Vm, vcpu: &Vcpu) {
     let exceptions = match vcpu.step {
         // Stepping with TF: any exception means the stepped instruction
         // faulted, and its handler must not run in view 0 (#PF included:
-        // the page-fault mask and match are 0).
+        // the page-fault mask and match are 0); a tool's step ends there.
         Some(Step { mtf: false, .. }) => u32::MAX as u64,
         _ if on => 1 << VECTOR_MC | 1 << VECTOR_BP,
         _ => 1 << VECTOR_MC,
     };
-    if vm.features.mtf {
-        let primary = vmcs.read(control::PRIMARY_PROCBASED_EXEC_CONTROLS);
-        let mtf = matches!(vcpu.step, Some(Step { mtf: true, .. }));
-        let primary = if mtf {
-            primary | PRIMARY_MTF
-        } else {
-            primary & !PRIMARY_MTF
-        };
-        vmcs.write(control::PRIMARY_PROCBASED_EXEC_CONTROLS, primary);
-    }
+    let primary = vmcs.read(control::PRIMARY_PROCBASED_EXEC_CONTROLS) & !PRIMARY_CR3_LOAD;
+    let primary = if vm.control.wants(hv_control::class::CR3_WRITE) {
+        primary | PRIMARY_CR3_LOAD
+    } else {
+        primary
+    };
+    let mtf = vm.features.mtf && matches!(vcpu.step, Some(Step { mtf: true, .. }));
+    let primary = if mtf {
+        primary | PRIMARY_MTF
+    } else {
+        primary & !PRIMARY_MTF
+    };
+    vmcs.write(control::PRIMARY_PROCBASED_EXEC_CONTROLS, primary);
     vmcs.write(control::EXCEPTION_BITMAP, exceptions);
 }
 
 /// After a VM exit: the guest may have switched views with VMFUNC; the
 /// EPTP-index field says where it is now. An index the altp2m state cannot
 /// have produced means corrupt state: `Err`.
-pub fn sync(vmcs: &impl Vmcs, vm: &mut Vm, vcpu: &Vcpu) -> Result<(), hv_altp2m::Error> {
+/// `index` is that field as read after the exit.
+pub fn sync(vm: &mut Vm, vcpu: &Vcpu, index: u64) -> Result<(), hv_altp2m::Error> {
     if !(vm.features.vmfunc && vm.altp2m.is_enabled()) {
         return Ok(());
     }
-    let index = vmcs.read(control::EPTP_INDEX);
     vm.altp2m.sync_vcpu_view(vcpu.id.index(), index)
 }
 
-/// Does the INVEPTs the host p2m and the views ask for, and reports the
-/// view entries host changes dropped. Before every VM entry.
-pub fn flush(vm: &mut Vm, cpu: &mut impl Cpu, platform: &mut impl Platform) {
+/// After a change to other vCPUs' views (a switch of all or one, altp2m on
+/// or off): each of them writes its view-related VMCS fields again before
+/// its next entry, and one in guest mode is kicked out to do so.
+pub fn reapply_others(vm: &Vm, platform: &mut impl Platform, vcpu: usize) {
+    for other in (0..vm.vcpus()).filter(|&v| v != vcpu) {
+        vm.coherence
+            .request_reapply(other, |v| platform.kick(v, Kick::Nmi));
+    }
+}
+
+/// Destroys `view`, unless a vCPU runs on it (`Busy`). A vCPU may switch
+/// to a visible view with VMFUNC without an exit, so the view leaves the
+/// EPTP list first, then every vCPU in guest mode is made to exit (which
+/// publishes the view its hardware is on, `smp`), and only then is "is a
+/// vCPU on it" decided; a refused destroy puts the view back in the list.
+pub fn destroy_view(
+    vm: &mut Vm,
+    platform: &mut impl Platform,
+    vcpu: usize,
+    view: u16,
+) -> Result<(), hv_altp2m::Error> {
+    let hide = vm.features.vmfunc && vm.altp2m.is_visible(view)?;
+    if hide {
+        vm.altp2m.set_visibility(platform, &vm.p2m, view, false)?;
+    }
+    if vm.vcpus() > 1 {
+        vm.coherence
+            .shootdown(vcpu, |other| platform.kick(other, Kick::Nmi));
+    }
+    // The hardware of a vCPU that VMFUNCed to the view is on it, whatever
+    // altp2m's record says until that vCPU's exit is handled.
+    let on_it = vm.features.vmfunc
+        && (0..vm.vcpus())
+            .filter(|&v| v != vcpu)
+            .any(|v| vm.coherence.last_view(v) == view);
+    let destroyed = if on_it {
+        Err(hv_altp2m::Error::Busy)
+    } else {
+        vm.altp2m.destroy_view(platform, view)
+    };
+    if destroyed.is_err() && hide {
+        vm.altp2m.set_visibility(platform, &vm.p2m, view, true)?;
+    }
+    destroyed
+}
+
+/// Does the INVEPTs the host p2m and the views ask for, on this CPU and
+/// (through a shootdown, `smp`) on every CPU that runs another vCPU, then
+/// reports the view entries host changes dropped. Before every VM entry,
+/// and wherever a change must be in force before the hypervisor goes on
+/// (a frame given back, a dirty log fetched). `vcpu` is the caller's.
+pub fn flush(vm: &mut Vm, cpu: &mut impl Cpu, platform: &mut impl Platform, vcpu: usize) {
     if !vm.altp2m.flush_pending(&vm.p2m) && !vm.altp2m.has_dropped() {
         return;
     }
     let request = vm.altp2m.take_flush(&mut vm.p2m);
+    let any = request.all_contexts || request.views.iter().next().is_some();
     if request.all_contexts {
         cpu.invept(None);
     } else {
@@ -116,6 +177,10 @@ pub fn flush(vm: &mut Vm, cpu: &mut impl Cpu, platform: &mut impl Platform) {
                 cpu.invept(Some(eptp));
             }
         }
+    }
+    if any && vm.vcpus() > 1 {
+        vm.coherence
+            .shootdown(vcpu, |other| platform.kick(other, Kick::Nmi));
     }
     if vm.altp2m.has_dropped() {
         let lost = vm.altp2m.drain_dropped(|d| report_drop(platform, d));
@@ -176,11 +241,13 @@ pub fn kind_name(kind: AccessKind) -> &'static str {
 }
 
 /// The view the vCPU's hardware runs on: its own, or view 0 (the host
-/// p2m) during a step. EPT exits are handled in this one.
+/// p2m) during the hypervisor's step. EPT exits are handled in this one.
 pub fn hardware_view(vm: &Vm, vcpu: &Vcpu) -> Result<u16, hv_altp2m::Error> {
     match vcpu.step {
-        Some(_) => Ok(0),
-        None => vm.altp2m.vcpu_view(vcpu.id.index()),
+        Some(Step {
+            for_tool: false, ..
+        }) => Ok(0),
+        _ => vm.altp2m.vcpu_view(vcpu.id.index()),
     }
 }
 
@@ -196,17 +263,22 @@ pub fn hardware_view(vm: &Vm, vcpu: &Vcpu) -> Result<u16, hv_altp2m::Error> {
 /// single-steps, and every exception is intercepted so that a faulting
 /// instruction also ends the step; an emulated instruction ends it too (see
 /// `exits::handle`).
-pub fn start_step(vmcs: &mut impl Vmcs, vm: &Vm, vcpu: &mut Vcpu) {
+///
+/// A tool's step (`for_tool`) runs in the vCPU's own view and ends with a
+/// `SINGLE_STEP` event ([`finish_step`]).
+pub fn start_step(vmcs: &mut impl Vmcs, vm: &Vm, vcpu: &mut Vcpu, for_tool: bool) {
     if vm.features.mtf {
         vcpu.step = Some(Step {
             mtf: true,
             trap_flag: false,
+            for_tool,
         });
     } else {
         let rflags = vmcs.read(guest::RFLAGS);
         vcpu.step = Some(Step {
             mtf: false,
             trap_flag: rflags & RFLAGS_TF != 0,
+            for_tool,
         });
         vmcs.write(guest::RFLAGS, rflags | RFLAGS_TF);
         // TF under an STI/MOV SS shadow needs BS pending (SDM Vol. 3C 26.3.1.5).
@@ -220,12 +292,28 @@ pub fn start_step(vmcs: &mut impl Vmcs, vm: &Vm, vcpu: &mut Vcpu) {
 
 /// Ends the single step: the hardware is back on the vCPU's view and, when
 /// stepping with TF, TF is as the guest had it and a single-step #DB is
-/// pending only if the guest asked for one. Returns false if no step was in
-/// progress.
-pub fn finish_step(vmcs: &mut impl Vmcs, vm: &Vm, vcpu: &mut Vcpu) -> bool {
-    let Some(step) = vcpu.step.take() else {
+/// pending only if the guest asked for one. A tool's step holds the vCPU
+/// with a `SINGLE_STEP` event. Returns false if no step was in progress.
+pub fn finish_step(vmcs: &mut impl Vmcs, vm: &mut Vm, vcpu: &mut Vcpu) -> bool {
+    let Some(step) = cancel_step(vmcs, vm, vcpu) else {
         return false;
     };
+    if step.for_tool {
+        crate::control::raise(
+            vm,
+            vmcs,
+            vcpu,
+            hv_control::EventKind::SingleStep,
+            crate::control::DefaultAction::Continue,
+        );
+    }
+    true
+}
+
+/// Ends the single step in progress, if any, as [`finish_step`] does but
+/// without its event; returns it.
+pub fn cancel_step(vmcs: &mut impl Vmcs, vm: &Vm, vcpu: &mut Vcpu) -> Option<Step> {
+    let step = vcpu.step.take()?;
     if !step.mtf {
         let rflags = vmcs.read(guest::RFLAGS) & !RFLAGS_TF;
         let pending = vmcs.read(guest::PENDING_DBG_EXCEPTIONS) & !PENDING_BS;
@@ -238,7 +326,7 @@ pub fn finish_step(vmcs: &mut impl Vmcs, vm: &Vm, vcpu: &mut Vcpu) -> bool {
         vmcs.write(guest::PENDING_DBG_EXCEPTIONS, pending | bs);
     }
     apply(vmcs, vm, vcpu);
-    true
+    Some(step)
 }
 
 /// Whether the code at guest-physical `gpa` lies on a page the vCPU's view

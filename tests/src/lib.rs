@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 pub use hv_boot::exit;
 
+pub mod control;
 mod engine;
 mod outcome;
 
@@ -188,6 +189,13 @@ pub struct Boot {
     /// [`Engine::emulator_program`]: `bochs` or `qemu-system-x86_64`, or what
     /// `HV_BOCHS` / `HV_QEMU` say.
     pub emulator: Option<String>,
+    /// The kernel to boot; by default the hypervisor ([`Boot::bare_guest`]
+    /// boots the test guest itself).
+    pub kernel: Option<PathBuf>,
+    /// Give the machine a COM3 connected to a pty whose other side the test
+    /// takes from [`Running::control`]: the hypervisor's control channel
+    /// (docs/control.md).
+    pub control: bool,
 }
 
 impl Boot {
@@ -203,7 +211,15 @@ impl Boot {
             timeout: Duration::from_secs(120),
             stream: false,
             emulator: None,
+            kernel: None,
+            control: false,
         }
+    }
+
+    /// With or without the control channel (see [`Boot::control`]).
+    pub fn control(mut self, on: bool) -> Self {
+        self.control = on;
+        self
     }
 
     pub fn cmdline(mut self, cmdline: &str) -> Self {
@@ -233,23 +249,46 @@ impl Boot {
         self
     }
 
+    /// Boots the test guest directly, without the hypervisor, with
+    /// `cmdline` (its scenarios): a cross-check that tells the hypervisor's
+    /// bugs from the guest's. Its console is COM1 ([`Run::guest`]); there
+    /// is no `hv: exit` line, so the run's outcome is not a status.
+    pub fn bare_guest(mut self, cmdline: &str) -> Self {
+        self.kernel = Some(test_guest_image().to_path_buf());
+        self.cmdline = cmdline.into();
+        self
+    }
+
     /// Builds what is needed, boots, waits for the end or the timeout.
     pub fn run(&self) -> Run {
-        self.run_in(new_run_dir(self.engine))
+        self.start().wait()
     }
 
     /// [`Boot::run`] with its files in `dir` (from [`new_run_dir`]).
     pub fn run_in(&self, dir: PathBuf) -> Run {
-        let started = Instant::now();
+        self.start_in(dir).wait()
+    }
+
+    /// Builds what is needed and starts the emulator; the run goes on while
+    /// the caller talks to it (see [`Running`]).
+    pub fn start(&self) -> Running {
+        self.start_in(new_run_dir(self.engine))
+    }
+
+    /// [`Boot::start`] with its files in `dir` (from [`new_run_dir`]).
+    pub fn start_in(&self, dir: PathBuf) -> Running {
         match self.boot_medium(&dir) {
             Ok(medium) => self.boot(dir, &medium),
-            Err(why) => self.not_run(dir, why, started),
+            Err(why) => self.not_started(dir, why),
         }
     }
 
     /// The kernel to boot and, unless QEMU loads it directly, its GRUB ISO.
     fn boot_medium(&self, dir: &Path) -> Result<Medium, String> {
-        let kernel = build_images()?.kernel.clone();
+        let kernel = match &self.kernel {
+            Some(kernel) => kernel.clone(),
+            None => build_images()?.kernel.clone(),
+        };
         let iso = if self.engine == Engine::Bochs || !self.qemu_direct_kernel {
             Some(self.grub_iso(&kernel, dir)?)
         } else {
@@ -258,29 +297,42 @@ impl Boot {
         Ok(Medium { kernel, iso })
     }
 
-    /// Starts the emulator on `medium` and waits for the end of the run.
-    fn boot(&self, dir: PathBuf, medium: &Medium) -> Run {
-        let started = Instant::now();
+    /// Starts the emulator on `medium` (with the control channel's pty
+    /// first, if asked for).
+    fn boot(&self, dir: PathBuf, medium: &Medium) -> Running {
+        let control = if self.control {
+            match control::Channel::open() {
+                Ok(channel) => Some(channel),
+                Err(why) => return self.not_started(dir, why),
+            }
+        } else {
+            None
+        };
+        let port = control.as_ref().map(|c| c.path.as_path());
         let child = match (self.engine, &medium.iso) {
-            (Engine::Bochs, Some(iso)) => self.start_bochs(iso, &dir),
-            (_, iso) => self.start_qemu(&medium.kernel, iso.as_deref(), &dir),
+            (Engine::Bochs, Some(iso)) => self.start_bochs(iso, &dir, port),
+            (_, iso) => self.start_qemu(&medium.kernel, iso.as_deref(), &dir, port),
         };
-        let mut child = match child {
-            Ok(child) => child,
-            Err(why) => return self.not_run(dir, why, started),
-        };
-        let waited = wait(&mut child, started, self.timeout, &dir, self.stream);
-        Run::read(self.engine, dir, waited.end, waited.ready_after, started)
+        match child {
+            Ok(child) => Running {
+                boot: self.clone(),
+                dir,
+                started: Instant::now(),
+                child: Ok(child),
+                control,
+            },
+            Err(why) => self.not_started(dir, why),
+        }
     }
 
-    fn not_run(&self, dir: PathBuf, why: String, started: Instant) -> Run {
-        Run::read(
-            self.engine,
+    fn not_started(&self, dir: PathBuf, why: String) -> Running {
+        Running {
+            boot: self.clone(),
             dir,
-            EmulatorEnd::NotStarted(why),
-            None,
-            started,
-        )
+            started: Instant::now(),
+            child: Err(why),
+            control: None,
+        }
     }
 
     fn emulator_program(&self) -> Result<PathBuf, String> {
@@ -334,7 +386,7 @@ impl Boot {
     /// parallel port, no NIC, a fixed RTC start instead of the host's local
     /// time, and the display on Bochs's VNC server (rfb, the one display
     /// library in the `bochs` package) without waiting for a viewer.
-    fn bochs_config(&self, iso: &Path) -> String {
+    fn bochs_config(&self, iso: &Path, control: Option<&Path>) -> String {
         let mut config = format!(
             "megs: {megs}\n\
              cpu: model={model}, count={cpus}, ips=200000000\n\
@@ -359,13 +411,21 @@ impl Boot {
         for (i, port) in SERIAL_PORTS.iter().enumerate() {
             config += &format!("com{}: enabled=1, mode=file, dev={}\n", i + 1, port.file);
         }
+        // `term` mode reads and writes a tty: the control channel's pty.
+        if let Some(pty) = control {
+            config += &format!(
+                "com{}: enabled=1, mode=term, dev={}\n",
+                control::COM_INDEX + 1,
+                pty.display()
+            );
+        }
         config
     }
 
-    fn start_bochs(&self, iso: &Path, dir: &Path) -> Result<Child, String> {
+    fn start_bochs(&self, iso: &Path, dir: &Path, control: Option<&Path>) -> Result<Child, String> {
         let bochs = self.emulator_program()?;
         let io = |e: std::io::Error| format!("writing the Bochs configuration: {e}");
-        fs::write(dir.join("hv.bxrc"), self.bochs_config(iso)).map_err(io)?;
+        fs::write(dir.join("hv.bxrc"), self.bochs_config(iso, control)).map_err(io)?;
         // Debian's Bochs has its debugger built in: `c` starts the simulation.
         fs::write(dir.join("cont.rc"), "c\n").map_err(io)?;
         // Bochs's display server listens on the first free port from 5900 and
@@ -384,7 +444,13 @@ impl Boot {
     }
 
     /// Boots `iso` through GRUB, or `kernel` through QEMU's Multiboot 1 loader when there is no ISO.
-    fn start_qemu(&self, kernel: &Path, iso: Option<&Path>, dir: &Path) -> Result<Child, String> {
+    fn start_qemu(
+        &self,
+        kernel: &Path,
+        iso: Option<&Path>,
+        dir: &Path,
+        control: Option<&Path>,
+    ) -> Result<Child, String> {
         let qemu = self.emulator_program()?;
         let mut cmd = Command::new(&qemu);
         // No NIC (the default one would use the host's network), no
@@ -407,6 +473,10 @@ impl Boot {
         ]);
         for port in SERIAL_PORTS {
             cmd.args(["-serial", &format!("file:{}", port.file)]);
+        }
+        // The third -serial is COM3 (0x3E8); a device path is QEMU's tty backend.
+        if let Some(pty) = control {
+            cmd.arg("-serial").arg(pty);
         }
         match self.engine {
             Engine::QemuKvm => cmd.args(["-accel", "kvm", "-cpu", "host"]),
@@ -443,6 +513,99 @@ impl Boot {
             .stderr(file(format!("{stem}.err"))?)
             .spawn()
             .map_err(|e| format!("`{}` could not be started: {e}", program.display()))
+    }
+}
+
+/// A run under way: the emulator runs while the caller talks to it through
+/// the control channel ([`Running::control`]); [`Running::wait`] waits for
+/// its end (or the boot's timeout, counted from the start) and reads the
+/// [`Run`].
+pub struct Running {
+    boot: Boot,
+    dir: PathBuf,
+    started: Instant,
+    /// The emulator, or why it did not start.
+    child: Result<Child, String>,
+    control: Option<control::Channel>,
+}
+
+impl Running {
+    /// The host side of the control channel (once: the caller owns it).
+    pub fn control(&mut self) -> Option<hv_ctl::Serial> {
+        self.control.as_mut().and_then(|c| c.host.take())
+    }
+
+    /// The pty the emulator's COM3 uses.
+    pub fn control_path(&self) -> Option<&Path> {
+        self.control.as_ref().map(|c| c.path.as_path())
+    }
+
+    /// Serves the control channel on a unix socket at `socket` (one client
+    /// at a time, as `hvctl --connect SOCKET`) instead of handing it to the
+    /// caller.
+    pub fn serve_control(&mut self, socket: &Path) -> Result<(), String> {
+        let host = self.control().ok_or("no control channel (Boot::control)")?;
+        control::bridge(host, socket)
+    }
+
+    /// The run's files.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Waits until a line of the run's log so far (the hypervisor's or the
+    /// guest's console) contains `text`, and returns it; `None` if `timeout`
+    /// passes or the emulator ends first.
+    pub fn wait_for_line(&mut self, text: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for port in SERIAL_PORTS {
+                let log = fs::read_to_string(self.dir.join(port.file)).unwrap_or_default();
+                if let Some(line) = log.lines().find(|l| l.contains(text)) {
+                    return Some(line.to_owned());
+                }
+            }
+            if Instant::now() >= deadline || !self.is_running() {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Whether the emulator is still running.
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            Ok(child) => matches!(child.try_wait(), Ok(None)),
+            Err(_) => false,
+        }
+    }
+
+    /// Waits for the end of the run.
+    pub fn wait(mut self) -> Run {
+        let engine = self.boot.engine;
+        let end = match &mut self.child {
+            Ok(child) => wait(
+                child,
+                self.started,
+                self.boot.timeout,
+                &self.dir,
+                self.boot.stream,
+            ),
+            Err(why) => Waited {
+                end: EmulatorEnd::NotStarted(why.clone()),
+                ready_after: None,
+            },
+        };
+        Run::read(engine, self.dir, end.end, end.ready_after, self.started)
+    }
+
+    /// Ends the emulator now (a test that is done with a guest that would
+    /// run on) and reads the run.
+    pub fn stop(mut self) -> Run {
+        if let Ok(child) = &mut self.child {
+            let _ = child.kill();
+        }
+        self.wait()
     }
 }
 
@@ -512,6 +675,16 @@ pub fn network_isolation() -> Isolation {
             })
             .map_or(Isolation::None, Isolation::Namespace)
     })
+}
+
+/// Writes `bytes` to a file of its own under `target/runs` (a boot module,
+/// say) and returns its path.
+pub fn scratch_file(name: &str, bytes: &[u8]) -> PathBuf {
+    let dir = workspace_root().join("target/runs");
+    fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot make {}: {e}", dir.display()));
+    let path = dir.join(format!("{name}-{}.bin", std::process::id()));
+    fs::write(&path, bytes).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+    path
 }
 
 /// A fresh directory for one run's files, so runs in parallel never share one.
@@ -826,6 +999,27 @@ impl Run {
             self.report()
         );
         self
+    }
+
+    /// Panics with the report unless the hypervisor tore its guest down
+    /// cleanly: every frame back, its own code and page tables unchanged.
+    pub fn expect_torn_down_cleanly(&self) -> &Self {
+        self.expect_line("vmm: guest torn down, all frames returned")
+            .expect_line("isolation: hypervisor image and page tables unchanged")
+            .expect_no_line("frame leak")
+    }
+
+    /// Panics with the report unless the run ended with status 0, the test
+    /// guest passed exactly `scenarios`, and the guest was torn down cleanly.
+    pub fn expect_scenarios_passed(&self, scenarios: &[&str]) -> &Self {
+        self.expect_exit(exit::OK).expect_line(&format!(
+            "{GUEST_PREFIX}result: {} passed, 0 failed",
+            scenarios.len()
+        ));
+        for s in scenarios {
+            self.expect_line(&format!("{GUEST_PREFIX}PASS {s}"));
+        }
+        self.expect_torn_down_cleanly()
     }
 
     /// The first line of the run's log containing `text`.

@@ -24,7 +24,7 @@ fn engine_names_round_trip() {
 
 #[test]
 fn the_bochs_configuration_keeps_off_host_sound_joystick_and_clock() {
-    let config = Boot::new(Engine::Bochs).bochs_config(Path::new("/x/hv.iso"));
+    let config = Boot::new(Engine::Bochs).bochs_config(Path::new("/x/hv.iso"), None);
     let lines: Vec<&str> = config.lines().collect();
     // Issue 9: the speaker plugin loads ALSA, which aborts Bochs without a sound card.
     for line in [
@@ -52,11 +52,17 @@ fn tail_keeps_the_last_lines() {
 /// Runs `script` as the emulator of `engine` (its working directory is the
 /// run directory, as for the real one), with no real kernel or ISO.
 fn fake_run(engine: Engine, script: &str, timeout: Duration) -> Run {
+    fake_start(engine, script, timeout, false).wait()
+}
+
+/// Starts `script` as the emulator of `engine`, with or without the
+/// control channel.
+fn fake_start(engine: Engine, script: &str, timeout: Duration, control: bool) -> Running {
     let dir = new_run_dir(engine);
     let program = dir.join("fake-emulator");
     fs::write(&program, format!("#!/bin/sh\n{script}\n")).unwrap();
     fs::set_permissions(&program, fs::Permissions::from_mode(0o755)).unwrap();
-    let mut boot = Boot::new(engine);
+    let mut boot = Boot::new(engine).control(control);
     boot.emulator = Some(program.display().to_string());
     boot.timeout = timeout;
     let medium = Medium {
@@ -136,7 +142,7 @@ fn a_missing_emulator_is_a_harness_failure_that_says_what_is_missing() {
         kernel: dir.join("no-kernel"),
         iso: None,
     };
-    let run = boot.boot(dir, &medium);
+    let run = boot.boot(dir, &medium).wait();
     assert!(
         matches!(&run.emulator, EmulatorEnd::NotStarted(why) if why.contains("/nonexistent/qemu-system-x86_64")),
         "{:?}",
@@ -190,4 +196,95 @@ fn an_emulator_still_running_at_the_timeout_is_stopped_and_reported() {
         run.report()
     );
     run.clean_up();
+}
+
+/// Echoes the control channel's bytes back (`cat` on the pty the emulator
+/// was given), then ends the run, as an emulator whose guest echoes COM3.
+fn echo_through(engine: Engine, find_pty: &str) {
+    let script = format!(
+        "pty=$({find_pty})\n\
+         [ -c \"$pty\" ] || {{ echo \"no pty: $pty\" >&2; exit 9; }}\n\
+         head -c 5 < \"$pty\" > \"$pty\"\n\
+         printf 'hv: exit 0\\n' > serial.txt"
+    );
+    let mut running = fake_start(engine, &script, 20 * SECOND, true);
+    let pty = running.control_path().unwrap().to_path_buf();
+    let mut host = running.control().expect("the host side, once");
+    assert!(running.control().is_none());
+    host.send(b"hello").unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 16];
+    while got.len() < 5 {
+        let n = hv_ctl::Transport::recv(&mut host, &mut buf, 10 * SECOND).unwrap();
+        assert!(n > 0, "no echo within 10 s");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(got, b"hello");
+    let run = running.wait();
+    run.expect_exit(0);
+    assert!(pty.starts_with("/dev/pts/"), "{}", pty.display());
+    run.clean_up();
+}
+
+use hv_ctl::Transport as _;
+
+#[test]
+fn bochs_gets_the_control_pty_as_com3_in_term_mode() {
+    let config = Boot::new(Engine::Bochs)
+        .bochs_config(Path::new("/x/hv.iso"), Some(Path::new("/dev/pts/7")));
+    assert!(
+        config
+            .lines()
+            .any(|l| l == "com3: enabled=1, mode=term, dev=/dev/pts/7"),
+        "{config}"
+    );
+    echo_through(
+        Engine::Bochs,
+        "sed -n 's/^com3: enabled=1, mode=term, dev=//p' hv.bxrc",
+    );
+}
+
+#[test]
+fn qemu_gets_the_control_pty_as_its_third_serial_port() {
+    // The arguments after the second `-serial file:...` one.
+    echo_through(
+        Engine::QemuTcg,
+        "n=0; for a in \"$@\"; do if [ \"$prev\" = -serial ]; then n=$((n+1)); [ $n = 3 ] && echo \"$a\"; fi; prev=$a; done",
+    );
+}
+
+#[test]
+fn without_control_there_is_no_com3() {
+    let config = Boot::new(Engine::Bochs).bochs_config(Path::new("/x/hv.iso"), None);
+    assert!(!config.contains("com3"), "{config}");
+}
+
+#[test]
+fn the_bridge_serves_the_channel_to_one_client_after_another() {
+    let mut channel = control::Channel::open().unwrap();
+    let socket = new_run_dir(Engine::Bochs).join("control.sock");
+    control::bridge(channel.host.take().unwrap(), &socket).unwrap();
+    // The emulator's side of the pty.
+    let mut emulator = hv_ctl::Serial::open(&channel.path).unwrap();
+    for round in 0..2u8 {
+        let mut client = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        client.send(&[b'a' + round; 3]).unwrap();
+        let mut buf = [0u8; 8];
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            let n = emulator.recv(&mut buf, 10 * SECOND).unwrap();
+            assert!(n > 0, "nothing reached the emulator");
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, [b'a' + round; 3]);
+        emulator.send(b"xyz").unwrap();
+        got.clear();
+        while got.len() < 3 {
+            let n = client.recv(&mut buf, 10 * SECOND).unwrap();
+            assert!(n > 0, "nothing reached the client");
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, b"xyz");
+        drop(client);
+    }
 }

@@ -1,7 +1,7 @@
 //! altp2m in the running hypervisor, driven by the test guest in Bochs
 //! (corei7_skylake_x: EPT, VMFUNC EPTP switching, #VE).
 
-use hv_tests::{Boot, Engine, Run, exit};
+use hv_tests::{Boot, Engine, Run};
 
 fn run(hv_cmdline: &str, scenarios: &str) -> Run {
     Boot::new(Engine::Bochs)
@@ -10,23 +10,10 @@ fn run(hv_cmdline: &str, scenarios: &str) -> Run {
         .run()
 }
 
-fn passed(run: &Run, scenarios: &[&str]) {
-    run.expect_exit(exit::OK)
-        .expect_line(&format!(
-            "guest: result: {} passed, 0 failed",
-            scenarios.len()
-        ))
-        .expect_line("vmm: guest torn down, all frames returned")
-        .expect_line("isolation: hypervisor image and page tables unchanged");
-    for s in scenarios {
-        run.expect_line(&format!("guest: PASS {s}"));
-    }
-}
-
 #[test]
 fn every_hypercall_with_good_and_bad_arguments() {
     let run = run("", "altp2m memory-calls");
-    passed(&run, &["altp2m", "memory-calls"]);
+    run.expect_scenarios_passed(&["altp2m", "memory-calls"]);
     run.clean_up();
 }
 
@@ -34,12 +21,12 @@ fn every_hypercall_with_good_and_bad_arguments() {
 fn modes_decide_what_the_guest_may_call() {
     // The calls outside altp2m work the same in every mode.
     let external = run("altp2m=external", "mode-external memory-calls");
-    passed(&external, &["mode-external", "memory-calls"]);
+    external.expect_scenarios_passed(&["mode-external", "memory-calls"]);
     external
         .expect_line("altp2m mode External")
         .expect_line("refused: altp2m mode External");
     let limited = run("altp2m=limited", "mode-limited memory-calls");
-    passed(&limited, &["mode-limited", "memory-calls"]);
+    limited.expect_scenarios_passed(&["mode-limited", "memory-calls"]);
     limited.expect_line("refused: altp2m mode Limited");
     // A refused call is logged once, however often the guest repeats it.
     let create_refusals = limited
@@ -54,7 +41,7 @@ fn modes_decide_what_the_guest_may_call() {
 #[test]
 fn vmfunc_switches_views_without_exits_and_refuses_invalid_or_hidden_slots() {
     let run = run("", "vmfunc");
-    passed(&run, &["vmfunc"]);
+    run.expect_scenarios_passed(&["vmfunc"]);
     run.expect_line("vmfunc: 101 switches cost 1 VM exits");
     run.clean_up();
 }
@@ -62,7 +49,7 @@ fn vmfunc_switches_views_without_exits_and_refuses_invalid_or_hidden_slots() {
 #[test]
 fn ve_reaches_the_guest_with_gfn_qualification_and_view_and_can_be_rearmed() {
     let run = run("", "ve");
-    passed(&run, &["ve"]);
+    run.expect_scenarios_passed(&["ve"]);
     run.expect_line("ve: 2 #VEs; last: gpa 0x405010, qualification 0x1aa, view 1")
         // Not re-armed: the next violation exits and the monitor steps it.
         .expect_line("monitor: access view=1 gfn=0x405 access=w entry=rx");
@@ -72,7 +59,7 @@ fn ve_reaches_the_guest_with_gfn_qualification_and_view_and_can_be_rearmed() {
 #[test]
 fn a_hidden_breakpoint_is_hit_on_execution_and_invisible_to_reads() {
     let run = run("", "hidden-breakpoint");
-    passed(&run, &["hidden-breakpoint"]);
+    run.expect_scenarios_passed(&["hidden-breakpoint"]);
     run.expect_line(
         "hidden-breakpoint: read 0xb8 through the execute view, the call returned 42 and 42",
     )
@@ -84,7 +71,7 @@ fn a_hidden_breakpoint_is_hit_on_execution_and_invisible_to_reads() {
 #[test]
 fn a_ballooned_page_is_unreachable_through_every_alias_and_other_divergence_stays() {
     let run = run("", "balloon");
-    passed(&run, &["balloon"]);
+    run.expect_scenarios_passed(&["balloon"]);
     run.expect_line(
         "monitor: dropped view=1 gfn=0x501 pages=1 access=rwx reason=SourceChanged remap-of=0x500",
     )
@@ -99,7 +86,7 @@ fn a_ballooned_page_is_unreachable_through_every_alias_and_other_divergence_stay
 #[test]
 fn the_display_does_not_freeze_when_the_view_was_created_early_or_late() {
     let run = run("", "display display-late");
-    passed(&run, &["display", "display-late"]);
+    run.expect_scenarios_passed(&["display", "display-late"]);
     run.expect_line("display: tracking 16 pages from gfn 0x800")
         .expect_line("guest: display: the periodic tick refreshed the display")
         .expect_no_line("frozen display");

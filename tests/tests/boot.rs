@@ -132,3 +132,41 @@ fn two_emulators_at_once_do_not_collide() {
     assert_ne!(runs[0].dir, runs[1].dir);
     runs.iter().for_each(Run::clean_up);
 }
+
+/// The control channel (docs/control.md): both emulators take the pty as
+/// COM3, and a tool writing to it while the hypervisor runs (it has no
+/// control server yet, so nothing answers) changes nothing of the run.
+#[test]
+fn both_emulators_take_the_control_channel_as_com3() {
+    for engine in [Engine::Bochs, Engine::QemuTcg] {
+        let mut running = Boot::new(engine)
+            .cmdline("loglevel=info")
+            .control(true)
+            .start();
+        let pty = running.control_path().expect("a control pty").to_path_buf();
+        let mut host = running.control().expect("the host side");
+        let mut hello = [0u8; hv_ctl::protocol::MAX_FRAME];
+        let n = hv_ctl::protocol::Message::Command {
+            seq: 1,
+            command: hv_ctl::protocol::Command::Hello {
+                version: 1,
+                liveness_ms: 0,
+            },
+        }
+        .encode(&mut hello)
+        .unwrap();
+        hv_ctl::Transport::send(&mut host, &hello[..n]).unwrap();
+        let run = running.wait();
+        run.expect_exit(exit::OK).expect_line("hv: ready");
+        if engine == Engine::Bochs {
+            assert!(
+                run.emulator_log
+                    .contains("com3 at 0x03e8 irq 4 (mode: term)"),
+                "{}",
+                run.report()
+            );
+        }
+        assert!(pty.starts_with("/dev/pts/"));
+        run.clean_up();
+    }
+}

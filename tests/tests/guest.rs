@@ -1,8 +1,6 @@
 //! The hypervisor running the test guest (tests/guest) in Bochs: what the
 //! guest sees, what it may not touch, and how its run ends.
 
-use std::path::PathBuf;
-
 use hv_tests::{Boot, Engine, Run, exit};
 
 /// Status of a run whose guest the hypervisor stopped (hv-boot `vmm::GUEST_STOPPED`).
@@ -13,12 +11,6 @@ fn run(hv_cmdline: &str, scenarios: &str) -> Run {
         .cmdline(hv_cmdline)
         .guest(scenarios)
         .run()
-}
-
-fn torn_down_cleanly(run: &Run) {
-    run.expect_line("vmm: guest torn down, all frames returned")
-        .expect_line("isolation: hypervisor image and page tables unchanged")
-        .expect_no_line("frame leak");
 }
 
 #[test]
@@ -39,7 +31,7 @@ fn guest_sees_its_memory_map_cpuid_leaf_msrs_io_and_hypercalls() {
     for scenario in ["memmap", "cpuid", "msr", "io", "hypercall"] {
         run.expect_line(&format!("guest: PASS {scenario}"));
     }
-    torn_down_cleanly(&run);
+    run.expect_torn_down_cleanly();
     run.clean_up();
 }
 
@@ -49,7 +41,7 @@ fn the_guest_status_becomes_the_run_status() {
     run.expect_exit(7)
         .expect_line("guest: PASS memmap")
         .expect_line("guest: memmap: 0x100000..0x1000000 Available");
-    torn_down_cleanly(&run);
+    run.expect_torn_down_cleanly();
     run.clean_up();
 }
 
@@ -76,7 +68,7 @@ fn the_guest_cannot_reach_memory_outside_its_ram() {
         probes.contains("128 probes outside RAM") && probes.contains("128 refused with #GP"),
         "{probes}"
     );
-    torn_down_cleanly(&run);
+    run.expect_torn_down_cleanly();
     run.clean_up();
 }
 
@@ -88,7 +80,7 @@ fn a_guest_triple_fault_stops_it_with_a_report() {
         .expect_line("RIP ")
         .expect_line("IDTR limit                   0x0")
         .expect_no_line("PASS");
-    torn_down_cleanly(&run);
+    run.expect_torn_down_cleanly();
     run.clean_up();
 }
 
@@ -97,16 +89,8 @@ fn an_instruction_the_hypervisor_does_not_handle_stops_the_guest() {
     let run = run("", "unhandled");
     run.expect_exit(GUEST_STOPPED)
         .expect_line("guest stopped: unhandled VM exit INVD (reason 13)");
-    torn_down_cleanly(&run);
+    run.expect_torn_down_cleanly();
     run.clean_up();
-}
-
-fn module(name: &str, bytes: &[u8]) -> PathBuf {
-    let dir = hv_tests::workspace_root().join("target/runs");
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("{name}-{}.bin", std::process::id()));
-    std::fs::write(&path, bytes).unwrap();
-    path
 }
 
 #[test]
@@ -125,7 +109,7 @@ fn bad_guest_images_are_refused_with_the_reason() {
         ),
     ];
     for (name, bytes, message) in cases {
-        let path = module(name, &bytes);
+        let path = hv_tests::scratch_file(name, &bytes);
         let mut boot = Boot::new(Engine::Bochs);
         boot.modules.push((path.clone(), String::new()));
         let run = boot.run();

@@ -5,9 +5,11 @@
 //! instruction faulted: the step ends and the guest gets the exception in
 //! its view).
 
+use hv_control::{EventKind, class};
 use x86::vmx::vmcs::{guest, ro};
 
 use super::{ExitCtx, Flow, StopReason};
+use crate::control::{self, DefaultAction};
 use crate::platform::Platform;
 use crate::vcpu::events::{
     PENDING_BS, Reflected, TYPE_NMI, inject_software_exception, reflect_exception,
@@ -82,7 +84,15 @@ fn breakpoint<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Flow {
     let rip = ctx.rip();
     let gpa = paging::translate(&*ctx.cpu, ctx.vm, ctx.platform, rip);
     if let Some((view, gfn)) = gpa.and_then(|gpa| views::remapped_code(ctx.vm, ctx.vcpu, gpa)) {
-        views::start_step(ctx.cpu, ctx.vm, ctx.vcpu);
+        if ctx.vm.control.wants(class::BREAKPOINT) {
+            let event = EventKind::Breakpoint {
+                gpa: gpa.unwrap_or(0),
+                gla: ctx.cpu.read(guest::CS_BASE).wrapping_add(rip),
+            };
+            control::raise(ctx.vm, ctx.cpu, ctx.vcpu, event, DefaultAction::StepInView0);
+            return Flow::Resume;
+        }
+        views::start_step(ctx.cpu, ctx.vm, ctx.vcpu, false);
         crate::platform::monitor_event(
             ctx.platform,
             format_args!(

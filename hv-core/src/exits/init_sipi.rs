@@ -1,5 +1,9 @@
-//! INIT and start-up IPIs: an INIT puts the vCPU into wait-for-SIPI; a SIPI
-//! starts it in real mode at the vector's page.
+//! INIT and start-up IPIs, as a processor takes them: an INIT parks the
+//! vCPU in wait-for-SIPI (dropping what it owed the guest and any step); a
+//! SIPI starts it in real mode at the vector's page. INIT always exits in
+//! VMX non-root operation, so a guest's INIT never reaches the hypervisor's
+//! own state. A SIPI the hypervisor sent to end the run stops the vCPU. A
+//! guest whose every vCPU is parked can never run again: it is stopped.
 
 use super::{ExitCtx, Flow, StopReason};
 use crate::platform::Platform;
@@ -12,18 +16,36 @@ pub fn init<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Flow {
             "INIT: this CPU cannot hold a vCPU in wait-for-SIPI",
         ));
     }
-    log::info!("guest: INIT: waiting for SIPI");
+    if let Some(end) = ctx.vm.end.clone() {
+        return Flow::Stop(end);
+    }
+    log::info!("guest: INIT on vCPU {}: waiting for SIPI", ctx.vcpu.id.0);
+    // A processor reset ends any step, a tool's too (no event: INIT wins).
+    crate::views::cancel_step(ctx.cpu, ctx.vm, ctx.vcpu);
+    ctx.vcpu.pending = Default::default();
+    ctx.vcpu.waiting_for_sipi = true;
     state::wait_for_sipi(ctx.cpu);
+    let id = ctx.vcpu.id.index();
+    let vm = &*ctx.vm;
+    let all_parked = (0..vm.vcpus()).all(|v| v == id || vm.coherence.parked(v));
+    if all_parked {
+        return ctx.stop(StopReason::Halted);
+    }
     Flow::Resume
 }
 
 pub fn sipi<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Flow {
+    // The hypervisor's own SIPI, to end the run on a parked vCPU.
+    if let Some(end) = ctx.vm.end.clone() {
+        return Flow::Stop(end);
+    }
     let vector = (ctx.qualification() & 0xff) as u8;
     log::info!(
         "guest: SIPI vector {vector:#x}: starting at {:#x}",
         u64::from(vector) << 12
     );
     state::sipi_start(ctx.cpu, &mut ctx.vcpu.regs, &ctx.vm.cr_fixed, vector);
+    ctx.vcpu.waiting_for_sipi = false;
     // A processor reset: no cached translation of the old paging mode survives.
     if ctx.vm.features.vpid {
         ctx.cpu.invvpid(crate::vcpu::GUEST_VPID);

@@ -6,7 +6,7 @@
 //! against a simulated CPU and platform.
 
 mod cpuid;
-mod cr;
+pub(crate) mod cr;
 mod ept;
 mod exception;
 mod init_sipi;

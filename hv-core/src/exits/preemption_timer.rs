@@ -3,7 +3,7 @@
 //! if there is one, and is the watchdog: a vCPU found halted with
 //! interrupts off and nothing owed to it on two ticks in a row can never
 //! wake (with NMI exiting, only the hypervisor could give it an NMI), so
-//! the guest is stopped. The timer value is saved on exit, so it is rearmed
+//! the guest is stopped once every vCPU is (or waits for a SIPI). The timer value is saved on exit, so it is rearmed
 //! here.
 
 use x86::vmx::vmcs::guest;
@@ -32,7 +32,18 @@ pub fn handle<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Flow {
     } else {
         0
     };
+    // One vCPU halted for good may be a CPU the guest took offline; the
+    // guest is dead only when every vCPU is (or is parked in wait-for-SIPI).
+    let id = ctx.vcpu.id.index();
+    let bit = 1u32 << id;
     if ctx.vcpu.halted_ticks >= HALTED_TICKS {
+        ctx.vm.halted |= bit;
+    } else {
+        ctx.vm.halted &= !bit;
+    }
+    let vm = &*ctx.vm;
+    let dead = (0..vm.vcpus()).all(|v| vm.halted & 1 << v != 0 || vm.coherence.parked(v));
+    if dead {
         return ctx.stop(StopReason::Halted);
     }
     // Not in the middle of a single step in view 0: it returns to its view.
@@ -40,7 +51,11 @@ pub fn handle<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Flow {
         ctx.vm.switch_boot_view(ctx.vcpu.id.index());
         views::apply(ctx.cpu, ctx.vm, ctx.vcpu);
     }
-    if ctx.vm.logdirty_tick(ctx.cpu, ctx.platform).is_err() {
+    if ctx
+        .vm
+        .logdirty_tick(ctx.cpu, ctx.platform, ctx.vcpu.id.index())
+        .is_err()
+    {
         return ctx.stop(StopReason::Internal(
             "out of memory fetching the dirty pages",
         ));
@@ -48,7 +63,7 @@ pub fn handle<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Flow {
     if ctx.vm.display.is_none() {
         return Flow::Resume;
     }
-    match display::refresh(ctx.vm, ctx.cpu, ctx.platform) {
+    match display::refresh(ctx.vm, ctx.cpu, ctx.platform, ctx.vcpu.id.index()) {
         Ok(_) => Flow::Resume,
         Err(_) => ctx.stop(StopReason::Internal("out of memory refreshing the display")),
     }

@@ -20,15 +20,15 @@ use crate::vmx::vmcs::tests::FakeVmcs;
 const IMAGE_AT: u64 = 0x20_0000;
 /// Bochs's corei7_skylake_x: VMFUNC, #VE, the preemption timer, VPID and
 /// wait-for-SIPI, but no monitor trap flag, so single steps use TF.
-fn caps() -> VmxCaps {
+pub(crate) fn caps() -> VmxCaps {
     VmxCaps::new(bochs_skylake_x(), 46)
 }
 
-fn image() -> Vec<u8> {
+pub(crate) fn image() -> Vec<u8> {
     elf(IMAGE_AT, 0x2000, 0x4000, IMAGE_AT + 0x40, None, true)
 }
 
-fn config(image: &[u8]) -> GuestConfig<'_> {
+pub(crate) fn config(image: &[u8]) -> GuestConfig<'_> {
     GuestConfig {
         memory_mib: 8,
         image,
@@ -42,6 +42,7 @@ fn config(image: &[u8]) -> GuestConfig<'_> {
             crate::devices::acpi::HostPlatform::pc(),
         )),
         apic_ids: &[0],
+        coherence: std::boxed::Box::leak(std::boxed::Box::new(crate::smp::Coherence::new(2))),
     }
 }
 
@@ -55,27 +56,27 @@ fn new_guest(platform: &mut SimPlatform) -> Vm {
     Vm::create(&caps(), &config(&image), platform).unwrap()
 }
 
-struct Machine {
-    platform: SimPlatform,
-    vm: Vm,
-    vcpu: Vcpu,
-    vmcs: FakeVmcs,
+pub(crate) struct Machine {
+    pub(crate) platform: SimPlatform,
+    pub(crate) vm: Vm,
+    pub(crate) vcpu: Vcpu,
+    pub(crate) vmcs: FakeVmcs,
 }
 
 impl Machine {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::with(|_| {})
     }
 
     /// A machine whose guest configuration `change` adjusts first.
-    fn with(change: impl FnOnce(&mut GuestConfig<'_>)) -> Self {
+    pub(crate) fn with(change: impl FnOnce(&mut GuestConfig<'_>)) -> Self {
         Self::on(&caps(), change)
     }
 
     /// A machine on a CPU with `caps`, its VMCS holding the controls, the
     /// PML buffer and the fields that follow the views (as `Vcpu::load`
     /// writes them; the host state it also writes needs the real CPU).
-    fn on(caps: &VmxCaps, change: impl FnOnce(&mut GuestConfig<'_>)) -> Self {
+    pub(crate) fn on(caps: &VmxCaps, change: impl FnOnce(&mut GuestConfig<'_>)) -> Self {
         let mut platform = SimPlatform::new();
         let image = image();
         let mut config = config(&image);
@@ -109,7 +110,7 @@ impl Machine {
         }
     }
 
-    fn exit(&mut self, reason: ExitReason) -> Flow {
+    pub(crate) fn exit(&mut self, reason: ExitReason) -> Flow {
         // Counted as the run loop does.
         self.vm.counters[usize::from(reason.basic())] += 1;
         // As every VM exit does: the valid bit of the injection field is clear.
@@ -126,7 +127,7 @@ impl Machine {
     }
 
     /// Tears the vCPU and the VM down; their frames go back to the platform.
-    fn destroy(self) -> SimPlatform {
+    pub(crate) fn destroy(self) -> SimPlatform {
         let Machine {
             mut platform,
             vm,
@@ -138,12 +139,12 @@ impl Machine {
         platform
     }
 
-    fn injected(&self) -> u64 {
+    pub(crate) fn injected(&self) -> u64 {
         self.vmcs.read(control::VMENTRY_INTERRUPTION_INFO_FIELD)
     }
 }
 
-fn stopped(flow: Flow) -> Option<GuestEnd> {
+pub(crate) fn stopped(flow: Flow) -> Option<GuestEnd> {
     match flow {
         Flow::Stop(end) => Some(end),
         Flow::Resume => None,
@@ -516,7 +517,7 @@ use crate::abi::{access, call, error};
 
 impl Machine {
     /// Makes hypercall `number` and returns RAX.
-    fn call(&mut self, number: u64, args: &[u64]) -> i64 {
+    pub(crate) fn call(&mut self, number: u64, args: &[u64]) -> i64 {
         let arg = |i: usize| args.get(i).copied().unwrap_or(0);
         self.vcpu.regs = GuestRegisters {
             rax: number,
@@ -575,7 +576,7 @@ impl Machine {
 
     /// An EPT exit at `gpa` as the CPU would give it: first the
     /// misconfiguration of a pending type change, if any, then the violation.
-    fn touch(&mut self, gpa: u64, write: bool) -> Flow {
+    pub(crate) fn touch(&mut self, gpa: u64, write: bool) -> Flow {
         self.vmcs.write(ro::GUEST_PHYSICAL_ADDR_FULL, gpa);
         if self
             .vm
@@ -651,11 +652,11 @@ fn a_vmfunc_switch_is_picked_up_from_the_eptp_index() {
     m.call(call::ALTP2M_SET_STATE, &[1]);
     let v = m.call(call::ALTP2M_CREATE_VIEW, &[access::RWX]) as u64;
     m.vmcs.write(control::EPTP_INDEX, v);
-    crate::views::sync(&m.vmcs, &mut m.vm, &m.vcpu).unwrap();
+    crate::views::sync(&mut m.vm, &m.vcpu, m.vmcs.read(control::EPTP_INDEX)).unwrap();
     assert_eq!(m.vm.altp2m.vcpu_view(0), Ok(v as u16));
     m.vmcs.write(control::EPTP_INDEX, 77);
     assert!(
-        crate::views::sync(&m.vmcs, &mut m.vm, &m.vcpu).is_err(),
+        crate::views::sync(&mut m.vm, &m.vcpu, m.vmcs.read(control::EPTP_INDEX)).is_err(),
         "a view that does not exist"
     );
 }
@@ -760,7 +761,7 @@ fn a_stepped_instruction_that_switches_views_ends_where_it_asked() {
     m.vmcs.write(control::EPTP_INDEX, 0);
     m.vmcs
         .write(ro::VMEXIT_INTERRUPTION_INFO, 1 << 31 | 3 << 8 | 1);
-    crate::views::sync(&m.vmcs, &mut m.vm, &m.vcpu).unwrap();
+    crate::views::sync(&mut m.vm, &m.vcpu, m.vmcs.read(control::EPTP_INDEX)).unwrap();
     assert!(stopped(m.exit(ExitReason::ExceptionOrNmi)).is_none());
     assert_eq!(m.vm.altp2m.vcpu_view(0), Ok(0), "VMFUNC 0 is not undone");
     assert_eq!(m.vmcs.read(control::EPTP_FULL), m.vm.p2m.eptp());
@@ -1327,7 +1328,7 @@ fn a_write_through_an_alias_before_a_vmfunc_is_logged_against_its_source() {
     let eptp_b = m.vm.altp2m.eptp(&m.vm.p2m, b as u16).unwrap();
     m.vmcs.write(control::EPTP_FULL, eptp_b);
     m.vmcs.write(control::EPTP_INDEX, b);
-    crate::views::sync(&m.vmcs, &mut m.vm, &m.vcpu).unwrap();
+    crate::views::sync(&mut m.vm, &m.vcpu, b).unwrap();
     assert_eq!(m.call(call::LOGDIRTY_FETCH, &[source, 0x20, at]), 1);
     let mut bitmap = [0u8; 4];
     m.vm.read(&m.platform, at, &mut bitmap).unwrap();
@@ -1367,4 +1368,91 @@ fn a_vcpu_out_of_frames_takes_no_pml_buffer_with_it() {
     vcpu.destroy(&mut FakeVmcs::default(), &mut platform);
     vm.destroy(&mut platform);
     assert_eq!(platform.outstanding(), 0);
+}
+
+/// A machine whose VM has two vCPUs: this one (0) and another one (1) whose
+/// CPU the tests play through `smp::Coherence`.
+pub(crate) fn two_vcpus() -> Machine {
+    Machine::with(|c| c.apic_ids = &[0, 1])
+}
+
+#[test]
+fn switching_another_vcpus_view_kicks_it_to_reapply_its_fields() {
+    let mut m = two_vcpus();
+    m.call(call::ALTP2M_SET_STATE, &[1]);
+    let v = m.call(call::ALTP2M_CREATE_VIEW, &[access::RWX]) as u64;
+    let coherence = m.vm.coherence;
+    // vCPU 1 is in guest mode.
+    assert_eq!(coherence.enter(1), None);
+    m.platform.kicks.clear();
+    assert_eq!(m.call(call::ALTP2M_SWITCH_VCPU_VIEW, &[1, v]), 0);
+    assert_eq!(m.vm.altp2m.vcpu_view(1), Ok(v as u16));
+    assert_eq!(m.vm.altp2m.vcpu_view(0), Ok(0), "this vCPU stays");
+    assert_eq!(m.platform.kicks, [(1, crate::platform::Kick::Nmi)]);
+    assert!(coherence.take_reapply(1), "vCPU 1 writes its EPTP again");
+    assert!(!coherence.take_reapply(0));
+}
+
+#[test]
+fn a_view_another_vcpu_switched_to_by_vmfunc_cannot_be_destroyed() {
+    let mut m = two_vcpus();
+    m.call(call::ALTP2M_SET_STATE, &[1]);
+    let v = m.call(call::ALTP2M_CREATE_VIEW, &[access::RWX]) as u64;
+    let coherence = m.vm.coherence;
+    // vCPU 1 VMFUNCs to the view without an exit: altp2m does not know.
+    assert_eq!(coherence.enter(1), None);
+    m.platform.kicked_exit = Some((coherence, v as u16));
+    assert_eq!(
+        m.call(call::ALTP2M_DESTROY_VIEW, &[v]),
+        error::EBUSY,
+        "the kick made vCPU 1 publish its view"
+    );
+    assert_eq!(
+        m.vm.altp2m.is_visible(v as u16),
+        Ok(true),
+        "the refused destroy put the view back in the EPTP list"
+    );
+    // vCPU 1 left the view (VMFUNC back to 0): now it goes.
+    if let Some(epoch) = coherence.enter(1) {
+        coherence.flushed(1, epoch);
+    }
+    m.platform.kicked_exit = Some((coherence, 0));
+    assert_eq!(m.call(call::ALTP2M_DESTROY_VIEW, &[v]), 0);
+}
+
+#[test]
+fn a_page_given_back_is_shot_down_on_every_vcpu_first() {
+    let mut m = two_vcpus();
+    let coherence = m.vm.coherence;
+    assert_eq!(coherence.enter(1), None);
+    m.platform.kicked_exit = Some((coherence, 0));
+    assert_eq!(m.call(call::BALLOON_RELEASE, &[0x300]), 0);
+    assert_eq!(
+        m.platform.kicks,
+        [(1, crate::platform::Kick::Nmi)],
+        "vCPU 1 was in guest mode: kicked before the frame went back"
+    );
+    assert!(
+        coherence.enter(1).is_some(),
+        "and it flushes before it enters again"
+    );
+}
+
+#[test]
+fn the_guest_is_stopped_only_when_every_vcpu_is_halted_for_good() {
+    let mut m = two_vcpus();
+    let halted = |m: &mut Machine| {
+        m.vmcs.write(g::ACTIVITY_STATE, crate::vcpu::state::HLT);
+        m.vmcs.write(g::RFLAGS, 0x2);
+        m.exit(ExitReason::PreemptionTimer)
+    };
+    for _ in 0..4 {
+        assert!(stopped(halted(&mut m)).is_none(), "vCPU 1 still runs");
+    }
+    // vCPU 1 parks in wait-for-SIPI (a CPU the guest took offline).
+    m.vm.coherence.park(1);
+    assert_eq!(
+        stopped(halted(&mut m)),
+        Some(GuestEnd::Stopped(StopReason::Halted))
+    );
 }

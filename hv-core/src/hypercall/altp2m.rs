@@ -1,18 +1,17 @@
-//! The altp2m hypercalls (Xen's HVMOP_altp2m operations).
+//! The altp2m hypercalls (Xen's HVMOP_altp2m operations): arguments from
+//! the guest's registers and buffers, the work in `operations`.
 
 use alloc::vec::Vec;
 
 use hv_ept::Gfn;
 
-use super::{Args, abi_access, errno};
+use super::Args;
 use crate::abi::{call, error};
 use crate::exits::ExitCtx;
+use crate::operations::{self, Altp2mOp, MULTI_MAX, p2m_access};
 use crate::platform::Platform;
 use crate::views;
 use crate::vmx::Cpu;
-
-/// Most entries a multi call takes at once.
-const MULTI_MAX: u64 = 512;
 
 pub fn call<C: Cpu, P: Platform>(
     ctx: &mut ExitCtx<'_, C, P>,
@@ -20,8 +19,18 @@ pub fn call<C: Cpu, P: Platform>(
     a: &Args,
 ) -> Result<i64, i64> {
     let result = run(ctx, number, a);
-    // Whatever changed, the VMCS follows (EPTP, index, VMFUNC, #VE, exceptions).
+    // Whatever changed, the VMCS follows (EPTP, index, VMFUNC, #VE,
+    // exceptions), here and on the other vCPUs a switch or a state change
+    // reached.
     views::apply(ctx.cpu, ctx.vm, ctx.vcpu);
+    if result.is_ok()
+        && matches!(
+            number,
+            call::ALTP2M_SET_STATE | call::ALTP2M_SWITCH_VIEW | call::ALTP2M_SWITCH_VCPU_VIEW
+        )
+    {
+        views::reapply_others(ctx.vm, ctx.platform, ctx.vcpu.id.index());
+    }
     result
 }
 
@@ -30,68 +39,42 @@ fn run<C: Cpu, P: Platform>(
     number: u64,
     a: &Args,
 ) -> Result<i64, i64> {
-    let g = &mut *ctx.vm;
-    let mem = &mut *ctx.platform;
-    let alt = &mut g.altp2m;
-    let host = &mut g.p2m;
-    let done = |r: Result<(), hv_altp2m::Error>| r.map(|()| 0).map_err(errno);
-    match number {
-        call::ALTP2M_GET_STATE => Ok(i64::from(alt.is_enabled())),
-        call::ALTP2M_SET_STATE => match (a.flag(0)?, alt.is_enabled()) {
-            (true, true) | (false, false) => Ok(0),
-            (true, false) => done(alt.enable(mem, host)),
-            (false, true) => {
-                views::finish_step(ctx.cpu, g, ctx.vcpu);
+    let vcpu = |i: usize| usize::try_from(a.get(i)).map_err(|_| error::EINVAL);
+    // Held until the call is done: the multi call's entries.
+    let mut items = Vec::new();
+    let op = match number {
+        call::ALTP2M_GET_STATE => Altp2mOp::GetState,
+        call::ALTP2M_SET_STATE => {
+            let on = a.flag(0)?;
+            if !on && ctx.vm.altp2m.is_enabled() {
+                views::finish_step(ctx.cpu, ctx.vm, ctx.vcpu);
                 ctx.vcpu.ve_page = None;
-                done(g.altp2m.disable(mem))
             }
-        },
+            Altp2mOp::SetState(on)
+        }
         call::ALTP2M_VCPU_ENABLE_NOTIFY => {
-            if !g.features.ve {
-                return Err(error::EOPNOTSUPP);
-            }
             let gfn = Gfn(a.get(0));
-            let mfn = g.ram_page(mem, gfn).ok_or(error::EINVAL)?;
-            // The CPU writes #VE information by physical address, past any
-            // view's rights: the page must be one every view lets the guest
-            // write itself, not a remap and not a page a monitor protects.
-            let writable = |view: usize| {
-                g.altp2m
-                    .get_entry(mem, &g.p2m, view as u16, gfn)
-                    .is_ok_and(|e| {
-                        e.is_some_and(|e| {
-                            e.remap_source.is_none()
-                                && e.access.allowed().contains(hv_ept::Rights::W)
-                        })
-                    })
-            };
-            if !g.altp2m.active_views().iter().all(writable) {
-                return Err(error::EINVAL);
-            }
+            let mfn = operations::notify_page(ctx.vm, ctx.platform, gfn)?;
             ctx.vcpu.ve_page = Some((gfn, mfn));
-            Ok(0)
+            return Ok(0);
         }
         call::ALTP2M_VCPU_DISABLE_NOTIFY => {
             ctx.vcpu.ve_page = None;
-            Ok(0)
+            return Ok(0);
         }
-        call::ALTP2M_CREATE_VIEW => alt
-            .create_view(mem, host, a.access(0)?)
-            .map(i64::from)
-            .map_err(errno),
-        call::ALTP2M_DESTROY_VIEW => done(alt.destroy_view(mem, a.view(0)?)),
-        call::ALTP2M_SWITCH_VIEW => done(alt.switch_all(a.view(0)?)),
-        call::ALTP2M_SWITCH_VCPU_VIEW => {
-            let vcpu = usize::try_from(a.get(0)).map_err(|_| error::EINVAL)?;
-            done(alt.switch_vcpu(vcpu, a.view(1)?))
-        }
-        call::ALTP2M_GET_VCPU_VIEW => {
-            let vcpu = usize::try_from(a.get(0)).map_err(|_| error::EINVAL)?;
-            alt.vcpu_view(vcpu).map(i64::from).map_err(errno)
-        }
-        call::ALTP2M_SET_MEM_ACCESS => {
-            done(alt.set_mem_access(mem, host, a.view(0)?, Gfn(a.get(1)), a.access(2)?))
-        }
+        call::ALTP2M_CREATE_VIEW => Altp2mOp::CreateView(a.access(0)?),
+        call::ALTP2M_DESTROY_VIEW => Altp2mOp::DestroyView(a.view(0)?),
+        call::ALTP2M_SWITCH_VIEW => Altp2mOp::SwitchView(a.view(0)?),
+        call::ALTP2M_SWITCH_VCPU_VIEW => Altp2mOp::SwitchVcpuView {
+            vcpu: vcpu(0)?,
+            view: a.view(1)?,
+        },
+        call::ALTP2M_GET_VCPU_VIEW => Altp2mOp::GetVcpuView(vcpu(0)?),
+        call::ALTP2M_SET_MEM_ACCESS => Altp2mOp::SetMemAccess {
+            view: a.view(0)?,
+            gfn: Gfn(a.get(1)),
+            access: a.access(2)?,
+        },
         call::ALTP2M_SET_MEM_ACCESS_MULTI => {
             let (view, gfns_at, access_at, count) = (a.view(0)?, a.get(1), a.get(2), a.get(3));
             if count == 0 || count > MULTI_MAX {
@@ -100,55 +83,51 @@ fn run<C: Cpu, P: Platform>(
             let mut gfns = [0u8; (MULTI_MAX * 8) as usize];
             let mut accesses = [0u8; MULTI_MAX as usize];
             let n = count as usize;
-            g.read(mem, gfns_at, &mut gfns[..n * 8])
+            let g = &*ctx.vm;
+            g.read(ctx.platform, gfns_at, &mut gfns[..n * 8])
                 .map_err(|_| error::EFAULT)?;
-            g.read(mem, access_at, &mut accesses[..n])
+            g.read(ctx.platform, access_at, &mut accesses[..n])
                 .map_err(|_| error::EFAULT)?;
-            let mut items = Vec::new();
             items.try_reserve_exact(n).map_err(|_| error::ENOMEM)?;
-            for i in 0..n {
-                let gfn = u64::from_le_bytes(gfns[i * 8..i * 8 + 8].try_into().unwrap_or_default());
-                let access = super::p2m_access(u64::from(accesses[i])).ok_or(error::EINVAL)?;
+            for (gfn, &access) in gfns.chunks_exact(8).zip(&accesses[..n]) {
+                let gfn = u64::from_le_bytes(gfn.try_into().unwrap_or_default());
+                let access = p2m_access(u64::from(access)).ok_or(error::EINVAL)?;
                 items.push((Gfn(gfn), access));
             }
-            match g.altp2m.set_mem_access_multi(mem, &mut g.p2m, view, &items) {
-                Ok(()) => Ok(n as i64),
-                Err(e) if e.done > 0 => Ok(e.done as i64),
-                Err(e) => Err(errno(e.error)),
+            Altp2mOp::SetMemAccessMulti {
+                view,
+                items: &items,
             }
         }
-        call::ALTP2M_GET_MEM_ACCESS => alt
-            .get_mem_access(mem, host, a.view(0)?, Gfn(a.get(1)))
-            .map(|x| abi_access(x) as i64)
-            .map_err(errno),
-        call::ALTP2M_CHANGE_GFN => {
-            let new = (a.get(2) != crate::abi::INVALID_GFN).then(|| Gfn(a.get(2)));
-            done(alt.change_gfn(mem, host, a.view(0)?, Gfn(a.get(1)), new))
-        }
-        call::ALTP2M_SET_SUPPRESS_VE => {
-            done(alt.set_suppress_ve(mem, host, a.view(0)?, Gfn(a.get(1)), a.flag(2)?))
-        }
-        call::ALTP2M_SET_SUPPRESS_VE_MULTI => {
-            let (view, first, last, sve) = (a.view(0)?, a.get(1), a.get(2), a.flag(3)?);
-            if first > last || last - first >= MULTI_MAX {
-                return Err(error::EINVAL);
-            }
-            let mut items = Vec::new();
-            items
-                .try_reserve_exact((last - first + 1) as usize)
-                .map_err(|_| error::ENOMEM)?;
-            items.extend((first..=last).map(|gfn| (Gfn(gfn), sve)));
-            match alt.set_suppress_ve_multi(mem, host, view, &items) {
-                Ok(()) => Ok(items.len() as i64),
-                Err(e) if e.done > 0 => Ok(e.done as i64),
-                Err(e) => Err(errno(e.error)),
-            }
-        }
-        call::ALTP2M_GET_SUPPRESS_VE => alt
-            .get_suppress_ve(mem, host, a.view(0)?, Gfn(a.get(1)))
-            .map(i64::from)
-            .map_err(errno),
-        call::ALTP2M_SET_VISIBILITY => done(alt.set_visibility(mem, host, a.view(0)?, a.flag(1)?)),
-        _ => Err(error::ENOSYS),
-    }
+        call::ALTP2M_GET_MEM_ACCESS => Altp2mOp::GetMemAccess {
+            view: a.view(0)?,
+            gfn: Gfn(a.get(1)),
+        },
+        call::ALTP2M_CHANGE_GFN => Altp2mOp::ChangeGfn {
+            view: a.view(0)?,
+            old: Gfn(a.get(1)),
+            new: (a.get(2) != crate::abi::INVALID_GFN).then(|| Gfn(a.get(2))),
+        },
+        call::ALTP2M_SET_SUPPRESS_VE => Altp2mOp::SetSuppressVe {
+            view: a.view(0)?,
+            gfn: Gfn(a.get(1)),
+            suppress: a.flag(2)?,
+        },
+        call::ALTP2M_SET_SUPPRESS_VE_MULTI => Altp2mOp::SetSuppressVeMulti {
+            view: a.view(0)?,
+            first: a.get(1),
+            last: a.get(2),
+            suppress: a.flag(3)?,
+        },
+        call::ALTP2M_GET_SUPPRESS_VE => Altp2mOp::GetSuppressVe {
+            view: a.view(0)?,
+            gfn: Gfn(a.get(1)),
+        },
+        call::ALTP2M_SET_VISIBILITY => Altp2mOp::SetVisibility {
+            view: a.view(0)?,
+            visible: a.flag(1)?,
+        },
+        _ => return Err(error::ENOSYS),
+    };
+    operations::altp2m(ctx.vm, ctx.platform, ctx.vcpu.id.index(), op)
 }

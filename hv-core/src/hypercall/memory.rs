@@ -1,21 +1,17 @@
 //! Hypercalls about the guest's memory: exit counters, log-dirty tracking,
 //! the balloon, and the display model.
 
-use hv_ept::{Gfn, P2mType};
+use hv_ept::Gfn;
 
-use super::{Args, errno};
+use super::Args;
 use crate::abi::error;
 use crate::exits::ExitCtx;
+use crate::operations::{self, FETCH_MAX, errno};
 use crate::platform::Platform;
 use crate::views;
 use crate::vm::display;
 use crate::vmx::Cpu;
 use crate::vmx::exit::NUM_REASONS;
-
-/// Most pages one `LOGDIRTY_FETCH` covers (a 4 KiB bitmap).
-const FETCH_MAX: u64 = 32768;
-/// Most pages one `LOGDIRTY_TRACK` covers.
-const TRACK_MAX: u64 = 1 << 24;
 
 pub fn exit_counts<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>, a: &Args) -> Result<i64, i64> {
     let count = ctx
@@ -33,62 +29,38 @@ pub fn exit_counts<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>, a: &Args) -
     Ok(count as i64)
 }
 
-/// `[first, first + pages)` as an inclusive gfn range, if `pages` is in `1..=max`.
-fn range(first: u64, pages: u64, max: u64) -> Result<(Gfn, Gfn), i64> {
-    if pages == 0 || pages > max {
-        return Err(error::EINVAL);
-    }
-    let last = first.checked_add(pages - 1).ok_or(error::EINVAL)?;
-    Ok((Gfn(first), Gfn(last)))
-}
-
 pub fn logdirty_track<C: Cpu, P: Platform>(
     ctx: &mut ExitCtx<'_, C, P>,
     a: &Args,
 ) -> Result<i64, i64> {
-    let (first, last) = range(a.get(0), a.get(1), TRACK_MAX)?;
-    let g = &mut *ctx.vm;
-    g.altp2m
-        .host_change_type_range(
-            ctx.platform,
-            &mut g.p2m,
-            first,
-            last,
-            P2mType::RamRw,
-            P2mType::RamLogdirty,
-        )
-        .map(|()| 0)
-        .map_err(errno)
+    operations::logdirty_start(ctx.vm, ctx.platform, a.get(0), a.get(1)).map(|()| 0)
 }
 
 pub fn logdirty_fetch<C: Cpu, P: Platform>(
     ctx: &mut ExitCtx<'_, C, P>,
     a: &Args,
 ) -> Result<i64, i64> {
-    let (first, last) = range(a.get(0), a.get(1), FETCH_MAX)?;
-    let bytes = a.get(1).div_ceil(8) as usize;
-    let at = a.get(2);
+    let (first, pages, at) = (a.get(0), a.get(1), a.get(2));
+    operations::gfn_range(first, pages, FETCH_MAX)?;
+    let bytes = pages.div_ceil(8) as usize;
     let mut bitmap = [0u8; (FETCH_MAX / 8) as usize];
-    let g = &mut *ctx.vm;
     // Check the buffer before clearing anything, so no dirty bit is lost.
-    g.write(ctx.platform, at, &bitmap[..bytes])
+    ctx.vm
+        .write(ctx.platform, at, &bitmap[..bytes])
         .map_err(|_| error::EFAULT)?;
-    let mut dirty = 0;
-    let armed = g
-        .altp2m
-        .arm_dirty(ctx.platform, &mut g.p2m, &mut g.dirty, first, last)
-        .map_err(errno)?;
-    crate::views::flush(g, ctx.cpu, ctx.platform);
-    g.altp2m
-        .fetch_dirty(&mut g.dirty, &armed, |gfn| {
-            let i = (gfn.0 - first.0) as usize;
-            bitmap[i / 8] |= 1 << (i % 8);
-            dirty += 1;
-        })
-        .map_err(errno)?;
-    g.write(ctx.platform, at, &bitmap[..bytes])
+    let dirty = operations::logdirty_fetch(
+        ctx.vm,
+        ctx.cpu,
+        ctx.platform,
+        ctx.vcpu.id.index(),
+        first,
+        pages,
+        &mut bitmap,
+    )?;
+    ctx.vm
+        .write(ctx.platform, at, &bitmap[..bytes])
         .map_err(|_| error::EFAULT)?;
-    Ok(dirty)
+    Ok(i64::from(dirty))
 }
 
 pub fn balloon_release<C: Cpu, P: Platform>(
@@ -110,7 +82,7 @@ pub fn balloon_release<C: Cpu, P: Platform>(
         ctx.vcpu.ve_page = None;
         views::apply(ctx.cpu, g, ctx.vcpu);
     }
-    if let Err(e) = g.release_page(ctx.platform, ctx.cpu, gfn) {
+    if let Err(e) = g.release_page(ctx.platform, ctx.cpu, ctx.vcpu.id.index(), gfn) {
         ctx.vcpu.ve_page = ve_page;
         views::apply(ctx.cpu, g, ctx.vcpu);
         return Err(errno(e));
@@ -132,7 +104,7 @@ pub fn display_refresh<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Resu
     if ctx.vm.display.is_none() {
         return Err(error::ENOENT);
     }
-    display::refresh(ctx.vm, ctx.cpu, ctx.platform)
+    display::refresh(ctx.vm, ctx.cpu, ctx.platform, ctx.vcpu.id.index())
         .map(|n| n as i64)
         .map_err(errno)
 }

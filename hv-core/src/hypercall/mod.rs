@@ -5,11 +5,11 @@
 mod altp2m;
 mod memory;
 
-use hv_altp2m::Error;
 use hv_ept::P2mAccess;
 
-use crate::abi::{access, call, error};
+use crate::abi::{call, error};
 use crate::exits::ExitCtx;
+use crate::operations::p2m_access;
 use crate::platform::Platform;
 use crate::vcpu::events::in_64bit_mode;
 use crate::vmx::Cpu;
@@ -39,47 +39,6 @@ impl Args {
     /// Argument `i` as an access value.
     pub fn access(&self, i: usize) -> Result<P2mAccess, i64> {
         p2m_access(self.0[i]).ok_or(error::EINVAL)
-    }
-}
-
-pub fn p2m_access(value: u64) -> Option<P2mAccess> {
-    Some(match value {
-        access::N => P2mAccess::N,
-        access::R => P2mAccess::R,
-        access::W => P2mAccess::W,
-        access::RW => P2mAccess::Rw,
-        access::X => P2mAccess::X,
-        access::RX => P2mAccess::Rx,
-        access::WX => P2mAccess::Wx,
-        access::RWX => P2mAccess::Rwx,
-        access::RX2RW => P2mAccess::Rx2rw,
-        access::N2RWX => P2mAccess::N2rwx,
-        _ => return None,
-    })
-}
-
-pub fn abi_access(value: P2mAccess) -> u64 {
-    match value {
-        P2mAccess::N => access::N,
-        P2mAccess::R => access::R,
-        P2mAccess::W => access::W,
-        P2mAccess::Rw => access::RW,
-        P2mAccess::X => access::X,
-        P2mAccess::Rx => access::RX,
-        P2mAccess::Wx => access::WX,
-        P2mAccess::Rwx => access::RWX,
-        P2mAccess::Rx2rw => access::RX2RW,
-        P2mAccess::N2rwx => access::N2RWX,
-    }
-}
-
-/// The hypercall error for an altp2m refusal.
-pub fn errno(e: Error) -> i64 {
-    match e {
-        Error::NoMemory => error::ENOMEM,
-        Error::NotMapped => error::ENOENT,
-        Error::Busy => error::EBUSY,
-        _ => error::EINVAL,
     }
 }
 

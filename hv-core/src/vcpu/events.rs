@@ -47,8 +47,14 @@ pub fn in_64bit_mode(vmcs: &impl Vmcs) -> bool {
 /// would have: EIP wraps at 4 GiB outside 64-bit mode, an STI or MOV SS
 /// shadow ends, and a guest single-stepping with TF gets its #DB.
 pub fn advance_rip(vmcs: &mut impl Vmcs) {
-    let rip = vmcs.read(guest::RIP);
     let len = vmcs.read(ro::VMEXIT_INSTRUCTION_LEN);
+    advance_rip_by(vmcs, len);
+}
+
+/// [`advance_rip`] past an instruction of `len` bytes (an instruction
+/// completed after its exit's fields may have been overwritten).
+pub fn advance_rip_by(vmcs: &mut impl Vmcs, len: u64) {
+    let rip = vmcs.read(guest::RIP);
     let mut next = rip.wrapping_add(len);
     if next > 0xffff_ffff && !in_64bit_mode(vmcs) {
         next &= 0xffff_ffff;
@@ -74,6 +80,7 @@ pub mod vector {
     pub const GP: u8 = 13;
     pub const PF: u8 = 14;
     pub const MC: u8 = 18;
+    pub const VE: u8 = 20;
 }
 
 /// Makes the next VM entry deliver hardware exception `vector` to the guest.

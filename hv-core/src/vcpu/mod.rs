@@ -14,12 +14,13 @@ pub mod state;
 use hv_ept::{Gfn, Mfn};
 use x86::vmx::vmcs::{control, guest, ro};
 
+use crate::control as channel;
 use crate::devices::mtrr::Mtrrs;
 use crate::exits::{self, EntryFailure, ExitCtx, Flow, GuestEnd, StopReason};
-use crate::platform::Platform;
+use crate::platform::{Kick, Platform};
 use crate::views;
 use crate::vm::{Vm, VmError};
-use crate::vmx::exit::Exit;
+use crate::vmx::exit::{Exit, ExitReason};
 use crate::vmx::vmcs::{Vmcs, dump_guest_state};
 use crate::vmx::{self, Cpu, ThisCpu, VmxError};
 use entry::Entry;
@@ -51,6 +52,9 @@ pub struct Step {
     /// `trap_flag` is the guest's own TF, restored after the step.
     pub mtf: bool,
     pub trap_flag: bool,
+    /// A tool asked for it (answering an event): it runs in the vCPU's own
+    /// view and ends with a `SINGLE_STEP` event.
+    pub for_tool: bool,
 }
 
 pub struct Vcpu {
@@ -67,6 +71,8 @@ pub struct Vcpu {
     pub pending: events::Pending,
     /// Watchdog ticks in a row that found the vCPU halted with interrupts off.
     pub halted_ticks: u8,
+    /// Parked in wait-for-SIPI (after INIT, or an AP before its first SIPI).
+    pub waiting_for_sipi: bool,
     /// Its MTRRs, virtualized.
     pub mtrrs: Mtrrs,
     /// Its page-modification log, when the guest has PML.
@@ -99,6 +105,7 @@ impl Vcpu {
             step: None,
             pending: events::Pending::default(),
             halted_ticks: 0,
+            waiting_for_sipi: id != VcpuId::BSP,
             mtrrs: Mtrrs::default(),
             pml,
         })
@@ -145,7 +152,14 @@ impl Vcpu {
             vmcs.write(control::VPID, u64::from(GUEST_VPID));
         }
         vmx::write_host_state(vmcs, entry::exit_entry_address());
-        state::boot_entry(vmcs, &mut self.regs, &vm.cr_fixed, &vm.entry);
+        if self.id == VcpuId::BSP {
+            state::boot_entry(vmcs, &mut self.regs, &vm.cr_fixed, &vm.entry);
+        } else {
+            // An AP: the state of a processor after INIT, waiting for the
+            // guest's SIPI (the VM-entry checks want valid state anyway).
+            state::sipi_start(vmcs, &mut self.regs, &vm.cr_fixed, 0);
+            state::wait_for_sipi(vmcs);
+        }
         vmcs.write(
             guest::VMX_PREEMPTION_TIMER_VALUE,
             u64::from(vm.tick_period()),
@@ -153,22 +167,68 @@ impl Vcpu {
         views::apply(vmcs, vm, self);
     }
 
-    /// Runs the guest on this vCPU until it exits or is stopped. Its VMCS
-    /// must be current ([`Vcpu::load`]).
-    pub fn run(&mut self, vm: &mut Vm, platform: &mut impl Platform) -> GuestEnd {
+    /// Runs the guest on this vCPU until the guest ends or is stopped
+    /// (by this vCPU or another). Its VMCS must be current on this CPU
+    /// ([`Vcpu::load`]). The VM lock is taken for each exit's handling and
+    /// for the checks before entry, never across a VM entry; what other
+    /// CPUs must see while it runs goes through `smp::Coherence`.
+    pub fn run(&mut self, machine: &spin::Mutex<Vm>, platform: &mut impl Platform) -> GuestEnd {
         let mut cpu = ThisCpu;
+        let id = self.id.index();
+        let (coherence, vmfunc) = {
+            let vm = machine.lock();
+            (vm.coherence, vm.features.vmfunc)
+        };
         loop {
-            views::flush(vm, &mut cpu, platform);
-            // An NMI that reached the hypervisor while it ran is the guest's.
-            if platform.take_nmi() {
+            {
+                let mut vm = machine.lock();
+                if let Some(end) = vm.end.clone() {
+                    return end;
+                }
+                views::flush(&mut vm, &mut cpu, platform, id);
+                if coherence.take_reapply(id) {
+                    channel::take_notify(&mut vm, self);
+                    views::apply(&mut cpu, &vm, self);
+                }
+                if vm.control.must_stop(id) {
+                    drop(vm);
+                    if let Some(end) = self.hold(machine, platform, &mut cpu) {
+                        return end;
+                    }
+                    continue;
+                }
+                if self.waiting_for_sipi && vm.control.has_line() {
+                    channel::parking(&mut vm, &mut cpu, self);
+                }
+            }
+            // An NMI that reached the hypervisor while it ran is the
+            // guest's, unless it was a kick.
+            if platform.take_nmi() && !coherence.take_kick(id) {
                 self.pending.nmi = true;
             }
             self.pending.deliver(&mut cpu);
+            if self.waiting_for_sipi {
+                coherence.park(id);
+            } else if let Some(epoch) = coherence.enter(id) {
+                cpu.invept(None);
+                coherence.flushed(id, epoch);
+            }
             // SAFETY: VMX is on and this vCPU's VMCS is current and complete
             // (`load`), with the host RIP of `entry::exit_entry_address`.
             let entered = unsafe { entry::enter(&mut self.regs, self.launched) };
+            // Where a VMFUNC may have taken the hardware, published before
+            // leaving guest mode (a view's destroyer checks it).
+            let index = if vmfunc && entered == Entry::Exited {
+                cpu.read(control::EPTP_INDEX)
+            } else {
+                u64::MAX
+            };
+            coherence.exit(id, index as u16);
+            let mut guard = machine.lock();
+            let vm = &mut *guard;
             if entered != Entry::Exited {
-                return self.entry_failed(entered, vm, &cpu, platform);
+                let end = self.entry_failed(entered, vm, &cpu, platform);
+                return end_all(vm, id, end, platform);
             }
             self.launched = true;
             let exit = Exit::from_field(cpu.read(ro::EXIT_REASON) as u32);
@@ -177,23 +237,59 @@ impl Vcpu {
             }
             if exit.entry_failed {
                 let why = EntryFailure::ExitReason(exit.reason.basic());
-                return report_entry_failure(why, vm, &cpu, platform);
+                let end = report_entry_failure(why, vm, &cpu, platform);
+                return end_all(vm, id, end, platform);
             }
-            let synced = views::sync(&cpu, vm, self);
+            let synced = views::sync(vm, self, index);
             let mut ctx = ExitCtx {
                 cpu: &mut cpu,
                 vcpu: self,
                 vm,
                 platform,
             };
-            if synced.is_err() {
-                return ctx.report_stop(StopReason::Internal(
+            let flow = if synced.is_err() {
+                Flow::Stop(ctx.report_stop(StopReason::Internal(
                     "the vCPU runs on a view altp2m never allowed",
-                ));
+                )))
+            } else {
+                exits::handle(exit.reason, &mut ctx)
+            };
+            if let Flow::Stop(end) = flow {
+                return end_all(vm, id, end, platform);
             }
-            if let Flow::Stop(end) = exits::handle(exit.reason, &mut ctx) {
-                return end;
+            // The tick is when a running vCPU looks at the control line.
+            let serve = vm.control.has_line() && exit.reason == ExitReason::PreemptionTimer;
+            drop(guard);
+            if serve {
+                channel::serve(machine, &mut cpu, platform, id);
             }
+        }
+    }
+
+    /// Stays in the hypervisor while the control channel stops this vCPU
+    /// (paused by the tool, or held by an event until its answer), serving
+    /// the line meanwhile; the VM lock is free between rounds. Returns the
+    /// guest's end if it ended meanwhile.
+    fn hold(
+        &mut self,
+        machine: &spin::Mutex<Vm>,
+        platform: &mut impl Platform,
+        cpu: &mut ThisCpu,
+    ) -> Option<GuestEnd> {
+        let id = self.id.index();
+        channel::stop(&mut machine.lock(), cpu, self);
+        loop {
+            channel::serve(machine, cpu, platform, id);
+            {
+                let mut vm = machine.lock();
+                if let Some(end) = vm.end.clone() {
+                    return Some(end);
+                }
+                if channel::resume(&mut vm, cpu, platform, self) {
+                    return None;
+                }
+            }
+            core::hint::spin_loop();
         }
     }
 
@@ -217,6 +313,24 @@ impl Vcpu {
         platform.free_frames(self.vmcs_region, 1);
         self.pml.destroy(platform);
     }
+}
+
+/// The guest ended on vCPU `id`: every other vCPU stops at its next exit,
+/// and is made to exit now (a SIPI for one parked in wait-for-SIPI, which
+/// blocks NMIs and INITs).
+fn end_all(vm: &mut Vm, id: usize, end: GuestEnd, platform: &mut impl Platform) -> GuestEnd {
+    if vm.end.is_none() {
+        vm.end = Some(end.clone());
+    }
+    for other in (0..vm.vcpus()).filter(|&v| v != id) {
+        let kick = if vm.coherence.parked(other) {
+            Kick::Sipi
+        } else {
+            Kick::Nmi
+        };
+        platform.kick(other, kick);
+    }
+    end
 }
 
 fn report_entry_failure(

@@ -92,7 +92,7 @@ pub fn set(
     );
     if let Err(e) = tracked {
         platform.free_frames(copy, pages);
-        return Err(crate::hypercall::errno(e));
+        return Err(crate::operations::errno(e));
     }
     guest.display = Some(Display {
         first,
@@ -119,7 +119,7 @@ fn stop(guest: &mut Vm, platform: &mut impl Platform) -> Result<(), i64> {
             P2mType::RamLogdirty,
             P2mType::RamRw,
         )
-        .map_err(crate::hypercall::errno)?;
+        .map_err(crate::operations::errno)?;
     guest.dirty.fetch_and_clear(first, last, |_| {});
     if let Some(display) = guest.display.take() {
         display.destroy(platform);
@@ -135,6 +135,7 @@ pub fn refresh(
     guest: &mut Vm,
     cpu: &mut impl Cpu,
     platform: &mut impl Platform,
+    vcpu: usize,
 ) -> Result<u64, hv_altp2m::Error> {
     let Some(display) = guest.display.as_ref() else {
         return Ok(0);
@@ -147,7 +148,7 @@ pub fn refresh(
     let armed = guest
         .altp2m
         .arm_dirty(platform, &mut guest.p2m, &mut guest.dirty, first, last)?;
-    crate::views::flush(guest, cpu, platform);
+    crate::views::flush(guest, cpu, platform, vcpu);
     guest.altp2m.fetch_dirty(&mut guest.dirty, &armed, |gfn| {
         if let Some(slot) = dirty.get_mut(count) {
             *slot = gfn.0;

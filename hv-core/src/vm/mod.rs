@@ -19,11 +19,14 @@ use hv_ept::{DirtyBitmap, EptCaps, Gfn, LogMode, Mfn, Order, P2m, P2mAccess, P2m
 
 use x86::vmx::vmcs::control::PrimaryControls;
 
+use crate::control::Control;
 use crate::devices::acpi::{self, HostPlatform};
 use crate::devices::ports::{self, Devices};
+use crate::exits::GuestEnd;
 use crate::exits::{PASS_READ_ONLY, PASS_WRITE};
 use crate::loader::{self, BootOptions, BootPlan, EntryState, ImageError, MemoryRegion, Module};
 use crate::platform::Platform;
+use crate::smp::Coherence;
 use crate::vcpu::cr::Fixed;
 use crate::vmx::caps::{EptVpidCap, VmxCaps};
 use crate::vmx::exit::NUM_REASONS;
@@ -57,8 +60,12 @@ pub struct GuestConfig<'a> {
     pub logdirty_all: bool,
     /// The machine's interrupt hardware, which the guest gets.
     pub host: &'a HostPlatform,
-    /// The APIC ids of the physical CPUs the vCPUs run on, BSP first.
+    /// The APIC ids of the physical CPUs the vCPUs run on, BSP first: one
+    /// vCPU each.
     pub apic_ids: &'a [u32],
+    /// The cross-CPU invalidation state the vCPUs share (`smp`), for as
+    /// many vCPUs.
+    pub coherence: &'static Coherence,
 }
 
 /// What `guest.logdirty=all` found.
@@ -216,6 +223,14 @@ pub struct Vm {
     /// Log-dirty tracking of all guest RAM, fetched on every tick
     /// (`guest.logdirty=all`): pages found dirty so far, and fetches.
     pub logdirty_all: Option<LogdirtyTotals>,
+    /// Cross-CPU invalidations: shared with the vCPUs without the VM lock.
+    pub coherence: &'static Coherence,
+    /// How the guest ended, once one vCPU saw it end: the others stop at
+    /// their next exit.
+    pub end: Option<GuestEnd>,
+    /// vCPUs the watchdog found halted for good (interrupts off, nothing
+    /// owed), one bit each: the guest is stopped when all are.
+    pub halted: u32,
     /// The VM-execution, exit and entry controls every vCPU's VMCS gets.
     pub controls: Controls,
     /// The VMCS revision identifier (IA32_VMX_BASIC).
@@ -228,6 +243,9 @@ pub struct Vm {
     apic_pages: Vec<apic::ApicPage>,
     /// The frame a disabled APIC's page reads from, once needed.
     all_ones: Option<Mfn>,
+    /// The control channel: a tool's session, held and paused vCPUs,
+    /// shadow pages.
+    pub control: Control,
 }
 
 impl Vm {
@@ -288,6 +306,12 @@ impl Vm {
             &options,
         )
         .map_err(GuestError::Image)?;
+        let vcpus = config.apic_ids.len();
+        if vcpus == 0 || vcpus > config.coherence.vcpus() {
+            return Err(GuestError::BadConfig("the number of vCPUs").into());
+        }
+        let ram_end = layout.map.iter().map(|r| r.end).max().unwrap_or(0);
+        let control = Control::new(platform, vcpus, ram_end).map_err(|_| GuestError::NoMemory)?;
         let mut p2m = P2m::new(platform, ept_caps).map_err(GuestError::from)?;
         if features.pml {
             // EPT A/D is in the capabilities (checked above), the p2m empty.
@@ -299,7 +323,7 @@ impl Vm {
                 return Err(GuestError::from(e).into());
             }
         }
-        let altp2m = match Altp2m::new(platform, 1, DROP_LOG) {
+        let altp2m = match Altp2m::new(platform, vcpus, DROP_LOG) {
             Ok(altp2m) => altp2m,
             Err(_) => {
                 p2m.destroy(platform);
@@ -344,6 +368,9 @@ impl Vm {
             refusals_logged: 0,
             boot_views: BootViews::Host,
             logdirty_all: None,
+            coherence: config.coherence,
+            end: None,
+            halted: 0,
             controls,
             vmcs_revision: caps.revision_id(),
             msr_bitmap,
@@ -351,6 +378,7 @@ impl Vm {
             lapic: Mfn(config.host.local_apic / PAGE),
             apic_pages: Vec::new(),
             all_ones: None,
+            control,
         };
         let built = vm
             .apic_pages
@@ -358,7 +386,7 @@ impl Vm {
             .map_err(|_| GuestError::NoMemory)
             .map(|()| {
                 let gfn = Gfn(crate::vcpu::APIC_BASE_RESET / PAGE);
-                vm.apic_pages.push(apic::ApicPage::reset(gfn, 1));
+                vm.apic_pages.push(apic::ApicPage::reset(gfn, vcpus as u32));
             })
             .and_then(|()| vm.populate(&layout.backed(), platform))
             .and_then(|()| vm.map_mmio(&mmio, platform))
@@ -380,14 +408,26 @@ impl Vm {
 
     /// The period of the hypervisor's tick, in VMX-preemption timer units:
     /// the display refresh rate while there is a display, otherwise the
-    /// watchdog's, slow enough to cost an idle guest next to nothing.
+    /// watchdog's, slow enough to cost an idle guest next to nothing; with a
+    /// control line, often enough that a tool's command waits little.
     pub fn tick_period(&self) -> u32 {
         let tsc = if self.display.is_some() {
             DISPLAY_TICK_TSC
         } else {
             WATCHDOG_TICK_TSC
         };
+        // A machine with a control line looks at it on every tick.
+        let tsc = if self.control.has_line() {
+            tsc.min(crate::control::CONTROL_TICK_TSC)
+        } else {
+            tsc
+        };
         u32::try_from(tsc >> self.timer_shift).unwrap_or(u32::MAX)
+    }
+
+    /// The number of vCPUs.
+    pub fn vcpus(&self) -> usize {
+        self.altp2m.vcpus()
     }
 
     /// The MSR bitmap's and I/O bitmaps' addresses, for each vCPU's VMCS.
@@ -444,6 +484,7 @@ impl Vm {
         &mut self,
         cpu: &mut impl Cpu,
         platform: &mut impl Platform,
+        vcpu: usize,
     ) -> Result<(), hv_altp2m::Error> {
         if self.logdirty_all.is_none() {
             return Ok(());
@@ -454,7 +495,7 @@ impl Vm {
             let armed =
                 self.altp2m
                     .arm_dirty(platform, &mut self.p2m, &mut self.dirty, first, last)?;
-            crate::views::flush(self, cpu, platform);
+            crate::views::flush(self, cpu, platform, vcpu);
             self.altp2m
                 .fetch_dirty(&mut self.dirty, &armed, |_| dirty += 1)?;
         }
@@ -581,7 +622,8 @@ impl Vm {
     /// Gives every frame back: the display copy, the views, RAM, EPT tables
     /// and bitmaps. Every vCPU is gone and the EPT translations of this VM
     /// flushed on every CPU (all-context INVEPT) before.
-    pub fn destroy(self, platform: &mut impl Platform) {
+    pub fn destroy(mut self, platform: &mut impl Platform) {
+        self.control.destroy(platform);
         if let Some(frame) = self.all_ones {
             platform.free_frames(frame, 1);
         }
@@ -608,6 +650,7 @@ impl Vm {
         &mut self,
         platform: &mut impl Platform,
         cpu: &mut impl Cpu,
+        vcpu: usize,
         gfn: Gfn,
     ) -> Result<(), hv_altp2m::Error> {
         gfn.check().map_err(|_| hv_altp2m::Error::GfnOutOfRange)?;
@@ -627,7 +670,7 @@ impl Vm {
         self.altp2m
             .host_remove(platform, &mut self.p2m, gfn, Order::PAGE_4K)?;
         // No CPU may still translate to the frame when it is reused.
-        crate::views::flush(self, cpu, platform);
+        crate::views::flush(self, cpu, platform, vcpu);
         platform.free_frames(mfn, 1);
         let at = self.released.binary_search(&mfn.0).unwrap_or_else(|at| at);
         self.released.insert(at, mfn.0);

@@ -175,8 +175,13 @@ pub unsafe fn write_cr0_cr4(cr0: u64, cr4: u64) {
     }
 }
 
-/// Writes CR2, which holds the guest's last page-fault address while the
+/// Reads CR2, which holds the guest's last page-fault address while the
 /// hypervisor runs (VM exits do not switch it).
+pub fn read_cr2() -> u64 {
+    x86_64::registers::control::Cr2::read_raw()
+}
+
+/// Writes CR2 (see [`read_cr2`]).
 pub fn write_cr2(value: u64) {
     // SAFETY: CR2 is only read by page-fault handlers; the hypervisor takes
     // none in normal operation, and a fatal one reports its own.

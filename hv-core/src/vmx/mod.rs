@@ -49,6 +49,14 @@ pub trait Cpu: Vmcs + PortIo {
     /// a #PF is injected.
     fn write_cr2(&mut self, value: u64);
 
+    /// The guest's CR2 (left in the register by VM exits).
+    fn read_cr2(&self) -> u64;
+
+    /// The guest's IA32_KERNEL_GS_BASE, which no VM transition switches
+    /// (the hypervisor does not use SWAPGS).
+    fn kernel_gs_base(&self) -> u64;
+    fn set_kernel_gs_base(&mut self, value: u64);
+
     /// CR8, the local APIC's task priority (the guest's own: its APIC is
     /// passed through), for a CPU that cannot let MOV CR8 run natively.
     fn read_cr8(&self) -> u64;
@@ -60,6 +68,8 @@ pub trait Cpu: Vmcs + PortIo {
     /// VMCLEARs a VMCS that is no longer entered, before its frame is freed.
     fn clear_vmcs(&mut self, region: Mfn);
 }
+
+const IA32_KERNEL_GS_BASE: u32 = 0xc000_0102;
 
 /// The CPU this code runs on, with the VMCS made current by VMPTRLD.
 pub struct ThisCpu;
@@ -120,6 +130,22 @@ impl Cpu for ThisCpu {
 
     fn rdtsc(&self) -> u64 {
         instructions::rdtsc()
+    }
+
+    fn read_cr2(&self) -> u64 {
+        instructions::read_cr2()
+    }
+
+    fn kernel_gs_base(&self) -> u64 {
+        // SAFETY: IA32_KERNEL_GS_BASE exists on every CPU with long mode.
+        unsafe { instructions::rdmsr(IA32_KERNEL_GS_BASE) }
+    }
+
+    fn set_kernel_gs_base(&mut self, value: u64) {
+        // SAFETY: the MSR exists (long mode); callers pass a canonical
+        // address (`control::registers::check`), so WRMSR cannot fault; the
+        // hypervisor itself never uses the value (no SWAPGS).
+        unsafe { instructions::wrmsr(IA32_KERNEL_GS_BASE, value) }
     }
 
     fn lapic_software_disable(&mut self) {

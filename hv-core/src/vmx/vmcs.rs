@@ -300,6 +300,10 @@ pub(crate) mod tests {
         pub cr8: u64,
         pub cr2: u64,
         pub tsc: u64,
+        /// Each RDTSC moves the counter on by this much (time passes).
+        pub tsc_step: u64,
+        pub tsc_elapsed: core::cell::Cell<u64>,
+        pub kernel_gs_base: u64,
         pub lapic_disabled: bool,
         /// Bytes written to hardware ports, in order.
         pub port_writes: std::vec::Vec<(u16, u8)>,
@@ -347,7 +351,9 @@ pub(crate) mod tests {
         }
 
         fn rdtsc(&self) -> u64 {
-            self.tsc
+            let elapsed = self.tsc_elapsed.get();
+            self.tsc_elapsed.set(elapsed + self.tsc_step);
+            self.tsc + elapsed
         }
 
         fn lapic_software_disable(&mut self) {
@@ -356,6 +362,18 @@ pub(crate) mod tests {
 
         fn write_cr2(&mut self, value: u64) {
             self.cr2 = value;
+        }
+
+        fn read_cr2(&self) -> u64 {
+            self.cr2
+        }
+
+        fn kernel_gs_base(&self) -> u64 {
+            self.kernel_gs_base
+        }
+
+        fn set_kernel_gs_base(&mut self, value: u64) {
+            self.kernel_gs_base = value;
         }
 
         fn read_cr8(&self) -> u64 {

@@ -19,7 +19,7 @@ pub const NOT_RAM: u64 = 0xfed0_0000;
 const CODE: u64 = 0x60_0000;
 const SHADOW: u64 = 0x60_1000;
 /// The #VE information page.
-const VE_PAGE: u64 = 0x70_0000;
+pub(crate) const VE_PAGE: u64 = 0x70_0000;
 /// Balloon test pages: P (ballooned out), aliases' own pages G1, G2, a
 /// restricted page G3, a remapped page G4 and its source G5.
 const P: u64 = 0x50_0000;
@@ -32,8 +32,8 @@ const G5: u64 = 0x50_5000;
 pub const FB: u64 = 0x80_0000;
 pub const FB_PAGES: u64 = 16;
 /// Memory touched by the lazy-copy figure: 8 MiB from 16 MiB.
-const LAZY: u64 = 0x100_0000;
-const LAZY_MIB: u64 = 8;
+pub(crate) const LAZY: u64 = 0x100_0000;
+pub(crate) const LAZY_MIB: u64 = 8;
 
 const GP: u8 = 13;
 /// How long the display scenario waits for a tick, in spin-loop rounds
@@ -41,11 +41,11 @@ const GP: u8 = 13;
 const TICK_WAIT: u64 = 100_000_000;
 const UD: u8 = 6;
 
-fn gfn(address: u64) -> u64 {
+pub(crate) fn gfn(address: u64) -> u64 {
     address >> 12
 }
 
-fn ok(result: i64, what: &'static str) -> Result<i64, &'static str> {
+pub(crate) fn ok(result: i64, what: &'static str) -> Result<i64, &'static str> {
     if result >= 0 { Ok(result) } else { Err(what) }
 }
 
@@ -53,12 +53,12 @@ fn expect(result: i64, want: i64, what: &'static str) -> Outcome {
     check(result == want, what)
 }
 
-fn read_u8(address: u64) -> u8 {
+pub(crate) fn read_u8(address: u64) -> u8 {
     // SAFETY: an identity-mapped guest RAM address the scenario owns.
     unsafe { core::ptr::read_volatile(address as *const u8) }
 }
 
-fn write_u8(address: u64, value: u8) {
+pub(crate) fn write_u8(address: u64, value: u8) {
     // SAFETY: as for `read_u8`.
     unsafe { core::ptr::write_volatile(address as *mut u8, value) }
 }
@@ -69,7 +69,7 @@ fn fill(page: u64, value: u8) {
     }
 }
 
-fn enable() -> Outcome {
+pub(crate) fn enable() -> Outcome {
     let state = hypercall(call::ALTP2M_GET_STATE, &[]);
     if state == 0 {
         ok(
@@ -80,7 +80,7 @@ fn enable() -> Outcome {
     Ok(())
 }
 
-fn create(default_access: u64) -> Result<u64, &'static str> {
+pub(crate) fn create(default_access: u64) -> Result<u64, &'static str> {
     ok(
         hypercall(call::ALTP2M_CREATE_VIEW, &[default_access]),
         "CREATE_VIEW failed",
@@ -88,7 +88,7 @@ fn create(default_access: u64) -> Result<u64, &'static str> {
     .map(|v| v as u64)
 }
 
-fn switch(view: u64) -> Outcome {
+pub(crate) fn switch(view: u64) -> Outcome {
     ok(
         hypercall(call::ALTP2M_SWITCH_VIEW, &[view]),
         "SWITCH_VIEW failed",
@@ -96,7 +96,7 @@ fn switch(view: u64) -> Outcome {
     .map(|_| ())
 }
 
-fn disable() -> Outcome {
+pub(crate) fn disable() -> Outcome {
     switch(0)?;
     ok(
         hypercall(call::ALTP2M_SET_STATE, &[0]),
@@ -414,10 +414,21 @@ pub fn on_ve() {
     }
 }
 
+/// Makes the #VE handler grant write access in `view` and re-arm.
+pub(crate) fn fix_ve_in(view: u64) {
+    VE_FIX_VIEW.store(view, Ordering::Relaxed);
+    VE_REARM.store(1, Ordering::Relaxed);
+}
+
+/// The #VEs delivered so far.
+pub(crate) fn ve_count() -> u32 {
+    VE_COUNT.load(Ordering::Relaxed)
+}
+
 /// Switches views the way an in-guest agent does, with VMFUNC. (The #VE
 /// scenario uses it: Bochs 2.7 reports in the #VE information the EPTP index
 /// of the last VMFUNC, not the one the hypervisor writes to the VMCS.)
-fn vmfunc_to(view: u64) -> Outcome {
+pub(crate) fn vmfunc_to(view: u64) -> Outcome {
     probe::vmfunc(view as u32).map_err(|_| "VMFUNC to a visible view faulted")
 }
 

@@ -4,24 +4,11 @@
 
 use core::fmt::{self, Write};
 
-pub fn out(port: u16, value: u8) {
-    // SAFETY: port I/O has no memory effects; the hypervisor emulates it.
-    unsafe {
-        core::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack))
-    };
-}
+use crate::ports::{inb, outb as out};
 
-pub fn inb(port: u16) -> u8 {
-    let value: u8;
-    // SAFETY: as for `out`.
-    unsafe {
-        core::arch::asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack))
-    };
-    value
-}
-
-/// Line status: transmitter holding register empty.
+/// Line status: transmitter holding register empty; transmitter empty.
 const LSR_THR_EMPTY: u8 = 1 << 5;
+const LSR_IDLE: u8 = 1 << 6;
 /// Polls before a byte is sent anyway (a missing UART must not hang the guest).
 const SEND_POLLS: u32 = 100_000;
 
@@ -52,6 +39,11 @@ impl Write for Com1 {
         }
         Ok(())
     }
+}
+
+/// Waits until the UART has sent everything (before the machine stops).
+pub fn drain() {
+    let _ = (0..SEND_POLLS * 16).any(|_| inb(hv_abi::COM1 + 5) & LSR_IDLE != 0);
 }
 
 pub fn print(args: fmt::Arguments<'_>) {

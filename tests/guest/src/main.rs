@@ -5,19 +5,40 @@
 //!
 //! Scenarios: `memmap cpuid msr io hypercall` (the default set, checks of
 //! what the hypervisor offers), `isolation` (sweeps guest-physical addresses
-//! outside its RAM), `triple-fault` and `unhandled` (end the guest the hard
-//! way); altp2m: `altp2m` (every call, good and bad arguments),
-//! `mode-external`, `mode-limited`, `vmfunc`, `ve`, `hidden-breakpoint`,
-//! `balloon`, `display`, `display-late`, `memory-calls` (log-dirty, balloon
-//! and display calls with good and bad arguments), `logdirty-limit` (tracks
-//! ranges until the hypervisor's heap is full; last); figures: `cpuid-bench`,
-//! `vmfunc-bench`, `lazy-copy-bench`, `display-bench`, `logdirty-bench` (last: it
-//! leaves 18,432 ranges tracked).
+//! outside its RAM, PCI configuration space and ISA DMA), `triple-fault` and
+//! `unhandled` (end the guest the hard way); altp2m: `altp2m` (every call,
+//! good and bad arguments), `mode-external`, `mode-limited`, `vmfunc`, `ve`,
+//! `hidden-breakpoint`, `balloon`, `display`, `display-late`, `memory-calls`
+//! (log-dirty, balloon and display calls with good and bad arguments),
+//! `logdirty-limit` (tracks ranges until the hypervisor's heap is full;
+//! last); the
+//! platform (`platform.rs`): `madt`, `lapic-timer`, `pit`, `hlt-wakes`,
+//! `self-ipi`, `nmi`, `ticking` (leaves a 1 kHz timer running),
+//! `irq-during-exit`, `ve-and-timer`, `apic-base`, `modules`, `cr0`, and
+//! the run's end: `reset-i8042`, `reset-cf9`, `reset-92`, `acpi-s5`;
+//! figures: `cpuid-bench`, `vmfunc-bench`, `lazy-copy-bench`,
+//! `display-bench`, `logdirty-bench` (last: it leaves 18,432 ranges
+//! tracked), `idle-bench`, `exit-bench`; `control` (the guest's half
+//! of the control channel's end-to-end test). Options: `exit=N`,
+//! `tsc-hz=`, `apic-hz=` (default 200 MHz, Bochs's), `module=SIZE:CHECKSUM[:WORD]`.
+//!
+//! It also runs on bare metal (GRUB booting it without the hypervisor),
+//! where the scenarios that need no hypervisor tell its bugs from the
+//! hypervisor's; it then ends through Bochs's shutdown port.
 #![no_std]
 #![no_main]
 
 mod altp2m;
+mod apic;
 mod console;
+mod control;
+mod figures;
+mod firmware;
+mod interrupts;
+mod legacy;
+mod paging;
+mod platform;
+mod ports;
 mod probe;
 mod scenarios;
 
@@ -36,6 +57,8 @@ unsafe extern "C" {
 
 /// TSC at entry to Rust, for the boot figure.
 static ENTRY_TSC: AtomicU64 = AtomicU64::new(0);
+/// CR0 at entry to Rust (its cache-control bits as the guest got them).
+pub static START_CR0: AtomicU64 = AtomicU64::new(0);
 
 static IDT: Once<x86_64::structures::idt::InterruptDescriptorTable> = Once::new();
 
@@ -46,11 +69,20 @@ pub fn rdtsc() -> u64 {
 
 extern "C" fn kmain(magic: u32, info: u32) -> ! {
     ENTRY_TSC.store(rdtsc(), Ordering::Relaxed);
+    START_CR0.store(
+        x86_64::registers::control::Cr0::read_raw(),
+        Ordering::Relaxed,
+    );
     console::init();
+    legacy::pic_init();
     // SAFETY: reading the stub table exported by the assembly.
     let stubs = unsafe { &exception_stubs };
-    IDT.call_once(|| hv_boot::exception::idt(stubs, None))
-        .load();
+    IDT.call_once(|| {
+        let mut idt = hv_boot::exception::idt(stubs, None);
+        interrupts::install(&mut idt);
+        idt
+    })
+    .load();
     println!(
         "test guest: started (tsc {})",
         ENTRY_TSC.load(Ordering::Relaxed)
@@ -69,25 +101,38 @@ extern "C" fn kmain(magic: u32, info: u32) -> ! {
     exit(status)
 }
 
-/// Ends the run with `status` through the exit port.
+/// Ends the run with `status` through the exit port; on bare metal (no
+/// hypervisor to end it) through Bochs's shutdown port.
 pub fn exit(status: u8) -> ! {
-    console::out(hv_abi::EXIT_PORT, status);
+    ports::outb(hv_abi::EXIT_PORT, status);
+    if !scenarios::hypervisor_present() {
+        println!("test guest: exit {status} (no hypervisor: Bochs's shutdown port)");
+        console::drain();
+        for b in b"Shutdown" {
+            ports::outb(BOCHS_SHUTDOWN, *b);
+        }
+    }
     loop {
         // SAFETY: only reached if the hypervisor ignored the exit port.
         unsafe { core::arch::asm!("cli", "hlt") };
     }
 }
 
-/// #VE, the virtualization exception.
-const VE: u64 = 20;
+/// Bochs's shutdown port: writing "Shutdown" ends the emulation.
+const BOCHS_SHUTDOWN: u16 = 0x8900;
 
 extern "C" fn exception(frame: &mut ExceptionFrame) {
     if probe::recover(frame) {
         return;
     }
-    if frame.vector == VE {
-        altp2m::on_ve();
-        return;
+    match frame.vector as u8 {
+        interrupts::NMI => return interrupts::note(interrupts::NMI),
+        interrupts::VE => {
+            interrupts::note(interrupts::VE);
+            altp2m::on_ve();
+            return;
+        }
+        _ => {}
     }
     let cr2 = x86_64::registers::control::Cr2::read_raw();
     console::print(format_args!("test guest: unexpected {}", frame.report(cr2)));

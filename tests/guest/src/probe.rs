@@ -15,7 +15,8 @@ unsafe extern "C" {
     fn probe_rdmsr(msr: u32) -> u64;
     fn probe_wrmsr(msr: u32, value: u64);
     fn probe_vmfunc(index: u32);
-    static probe_table: [[u64; 2]; 5];
+    fn probe_write_cr0(value: u64);
+    static probe_table: [[u64; 2]; 6];
 }
 
 core::arch::global_asm!(
@@ -52,12 +53,16 @@ probe_vmfunc:
     mov ecx, edi
 9:  vmfunc
 10: ret
+    .global probe_write_cr0
+probe_write_cr0:
+11: mov cr0, rdi
+12: ret
 
     .section .rodata.probe, "a"
     .balign 8
     .global probe_table
 probe_table:
-    .quad 1b, 2b, 3b, 4b, 5b, 6b, 7b, 8b, 9b, 10b
+    .quad 1b, 2b, 3b, 4b, 5b, 6b, 7b, 8b, 9b, 10b, 11b, 12b
 "#
 );
 
@@ -117,5 +122,14 @@ pub fn wrmsr(msr: u32, value: u64) -> Result<(), u8> {
     FAULT.store(0, Ordering::Relaxed);
     // SAFETY: as for `rdmsr`; callers only write MSRs that are the guest's own.
     unsafe { probe_wrmsr(msr, value) };
+    outcome(())
+}
+
+/// MOV to CR0.
+pub fn write_cr0(value: u64) -> Result<(), u8> {
+    FAULT.store(0, Ordering::Relaxed);
+    // SAFETY: a #GP (an invalid combination) is recovered; callers change
+    // only the cache-control bits, which have no effect on memory contents.
+    unsafe { probe_write_cr0(value) };
     outcome(())
 }

@@ -9,13 +9,16 @@ use hv_tests::{Boot, Engine, Outcome, SERIAL_PORTS};
 const USAGE: &str =
     "usage: hv-run [--engine bochs|qemu-kvm|qemu-tcg] [--timeout SECONDS] [--memory MIB] \
 [--cpus N] [--cpu-model BOCHS_MODEL] [--direct-kernel] [--guest-args 'SCENARIOS...'] [--no-guest] \
-[--keep] [KERNEL COMMAND LINE...]
+[--keep] [--control] [KERNEL COMMAND LINE...]
 
 Boots the hypervisor with the test guest (tests/guest) as its guest, running the guest's
 default scenarios unless --guest-args names others; --no-guest boots the hypervisor alone.
 The engine is QEMU + KVM when KVM can run VMX guests, else Bochs. The run's files (ISO,
 serial log, the emulator's log and stderr) go to target/runs/ and are removed after a run
 that ended with an exit line, unless --keep. HV_BOCHS / HV_QEMU name other emulator programs.
+--control gives the machine the hypervisor's control channel (COM3, docs/control.md) and
+serves it on the unix socket control.sock of the run's directory, for
+`hvctl --connect SOCKET` (target/debug/hvctl, built by scripts/run --control).
 
 Exit status:
   N    the run ended with `hv: exit N` (0 success, 1 boot failure, 2 panic,
@@ -43,6 +46,7 @@ fn main() -> ExitCode {
     let mut cmdline = Vec::new();
     let mut guest_args = Some(String::new());
     let mut keep = false;
+    let mut control = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = |name: &str| {
@@ -65,6 +69,7 @@ fn main() -> ExitCode {
             "--guest-args" => guest_args = Some(value("--guest-args")),
             "--no-guest" => guest_args = None,
             "--keep" => keep = true,
+            "--control" => control = true,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return ExitCode::SUCCESS;
@@ -112,7 +117,21 @@ fn main() -> ExitCode {
         dir.display(),
         SERIAL_PORTS[0].file
     );
-    let run = boot.run_in(dir);
+    let mut running = boot.control(control).start_in(dir.clone());
+    if control {
+        let socket = dir.join("control.sock");
+        match running.serve_control(&socket) {
+            Ok(()) => eprintln!(
+                "hv-run: control channel (COM3 on {}): hvctl --connect {}",
+                running
+                    .control_path()
+                    .map_or("?".into(), |p| p.display().to_string()),
+                socket.display()
+            ),
+            Err(why) => eprintln!("hv-run: no control channel: {why}"),
+        }
+    }
+    let run = running.wait();
     let code = match run.outcome {
         Outcome::Exit(status) => {
             if let Some(ready) = run.ready_after {
