@@ -114,7 +114,7 @@ fn frame_exits(run: &Run) -> Vec<(u64, u64)> {
 #[test]
 fn with_pml_a_display_frame_costs_one_exit_and_the_display_never_freezes() {
     let run = run("", "display display-late display-bench");
-    passed(&run, &["display", "display-late", "display-bench"]);
+    run.expect_scenarios_passed(&["display", "display-late", "display-bench"]);
     run.expect_line("log-dirty by PML")
         .expect_no_line("frozen display");
     let frames = frame_exits(&run);
@@ -137,7 +137,7 @@ fn with_pml_a_display_frame_costs_one_exit_and_the_display_never_freezes() {
 #[test]
 fn with_pml_masked_write_faults_keep_the_display_alive() {
     let run = run("vmx.mask=pml", "display display-late display-bench");
-    passed(&run, &["display", "display-late", "display-bench"]);
+    run.expect_scenarios_passed(&["display", "display-late", "display-bench"]);
     run.expect_line("log-dirty by write protection")
         .expect_no_line("frozen display");
     for (pages, exits) in frame_exits(&run) {
@@ -153,7 +153,7 @@ fn with_pml_masked_write_faults_keep_the_display_alive() {
 #[test]
 fn tracked_ranges_are_bounded_by_the_hypervisors_memory() {
     let run = run("", "logdirty-limit");
-    passed(&run, &["logdirty-limit"]);
+    run.expect_scenarios_passed(&["logdirty-limit"]);
     run.expect_line("one-page ranges tracked, then ENOMEM");
     run.clean_up();
 }
