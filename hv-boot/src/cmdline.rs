@@ -48,7 +48,17 @@ pub struct Options {
     /// Serve the control channel on COM3 if the machine has one
     /// (`control=com3`, the default; `control=off`).
     pub control: bool,
+    /// Frames the guest may hold beyond its RAM (`guest.frames=`).
+    pub guest_frames: u64,
+    /// KiB of the hypervisor's heap the guest may hold (`guest.heap=`).
+    pub guest_heap_kib: u64,
 }
+
+/// The guest's frames beyond its RAM, by default: 64 MiB (views' tables,
+/// shadow pages, the display copy).
+pub const DEFAULT_GUEST_FRAMES: u64 = 16384;
+/// The guest's share of the heap, by default: half of it.
+pub const DEFAULT_GUEST_HEAP_KIB: u64 = 4096;
 
 /// Guest RAM when the command line does not say.
 pub const DEFAULT_GUEST_MIB: u64 = 32;
@@ -67,6 +77,8 @@ impl Default for Options {
             mask_pml: false,
             guest_cpus: usize::MAX,
             control: true,
+            guest_frames: DEFAULT_GUEST_FRAMES,
+            guest_heap_kib: DEFAULT_GUEST_HEAP_KIB,
         }
     }
 }
@@ -108,6 +120,8 @@ const ALTP2M_MODES: &str = "external|mixed|limited";
 const BOOT_VIEWS: &str = "host|fresh|switch";
 const LINUX_ENTRIES: &str = "auto|32|64";
 const CONTROL: &str = "com3|off";
+const GUEST_FRAMES: &str = "frames beyond guest RAM, 0 to 268435456";
+const GUEST_HEAP: &str = "KiB of heap, 0 to 1048576";
 const LOGDIRTY: &str = "all|off";
 const VMX_MASK: &str = "a comma-separated list of: pml";
 const GUEST_CPUS: &str = "a number of vCPUs, 1 to 64";
@@ -194,6 +208,22 @@ impl Options {
                         key,
                         value,
                         expected: CONTROL,
+                    }),
+                },
+                "guest.frames" => match value.parse::<u64>() {
+                    Ok(n @ 0..=268_435_456) => options.guest_frames = n,
+                    _ => report(Problem::BadValue {
+                        key,
+                        value,
+                        expected: GUEST_FRAMES,
+                    }),
+                },
+                "guest.heap" => match value.parse::<u64>() {
+                    Ok(kib @ 0..=1_048_576) => options.guest_heap_kib = kib,
+                    _ => report(Problem::BadValue {
+                        key,
+                        value,
+                        expected: GUEST_HEAP,
                     }),
                 },
                 "guest.logdirty" => match value {
@@ -295,6 +325,10 @@ mod tests {
         assert!(!parse("control=off").0.control);
         let (options, problems) = parse("control=com9");
         assert!(options.control && problems.len() == 1);
+        let (options, problems) = parse("guest.frames=100 guest.heap=64");
+        assert!(problems.is_empty());
+        assert_eq!((options.guest_frames, options.guest_heap_kib), (100, 64));
+        assert_eq!(parse("guest.heap=lots").1.len(), 1);
     }
 
     #[test]

@@ -29,13 +29,54 @@ fn frame_ptr(mfn: Mfn) -> *mut u8 {
     mfn.hpa() as *mut u8
 }
 
+/// The frames a guest may hold: its RAM, and its quota (`guest.frames=`)
+/// for everything else made for it (views' tables, shadow pages, display
+/// copy, VMCSs). Counted from the VM's creation to its teardown.
+mod quota {
+    use core::sync::atomic::{AtomicU64, Ordering};
+
+    static IN_USE: AtomicU64 = AtomicU64::new(0);
+    static LIMIT: AtomicU64 = AtomicU64::new(u64::MAX);
+    static PEAK: AtomicU64 = AtomicU64::new(0);
+
+    /// Whether `count` more frames fit; if so they are counted.
+    pub fn take(count: u64) -> bool {
+        let before = IN_USE.fetch_add(count, Ordering::Relaxed);
+        if before.saturating_add(count) > LIMIT.load(Ordering::Relaxed) {
+            IN_USE.fetch_sub(count, Ordering::Relaxed);
+            return false;
+        }
+        PEAK.fetch_max(before + count, Ordering::Relaxed);
+        true
+    }
+
+    pub fn give(count: u64) {
+        // Frames taken before the count started are not in it.
+        let _ = IN_USE.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+            Some(n.saturating_sub(count))
+        });
+    }
+
+    pub fn limit(frames: u64) {
+        IN_USE.store(0, Ordering::Relaxed);
+        PEAK.store(0, Ordering::Relaxed);
+        LIMIT.store(frames, Ordering::Relaxed);
+    }
+
+    /// No limit any more; returns the peak.
+    pub fn unlimit() -> u64 {
+        LIMIT.store(u64::MAX, Ordering::Relaxed);
+        PEAK.load(Ordering::Relaxed)
+    }
+}
+
 impl EptMemory for KernelPlatform {
     fn alloc_frame(&mut self) -> Option<Mfn> {
-        memory::alloc_frame().map(Mfn)
+        self.alloc_frames(1, 1)
     }
 
     fn free_frame(&mut self, frame: Mfn) {
-        memory::free_frame(frame.0);
+        self.free_frames(frame, 1);
     }
 
     fn read_entry(&self, table: Mfn, index: usize) -> u64 {
@@ -53,11 +94,19 @@ impl EptMemory for KernelPlatform {
 
 impl Platform for KernelPlatform {
     fn alloc_frames(&mut self, count: u64, align: u64) -> Option<Mfn> {
-        memory::alloc_frames(count, align).map(Mfn)
+        if !quota::take(count) {
+            return None;
+        }
+        let frames = memory::alloc_frames(count, align).map(Mfn);
+        if frames.is_none() {
+            quota::give(count);
+        }
+        frames
     }
 
     fn free_frames(&mut self, first: Mfn, count: u64) {
         memory::free_frames_run(first.0, count);
+        quota::give(count);
     }
 
     fn read_phys(&self, address: u64, buf: &mut [u8]) {
@@ -201,7 +250,19 @@ pub fn run_guest(
     } else {
         caps
     };
+    let ram_frames = options.guest_memory_mib * 256;
+    quota::limit(ram_frames + options.guest_frames);
+    let heap_before = crate::heap::limit_guest(options.guest_heap_kib as usize * 1024);
     let status = run_vm(guest_caps, &config, options, &mut platform);
+    let heap_peak = crate::heap::unlimit();
+    let frames_peak = quota::unlimit();
+    info!(
+        "vmm: the guest held at most {} frames beyond its RAM (quota {}) and {} KiB of heap (quota {} KiB)",
+        frames_peak.saturating_sub(ram_frames),
+        options.guest_frames,
+        heap_peak.saturating_sub(heap_before) / 1024,
+        options.guest_heap_kib
+    );
     if let Err(e) = hv_core::vmx::disable(vmx, &mut platform) {
         error!("vmx: {e}");
     }

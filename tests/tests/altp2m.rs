@@ -157,3 +157,27 @@ fn tracked_ranges_are_bounded_by_the_hypervisors_memory() {
     run.expect_line("one-page ranges tracked, then ENOMEM");
     run.clean_up();
 }
+
+/// A hostile guest runs the hypervisor out of its heap and frame quotas:
+/// every refusal is ENOMEM, the hypervisor stays up, the guest gets it all
+/// back, and the run ends with every frame returned and the hypervisor's
+/// image unchanged.
+#[test]
+fn a_guest_that_exhausts_its_quotas_gets_enomem_and_nothing_leaks() {
+    let run = run("guest.heap=256 guest.frames=300", "exhaust");
+    run.expect_scenarios_passed(&["exhaust"]);
+    let held = run
+        .line("vmm: the guest held at most ")
+        .unwrap_or_else(|| panic!("no quota line\n{}", run.report()));
+    let frames: u64 = held
+        .split("at most ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{held}"));
+    assert!(frames <= 300, "the frame quota held: {held}");
+    run.expect_line("(quota 300)")
+        .expect_line("(quota 256 KiB)")
+        .expect_no_line("panic");
+    run.clean_up();
+}

@@ -124,3 +124,51 @@ impl FrameError {
         }
     }
 }
+
+/// The name of a command or event id, as `hvctl` spells its subcommands.
+pub fn message_name(id: u16) -> &'static str {
+    use crate::id::*;
+    match id {
+        HELLO => "hello",
+        BYE => "bye",
+        PING => "ping",
+        CAPABILITIES => "capabilities",
+        MEMORY_MAP => "memory-map",
+        SET_EVENTS => "set-events",
+        PAUSE => "pause",
+        RESUME => "resume",
+        GET_REGISTERS => "get-registers",
+        SET_REGISTERS => "set-registers",
+        TRANSLATE => "translate",
+        READ_MEMORY => "read-memory",
+        WRITE_MEMORY => "write-memory",
+        ALTP2M_GET_STATE => "altp2m-get-state",
+        ALTP2M_SET_STATE => "altp2m-set-state",
+        ALTP2M_VCPU_ENABLE_NOTIFY => "vcpu-enable-notify",
+        ALTP2M_VCPU_DISABLE_NOTIFY => "vcpu-disable-notify",
+        ALTP2M_CREATE_VIEW => "create-view",
+        ALTP2M_DESTROY_VIEW => "destroy-view",
+        ALTP2M_SWITCH_VIEW => "switch-view",
+        ALTP2M_SWITCH_VCPU_VIEW => "switch-vcpu-view",
+        ALTP2M_GET_VCPU_VIEW => "get-vcpu-view",
+        ALTP2M_SET_MEM_ACCESS => "set-mem-access",
+        ALTP2M_SET_MEM_ACCESS_MULTI => "set-mem-access-multi",
+        ALTP2M_GET_MEM_ACCESS => "get-mem-access",
+        ALTP2M_CHANGE_GFN => "change-gfn",
+        ALTP2M_SET_SUPPRESS_VE => "set-suppress-ve",
+        ALTP2M_SET_SUPPRESS_VE_MULTI => "set-suppress-ve-multi",
+        ALTP2M_GET_SUPPRESS_VE => "get-suppress-ve",
+        ALTP2M_SET_VISIBILITY => "set-visibility",
+        LOGDIRTY_START => "logdirty-start",
+        LOGDIRTY_FETCH => "logdirty-fetch",
+        LOGDIRTY_STOP => "logdirty-stop",
+        ALLOC_SHADOW_PAGE => "alloc-shadow-page",
+        FREE_SHADOW_PAGE => "free-shadow-page",
+        EVENT_MEM_ACCESS => "mem-access",
+        EVENT_BREAKPOINT => "breakpoint",
+        EVENT_CR3_WRITE => "cr3-write",
+        EVENT_SINGLE_STEP => "single-step",
+        EVENT_VE => "ve",
+        _ => "an unknown message",
+    }
+}

@@ -210,7 +210,8 @@ fn handle_decoded<C: Cpu, P: Platform>(
                 control.stats.commands += 1;
                 let id = command.id();
                 let ran = commands::run(vm, cpu, platform, vcpu, seq, command, now, tx);
-                vm.control.stats.command_tsc += cpu.rdtsc().saturating_sub(now);
+                let took = cpu.rdtsc().saturating_sub(now);
+                vm.control.stats.command(id, took);
                 match ran {
                     commands::Outcome::Sent(n) => return Some(n),
                     commands::Outcome::Later => return None,

@@ -112,7 +112,7 @@ struct Session {
 }
 
 /// Counters for figures.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ControlStats {
     pub commands: u64,
     pub events: u64,
@@ -123,6 +123,36 @@ pub struct ControlStats {
     /// I/O not included) and carrying out answers.
     pub command_tsc: u64,
     pub answer_tsc: u64,
+    /// Per command id below [`COSTED_IDS`]: how many, and their TSC cycles.
+    pub by_command: [(u32, u64); COSTED_IDS],
+}
+
+/// Command ids whose costs are kept one by one (every command's).
+pub const COSTED_IDS: usize = 0x62;
+
+impl Default for ControlStats {
+    fn default() -> Self {
+        Self {
+            commands: 0,
+            events: 0,
+            answers: 0,
+            bad_frames: 0,
+            command_tsc: 0,
+            answer_tsc: 0,
+            by_command: [(0, 0); COSTED_IDS],
+        }
+    }
+}
+
+impl ControlStats {
+    /// Counts a command of `id` that took `tsc` cycles.
+    pub fn command(&mut self, id: u16, tsc: u64) {
+        self.command_tsc += tsc;
+        if let Some((count, total)) = self.by_command.get_mut(usize::from(id)) {
+            *count += 1;
+            *total += tsc;
+        }
+    }
 }
 
 impl core::fmt::Display for ControlStats {
@@ -137,7 +167,14 @@ impl core::fmt::Display for ControlStats {
             self.answers,
             per(self.answer_tsc, self.answers),
             self.bad_frames
-        )
+        )?;
+        for (id, &(count, tsc)) in self.by_command.iter().enumerate() {
+            if count > 0 {
+                let name = hv_control::message_name(id as u16);
+                write!(f, "; {name} {count}x {}", per(tsc, u64::from(count)))?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -138,6 +138,19 @@ impl Tool {
         }
     }
 
+    /// A tool in session with altp2m on and one view made (rwx).
+    fn with_view() -> (Self, u16) {
+        let mut t = Self::new(Self::machine());
+        t.hello();
+        t.call(Command::Altp2mSetState { on: true }).unwrap();
+        let view = t
+            .call(Command::CreateView {
+                default_access: access::RWX as u8,
+            })
+            .unwrap();
+        (t, u16_at(&view, 0))
+    }
+
     fn hello(&mut self) {
         let body = self
             .call(Command::Hello {
@@ -329,16 +342,7 @@ fn memory_reads_and_writes_go_through_the_host_p2m_and_are_checked() {
 
 #[test]
 fn views_made_by_the_tool_are_the_guests_views_and_errors_match_the_hypercalls() {
-    let mut t = Tool::new(Tool::machine());
-    t.hello();
-    t.call(Command::Altp2mSetState { on: true }).unwrap();
-    let view = u16_at(
-        &t.call(Command::CreateView {
-            default_access: access::RWX as u8,
-        })
-        .unwrap(),
-        0,
-    );
+    let (mut t, view) = Tool::with_view();
     t.call(Command::SetMemAccess {
         view,
         gfn: 0x300,
@@ -387,17 +391,7 @@ fn views_made_by_the_tool_are_the_guests_views_and_errors_match_the_hypercalls()
 
 #[test]
 fn shadow_pages_are_accounted_remapped_and_unmapped_everywhere_when_freed() {
-    let mut t = Tool::new(Tool::machine());
-    t.hello();
-    let frames = t.m.platform.outstanding();
-    t.call(Command::Altp2mSetState { on: true }).unwrap();
-    let view = u16_at(
-        &t.call(Command::CreateView {
-            default_access: access::RWX as u8,
-        })
-        .unwrap(),
-        0,
-    );
+    let (mut t, view) = Tool::with_view();
     let before = t.m.platform.outstanding();
     let shadow = u64_at(&t.call(Command::AllocShadowPage).unwrap(), 0);
     assert!(shadow >= 1 << 18, "above 4 GiB and guest RAM: {shadow:#x}");
@@ -456,22 +450,12 @@ fn shadow_pages_are_accounted_remapped_and_unmapped_everywhere_when_freed() {
         0,
         "teardown frees held shadow pages too"
     );
-    let _ = frames;
 }
 
 /// A view with gfn 0x300 read-only, the vCPU on it, a tool in session
 /// with `classes` on.
 fn monitored(classes: u32) -> (Tool, u16) {
-    let mut t = Tool::new(Tool::machine());
-    t.hello();
-    t.call(Command::Altp2mSetState { on: true }).unwrap();
-    let view = u16_at(
-        &t.call(Command::CreateView {
-            default_access: access::RWX as u8,
-        })
-        .unwrap(),
-        0,
-    );
+    let (mut t, view) = Tool::with_view();
     t.call(Command::SetMemAccess {
         view,
         gfn: 0x300,
@@ -830,16 +814,7 @@ fn ve_events_come_from_the_hypervisors_own_ve_delivery() {
 
 #[test]
 fn a_hidden_breakpoint_holds_the_vcpu_and_its_default_is_the_step_in_view_0() {
-    let mut t = Tool::new(Tool::machine());
-    t.hello();
-    t.call(Command::Altp2mSetState { on: true }).unwrap();
-    let view = u16_at(
-        &t.call(Command::CreateView {
-            default_access: access::RWX as u8,
-        })
-        .unwrap(),
-        0,
-    );
+    let (mut t, view) = Tool::with_view();
     let shadow = u64_at(&t.call(Command::AllocShadowPage).unwrap(), 0);
     t.call(Command::ChangeGfn {
         view,
@@ -950,4 +925,114 @@ fn a_guest_altp2m_call_in_external_mode_is_refused_but_the_tool_may() {
     let caps = t.call(Command::Capabilities).unwrap();
     assert_eq!(caps[12], hv_control::mode::EXTERNAL);
     let _ = ReplyBody::Done;
+}
+
+/// A frame with a checked header around any payload.
+fn raw_frame(kind: u8, id: u16, seq: u32, payload: &[u8]) -> Vec<u8> {
+    let mut frame = std::vec![0u8; hv_control::HEADER_LEN];
+    hv_control::frame::write_header(&mut frame, kind, id, seq, payload);
+    frame.extend_from_slice(payload);
+    frame
+}
+
+#[test]
+fn oversized_and_unknown_frames_get_their_errors() {
+    let mut t = Tool::new(Tool::machine());
+    t.hello();
+    // A header promising more than MAX_PAYLOAD: refused from the header alone.
+    let mut big = raw_frame(1, id::PING, 41, &[0; 8]);
+    big[12..16].copy_from_slice(&(hv_control::MAX_PAYLOAD as u32 + 1).to_le_bytes());
+    hv_control::frame::seal_header(&mut big[..hv_control::HEADER_LEN]);
+    t.send_bytes(&big[..hv_control::HEADER_LEN]);
+    t.serve();
+    // An unknown command id, and a known one with a payload of the wrong size.
+    t.send_bytes(&raw_frame(1, 0x7f, 42, &[]));
+    t.send_bytes(&raw_frame(1, id::PING, 43, &[1, 2, 3]));
+    t.serve();
+    t.serve();
+    let got: Vec<(u32, Result<Vec<u8>, ErrorCode>)> = t
+        .received()
+        .into_iter()
+        .map(|o| match o {
+            Out::Reply { seq, result, .. } => (seq, result),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (41, Err(ErrorCode::TooBig)),
+            (42, Err(ErrorCode::UnknownMessage)),
+            (43, Err(ErrorCode::BadFrame)),
+        ]
+    );
+    assert!(
+        t.call(Command::Ping { nonce: 1 }).is_ok(),
+        "and the line goes on"
+    );
+}
+
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Any command id (and a few that are none), any payload, any kind.
+    fn frames() -> impl Strategy<Value = Vec<(u8, u16, Vec<u8>)>> {
+        let ids: Vec<u16> = Command::IDS
+            .iter()
+            .copied()
+            .chain(hv_control::Event::IDS)
+            .chain([0, 0x7f, 0xffff])
+            .collect();
+        proptest::collection::vec(
+            (
+                prop_oneof![Just(1u8), Just(1u8), Just(1u8), Just(4u8), 0u8..8],
+                proptest::sample::select(ids),
+                proptest::collection::vec(any::<u8>(), 0..48),
+            ),
+            1..40,
+        )
+    }
+
+    proptest! {
+        // 64 cases by default; PROPTEST_CASES for a long run.
+        #![proptest_config(ProptestConfig::with_cases(
+            std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(64)
+        ))]
+
+        /// Whatever frames come (well framed, with random payloads: random
+        /// gfns, views, vCPUs, registers, accesses), the server answers
+        /// each once, never panics, and leaks no frame: after the session
+        /// and the VM end, the platform has every frame back.
+        #[test]
+        fn random_commands_are_answered_and_leak_nothing(frames in frames()) {
+            let mut t = Tool::new(Tool::machine());
+            t.hello();
+            let mut sent = 0;
+            for (i, (kind, id, payload)) in frames.iter().enumerate() {
+                t.send_bytes(&raw_frame(*kind, *id, 1000 + i as u32, payload));
+                sent += 1;
+                // Play the vCPU: an event or a pause holds it; it serves.
+                for _ in 0..3 {
+                    if t.m.vm.control.must_stop(0) {
+                        t.hold_round();
+                    } else {
+                        t.serve();
+                    }
+                }
+            }
+            let replies = t
+                .received()
+                .into_iter()
+                .filter(|o| matches!(o, Out::Reply { seq, .. } if *seq >= 1000))
+                .count();
+            prop_assert!(replies <= sent);
+            // PAUSE's reply waits for the vCPU; every other frame gets one.
+            let paused = frames.iter().filter(|f| f.1 == id::PAUSE).count();
+            prop_assert!(replies + paused >= sent, "{} replies for {} frames", replies, sent);
+            let platform = t.m.destroy();
+            prop_assert_eq!(platform.outstanding(), 0);
+        }
+    }
 }

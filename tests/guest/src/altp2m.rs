@@ -1039,3 +1039,75 @@ pub fn memory_calls() -> Outcome {
     )
     .map(|_| ())
 }
+
+/// Runs the hypervisor out of what it may spend on this guest (run with a
+/// small `guest.heap=` and `guest.frames=`): remaps of gfns in ever new
+/// 1 GiB regions (each costs the views' bookkeeping heap) and views (each
+/// costs EPT tables) until the hypervisor answers ENOMEM;
+/// then the guest still runs, gives it all back, and can spend it again.
+pub fn exhaust() -> Outcome {
+    const GIB_PAGES: u64 = 1 << 18;
+    enable()?;
+    let view = create(access::RWX)?;
+    let mut remaps = 0u64;
+    let refused = loop {
+        // Old gfns far above RAM (up to 2^36 pages: 256 TiB), one per GiB.
+        let old = (remaps + 1) * GIB_PAGES;
+        let result = hypercall(call::ALTP2M_CHANGE_GFN, &[view, old, gfn(CODE)]);
+        if result < 0 {
+            break result;
+        }
+        remaps += 1;
+        if remaps == 1 << 18 {
+            return Err("no ENOMEM after 262144 remaps in new regions");
+        }
+    };
+    println!("exhaust: {remaps} remaps in new 1 GiB regions, then {refused}");
+    check(refused == error::ENOMEM, "the refusal is not ENOMEM")?;
+    check(
+        hypercall(call::ALTP2M_GET_STATE, &[]) == 1,
+        "the hypervisor stopped answering",
+    )?;
+    ok(
+        hypercall(call::ALTP2M_DESTROY_VIEW, &[view]),
+        "the view could not be destroyed",
+    )?;
+    // Views until the frames or the heap run out. (A view the guest runs
+    // on and that cannot grow for want of frames stops the guest, as Xen
+    // crashes a domain whose p2m cannot be allocated: not tried here.)
+    let mut views = [0u64; 511];
+    let mut made = 0;
+    let refused = loop {
+        let result = hypercall(call::ALTP2M_CREATE_VIEW, &[access::RWX]);
+        if result < 0 {
+            break result;
+        }
+        views[made] = result as u64;
+        made += 1;
+        if made == views.len() {
+            break 0;
+        }
+    };
+    println!("exhaust: {made} views made, then {refused}");
+    check(
+        refused == error::ENOMEM || made == views.len(),
+        "views failed with another error",
+    )?;
+    for &v in &views[..made] {
+        ok(
+            hypercall(call::ALTP2M_DESTROY_VIEW, &[v]),
+            "a view could not be destroyed",
+        )?;
+    }
+    // All given back: the same work succeeds again.
+    let again = create(access::RWX)?;
+    ok(
+        hypercall(call::ALTP2M_CHANGE_GFN, &[again, GIB_PAGES, gfn(CODE)]),
+        "a remap after the views were destroyed",
+    )?;
+    ok(
+        hypercall(call::ALTP2M_DESTROY_VIEW, &[again]),
+        "the last view",
+    )?;
+    disable()
+}

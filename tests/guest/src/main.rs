@@ -10,7 +10,8 @@
 //! good and bad arguments), `mode-external`, `mode-limited`, `vmfunc`, `ve`,
 //! `hidden-breakpoint`, `balloon`, `display`, `display-late`, `memory-calls`
 //! (log-dirty, balloon and display calls with good and bad arguments),
-//! `logdirty-limit` (tracks ranges until the hypervisor's heap is full;
+//! `exhaust` (runs the hypervisor out of the guest's heap and frame quotas),
+//! `logdirty-limit` (tracks ranges until the guest's heap quota is full;
 //! last); the
 //! platform (`platform.rs`): `madt`, `lapic-timer`, `pit`, `hlt-wakes`,
 //! `self-ipi`, `nmi`, `ticking` (leaves a 1 kHz timer running),

@@ -126,6 +126,7 @@ fn run_one(word: &str, boot: &BootInfo, options: &Options) -> Outcome {
         "idle-bench" => figures::idle_bench(clocks),
         "exit-bench" => figures::exit_bench(clocks),
         "control" => crate::control::scenario(),
+        "exhaust" => altp2m::exhaust(),
         _ => Err("no such scenario"),
     }
 }

@@ -14,6 +14,7 @@ pub mod checks;
 pub mod kallsyms;
 pub mod params;
 pub mod pattern;
+pub mod probe;
 pub mod procfs;
 
 /// One check's result: printed as `PASS name: detail` or `FAIL name: detail`.

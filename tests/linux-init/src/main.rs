@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use hv_linux_init::checks::{self, CpuidSeen, MemoryView, TimerReading};
 use hv_linux_init::params::{ExitPath, Params};
+use hv_linux_init::probe::{self as probes, FUNCTION};
 use hv_linux_init::{Outcome, pattern, procfs, status, summary};
 
 fn main() {
@@ -54,6 +55,9 @@ fn main() {
     }));
     report(guarded("memory", || memory_check(&params)));
     report(guarded("timer", timer_check));
+    if params.probe_calls > 0 {
+        report(guarded("probe", || probe_check(&params)));
+    }
     if params.memtest_mib == 0 {
         say("memtest skipped (hvtest.memtest=0)");
     } else {
@@ -489,5 +493,140 @@ fn finish(exit: ExitPath, ours: bool, status: u8) -> ! {
     say("no exit path worked; halting");
     loop {
         std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// The probe check (`hvtest.probe=N`, see `hv_linux_init::probe`): calls
+/// a kernel function a tool outside the guest watches, and reads its code.
+fn probe_check(params: &Params) -> Outcome {
+    const NAME: &str = "probe";
+    match probe_run(params.probe_calls) {
+        Ok(Ok(what)) => Outcome::pass(NAME, what),
+        Ok(Err(why)) | Err(why) => Outcome::fail(NAME, why),
+    }
+}
+
+fn probe_run(calls: u64) -> Result<Result<String, String>, String> {
+    let kallsyms = read("/proc/kallsyms")?;
+    let address = probes::kallsyms_address(&kallsyms, FUNCTION)
+        .ok_or_else(|| format!("{FUNCTION} is not in /proc/kallsyms"))?;
+    // Keep the mailbox where the tool finds it: locked, never migrated.
+    let _ = fs::write("/proc/sys/vm/compact_unevictable_allowed", "0");
+    let mailbox = Mailbox::new()?;
+    say(&format!(
+        "probe: mailbox={:#x} function={FUNCTION} address={address:#x} calls={calls}",
+        mailbox.gpa
+    ));
+    mailbox.set(probes::WORD_STATE, probes::WAITING);
+    mailbox.set(probes::WORD_MAGIC, probes::MAGIC);
+    mailbox.wait_for(probes::GO, "the tool never armed its breakpoint")?;
+    let mut wrong = 0;
+    for i in 0..calls {
+        // SAFETY: getppid has no arguments and cannot fail.
+        let parent = unsafe { libc::syscall(libc::SYS_getppid) };
+        if parent != 0 {
+            wrong += 1;
+        }
+        mailbox.set(probes::WORD_CALLS, i + 1);
+    }
+    let before = kcore_read(address, 8)?;
+    let first = u64::from_le_bytes(before.as_slice().try_into().unwrap_or_default());
+    mailbox.set(probes::WORD_BYTES, first);
+    mailbox.set(probes::WORD_STATE, probes::CALLED);
+    say(&format!(
+        "probe: {calls} calls made, the tool may remove its breakpoint"
+    ));
+    mailbox.wait_for(probes::FINISH, "the tool never removed its breakpoint")?;
+    let after = kcore_read(address, 8)?;
+    // SAFETY: as above.
+    if unsafe { libc::syscall(libc::SYS_getppid) } != 0 {
+        wrong += 1;
+    }
+    mailbox.set(probes::WORD_STATE, probes::FINISHED);
+    Ok(probes::verdict(calls, wrong, &before, &after))
+}
+
+/// `len` bytes of kernel memory at `address`, through /proc/kcore.
+fn kcore_read(address: u64, len: usize) -> Result<Vec<u8>, String> {
+    use std::os::unix::fs::FileExt;
+    let kcore = fs::File::open("/proc/kcore").map_err(|e| format!("/proc/kcore: {e}"))?;
+    let mut header = vec![0u8; 64 * 1024];
+    let n = kcore
+        .read_at(&mut header, 0)
+        .map_err(|e| format!("/proc/kcore: {e}"))?;
+    let offset = probes::kcore_offset(&header[..n], address)
+        .ok_or_else(|| format!("{address:#x} is in no segment of /proc/kcore"))?;
+    let mut bytes = vec![0u8; len];
+    kcore
+        .read_exact_at(&mut bytes, offset)
+        .map_err(|e| format!("/proc/kcore at {offset:#x}: {e}"))?;
+    Ok(bytes)
+}
+
+/// A locked page of init's memory whose guest-physical address a tool
+/// outside the guest writes to.
+struct Mailbox {
+    words: *mut u64,
+    gpa: u64,
+}
+
+impl Mailbox {
+    fn new() -> Result<Self, String> {
+        // SAFETY: an anonymous private mapping of one page, nothing aliased.
+        let page = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_LOCKED | libc::MAP_POPULATE,
+                -1,
+                0,
+            )
+        };
+        if page == libc::MAP_FAILED {
+            return Err(format!("mmap: {}", errno()));
+        }
+        let words = page.cast::<u64>();
+        // SAFETY: the page is ours, mapped and writable; touching it makes it resident.
+        unsafe { std::ptr::write_bytes(words, 0, 512) };
+        let pagemap = fs::File::open("/proc/self/pagemap").map_err(|e| format!("pagemap: {e}"))?;
+        let mut entry = [0u8; 8];
+        use std::os::unix::fs::FileExt;
+        pagemap
+            .read_exact_at(&mut entry, page as u64 / 4096 * 8)
+            .map_err(|e| format!("pagemap: {e}"))?;
+        let entry = u64::from_le_bytes(entry);
+        let pfn = entry & ((1 << 55) - 1);
+        if entry & 1 << 63 == 0 || pfn == 0 {
+            return Err(format!("pagemap gives no frame ({entry:#x}): not root?"));
+        }
+        Ok(Self {
+            words,
+            gpa: pfn * 4096,
+        })
+    }
+
+    fn get(&self, word: usize) -> u64 {
+        // SAFETY: `word` < 512, inside the mapped page; the tool writes it
+        // from outside, hence volatile.
+        unsafe { std::ptr::read_volatile(self.words.add(word)) }
+    }
+
+    fn set(&self, word: usize, value: u64) {
+        // SAFETY: as for `get`.
+        unsafe { std::ptr::write_volatile(self.words.add(word), value) }
+    }
+
+    /// Waits (about 20 minutes of the guest's time at most) until the tool
+    /// writes `value` into its word.
+    fn wait_for(&self, value: u64, why: &str) -> Result<(), String> {
+        let start = Instant::now();
+        while self.get(probes::WORD_TOOL) != value {
+            if start.elapsed() > Duration::from_secs(1200) {
+                return Err(why.to_owned());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
     }
 }

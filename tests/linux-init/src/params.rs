@@ -8,6 +8,7 @@
 //! | `hvtest.seed=` | seed of the memory pattern (decimal or 0x hex) | from the TSC |
 //! | `hvtest.exit=` | `auto`, `port`, `poweroff`, `reset`, `reboot` | `auto` |
 //! | `hvtest.dmesg=` | `1`: print the kernel log before the result | `0` |
+//! | `hvtest.probe=` | calls of the `probe` check (a tool's breakpoint target), 0 to skip it | 0 |
 //!
 //! Unknown `hvtest.*` names and bad values are reported, not ignored.
 
@@ -54,6 +55,8 @@ pub struct Params {
     pub seed: Option<u64>,
     pub exit: ExitPath,
     pub dmesg: bool,
+    /// Calls the `probe` check makes (0: no probe check).
+    pub probe_calls: u64,
     /// Problems with the parameters, one line each.
     pub warnings: Vec<String>,
 }
@@ -69,6 +72,7 @@ impl Default for Params {
             seed: None,
             exit: ExitPath::Auto,
             dmesg: false,
+            probe_calls: 0,
             warnings: Vec::new(),
         }
     }
@@ -122,6 +126,7 @@ impl Params {
                     _ => return Err("expected 0 or 1".into()),
                 }
             }
+            "probe" => self.probe_calls = number(value).ok_or("expected a number of calls")?,
             _ => return Err("unknown parameter".into()),
         }
         Ok(())
