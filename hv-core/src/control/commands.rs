@@ -518,6 +518,7 @@ fn capabilities(vm: &Vm) -> Capabilities {
         (f.vmfunc, feature::VMFUNC),
         (f.ve, feature::VE),
         (f.mtf, feature::MTF),
+        (f.pml, feature::PML),
         (true, feature::SHADOW_PAGES),
     ]
     .into_iter()

@@ -293,8 +293,11 @@ fn capabilities_and_memory_map_describe_the_vm() {
     let features = u32::from_le_bytes(caps[0..4].try_into().unwrap());
     assert_eq!(
         features,
-        hv_control::feature::VMFUNC | hv_control::feature::VE | hv_control::feature::SHADOW_PAGES,
-        "Bochs's skylake_x: VMFUNC and #VE, no MTF"
+        hv_control::feature::VMFUNC
+            | hv_control::feature::VE
+            | hv_control::feature::PML
+            | hv_control::feature::SHADOW_PAGES,
+        "Bochs's skylake_x: VMFUNC, #VE and PML, no MTF"
     );
     assert_eq!(u16_at(&caps, 8), 1, "one vCPU");
     let map = t.call(Command::MemoryMap).unwrap();
