@@ -6,7 +6,8 @@
 
 use hv_ept::walk::AccessKind;
 use hv_ept::{
-    DirtyBitmap, EntryInfo, EptMemory, Gfn, Order, P2m, P2mAccess, P2mType, Rights, WriteFault,
+    DirtyBitmap, EntryInfo, EptMemory, Gfn, LogMode, Order, P2m, P2mAccess, P2mType, Rights,
+    WriteFault,
 };
 
 use crate::{Altp2m, Error};
@@ -19,7 +20,9 @@ pub enum Outcome {
     LazyCopied { view: u16, gfn: Gfn, order: Order },
     /// A write to a `ram_logdirty` page: `owner` (the gfn that owns the
     /// frame: the remap source for an alias, else the gfn itself) was marked
-    /// dirty and made `ram_rw` in the host and every view. Resume.
+    /// dirty and made `ram_rw` in the host and every view; or, under PML
+    /// (`fault` = `Split`), the superpage holding `gfn` in `view` was split
+    /// so that the page is writable and the CPU logs its writes. Resume.
     LogDirty {
         view: u16,
         gfn: Gfn,
@@ -87,11 +90,13 @@ enum Decision {
     Deny,
 }
 
-fn decide(e: &EntryInfo, kind: AccessKind) -> Decision {
+/// What to do about a violation on entry `e` of `p2m` (whose log mode
+/// decides the rights of a log-dirty page).
+fn decide(p2m: &P2m, e: &EntryInfo, kind: AccessKind) -> Decision {
     if e.recalc {
         return Decision::Resolve;
     }
-    if e.ty.rights(e.access).contains(needed(kind)) {
+    if p2m.rights(e.ty, e.access, e.order).contains(needed(kind)) {
         return Decision::Retry;
     }
     if kind == AccessKind::Write && e.access.allowed().contains(Rights::W) {
@@ -148,11 +153,36 @@ impl Altp2m {
         // copy (for an alias, a stand-in for the source's).
         let host_ty = host.get_entry(mem, owner)?.ty;
         let ty = if source.is_some() { host_ty } else { e.ty };
-        match decide(&e, kind) {
+        match decide(&v.p2m, &e, kind) {
             Decision::Retry => Ok(Outcome::Retry),
             Decision::Resolve => {
                 self.view_mut(i)?.p2m.resolve_misconfig(mem, gfn)?;
                 Ok(Outcome::Retry)
+            }
+            Decision::TypeDeniesWrite
+                if host_ty == P2mType::RamLogdirty
+                    && host.log_mode() == LogMode::Pml
+                    && e.ty == P2mType::RamLogdirty
+                    && e.order != Order::PAGE_4K =>
+            {
+                // The view's own superpage: split here so the page logs
+                // through PML; out of frames, the write-protect way.
+                let v = self.view_mut(i)?;
+                match v
+                    .p2m
+                    .set_entry(mem, gfn, mfn, Order::PAGE_4K, e.ty, e.access)
+                {
+                    Ok(()) => Ok(Outcome::LogDirty {
+                        view,
+                        gfn,
+                        owner,
+                        fault: WriteFault::Split,
+                    }),
+                    Err(hv_ept::Error::NoMemory) => {
+                        self.logdirty_fault(mem, host, dirty, view, gfn, owner)
+                    }
+                    Err(e) => Err(e.into()),
+                }
             }
             Decision::TypeDeniesWrite if host_ty == P2mType::RamLogdirty => {
                 self.logdirty_fault(mem, host, dirty, view, gfn, owner)
@@ -229,7 +259,7 @@ impl Altp2m {
         let Some(mfn) = e.mfn else {
             return Ok(Outcome::NotMapped { view: 0, gfn });
         };
-        match decide(&e, kind) {
+        match decide(host, &e, kind) {
             Decision::Retry => Ok(Outcome::Retry),
             Decision::Resolve => {
                 host.resolve_misconfig(mem, gfn)?;
@@ -322,8 +352,12 @@ impl Altp2m {
         let (s, e) = match fault {
             WriteFault::Coarse { gfn, order } => (gfn.0, gfn.0 + order.pages() - 1),
             WriteFault::Precise | WriteFault::NotLogdirty => (owner.0, owner.0),
+            // Mapping and type as they were: nothing for the views.
+            WriteFault::Split => (1, 0),
         };
-        self.propagate(mem, host, s, e);
+        if s <= e {
+            self.propagate(mem, host, s, e);
+        }
         Ok(Outcome::LogDirty {
             view,
             gfn,

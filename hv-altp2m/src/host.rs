@@ -7,11 +7,28 @@
 //! without failing (see `propagate`).
 
 use hv_ept::{
-    DirtyBitmap, EptMemory, Gfn, Mfn, Order, P2m, P2mAccess, P2mType, check_type_change,
+    DirtyBitmap, EptMemory, Gfn, LogMode, Mfn, Order, P2m, P2mAccess, P2mType, check_type_change,
     check_type_range,
 };
 
 use crate::{Altp2m, Error};
+
+/// Most tracked parts of a clean's window re-armed one by one; a window
+/// with more is re-armed as one span (see `rearm_types`).
+pub const REARM_RANGES: usize = 16;
+
+/// Most page re-arms (one per p2m holding a page, aliases included) one PML
+/// clean does before it re-arms by type instead (see `rearm_pages`).
+pub const REARM_PAGES: usize = 4096;
+
+/// A lazy type change over a range, in every p2m.
+#[derive(Clone, Copy)]
+enum Change {
+    /// `ram_rw` <-> `ram_logdirty`: the log-dirty state changes.
+    Type { from: P2mType, to: P2mType },
+    /// The state stays; the range is recomputed from it (a clean's re-arm).
+    Rearm,
+}
 
 /// A clean between its halves: what [`Altp2m::arm_dirty`] set aside, for
 /// [`Altp2m::fetch_dirty`].
@@ -23,6 +40,16 @@ pub struct ArmedClean {
     /// The `take_flush` count when the arm left INVEPTs pending (none: no
     /// flush needed).
     epoch: Option<u64>,
+    by_type: bool,
+}
+
+impl ArmedClean {
+    /// The re-arm marked the window's tracked parts (write protection, or
+    /// PML beyond its bounds): the guest pays misconfiguration exits for it
+    /// on its next accesses. Under PML it is otherwise page by page.
+    pub fn by_type(&self) -> bool {
+        self.by_type
+    }
 }
 
 /// A host mapping: what `host_set_entry` installs.
@@ -95,7 +122,9 @@ impl Altp2m {
             return Ok(());
         }
         self.reserve_logdirty(host)?;
-        self.apply_type_range(mem, host, s, e, from, to)
+        // After the reserve the change cannot fail.
+        self.apply_change(mem, host, s, e, Change::Type { from, to });
+        Ok(())
     }
 
     /// Global log-dirty on (`ram_rw` -> `ram_logdirty`, also the re-arm) or
@@ -137,6 +166,15 @@ impl Altp2m {
     /// with no write logged: their writes are not logged until the next
     /// clean re-arms them, so the kernel marks them dirty when it maps them.
     ///
+    /// Under PML the pages handed over are re-armed one by one (their dirty
+    /// flags cleared), which costs the guest no exit; the write-protect
+    /// re-arm marks the tracked parts of the window. Either way the work of
+    /// one call is bounded whatever the number of tracked ranges: the
+    /// window's parts are found by binary search, and beyond
+    /// [`REARM_RANGES`] parts (or [`REARM_PAGES`] page re-arms) the window
+    /// is re-armed as one span, in the host and each view. The bitmap work
+    /// follows the window's size.
+    ///
     /// Fails only with `NoMemory`, before anything changed.
     pub fn arm_dirty<M: EptMemory + ?Sized>(
         &mut self,
@@ -150,30 +188,63 @@ impl Altp2m {
         if s > e {
             return Err(Error::BadRange);
         }
-        self.reserve_logdirty(host)?;
+        self.harvest.merge(dirty)?;
+        if self.harvest.lost() {
+            dirty.mark_range(start, end)?;
+        }
         dirty.arm(start, end)?;
-        if host.logdirty().global() {
-            self.host_change_type_global(mem, host, P2mType::RamRw, P2mType::RamLogdirty)?;
-        } else {
-            let mut cursor = s;
-            loop {
-                let next = host
-                    .logdirty()
-                    .ranges()
-                    .find(|&(_, re)| re.0 >= cursor)
-                    .filter(|&(rs, _)| rs.0 <= e);
-                let Some((rs, re)) = next else { break };
-                let (a, b) = (rs.0.max(cursor), re.0.min(e));
-                // A part of a tracked range: adds no range, cannot fail.
-                self.apply_type_range(mem, host, a, b, P2mType::RamRw, P2mType::RamLogdirty)?;
-                if b >= e {
-                    break;
-                }
-                cursor = b + 1;
-            }
+        self.harvest.forget_lost();
+        let typed = host.log_mode() == LogMode::WriteProtect
+            || self.rearm_pages(mem, host, dirty, start, end);
+        if typed {
+            self.rearm_types(mem, host, start, end);
         }
         let epoch = self.flush_pending(host).then_some(self.flushes);
-        Ok(ArmedClean { start, end, epoch })
+        Ok(ArmedClean {
+            start,
+            end,
+            epoch,
+            by_type: typed,
+        })
+    }
+
+    /// The write-protect re-arm of `[start, end]`: every tracked page there
+    /// is recomputed `ram_logdirty` (lazily: marks). A window with at most
+    /// [`REARM_RANGES`] tracked parts marks each part (the marking is exact:
+    /// pages between the ranges take no exit); one with more marks the span
+    /// from its first tracked gfn to its last once (pages between are
+    /// recomputed too, unchanged, at a misconfiguration exit per leaf table
+    /// touched). So the work is bounded whatever the number of ranges: the
+    /// parts are found by binary search, and at most `REARM_RANGES` changes
+    /// are made in the host and each view. Cannot fail: it adds no range.
+    fn rearm_types<M: EptMemory + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        host: &mut P2m,
+        start: Gfn,
+        end: Gfn,
+    ) {
+        if host.logdirty().global() {
+            // Marks every present root entry, host and views: cannot fail.
+            let _ = self.host_change_type_global(mem, host, P2mType::RamRw, P2mType::RamLogdirty);
+            return;
+        }
+        let Some((parts, first, last)) = host.logdirty().span_within(start, end) else {
+            return;
+        };
+        let mut batch = [(0u64, 0u64); REARM_RANGES];
+        let n = if parts <= REARM_RANGES {
+            for (slot, (a, b)) in batch.iter_mut().zip(host.logdirty().within(start, end)) {
+                *slot = (a.0, b.0);
+            }
+            parts
+        } else {
+            batch[0] = (first.0, last.0);
+            1
+        };
+        for &(a, b) in &batch[..n] {
+            self.apply_change(mem, host, a, b, Change::Rearm);
+        }
     }
 
     /// The second half of a clean: hands every gfn [`Altp2m::arm_dirty`]
@@ -206,28 +277,34 @@ impl Altp2m {
         Ok(())
     }
 
-    /// The type change itself; after `reserve_logdirty` it cannot fail.
-    fn apply_type_range<M: EptMemory + ?Sized>(
+    /// A type change of `[s, e]` in the host and every view, then the
+    /// aliases and margins. A `Type` change only after `reserve_logdirty`
+    /// (then nothing fails: the p2m calls' errors cannot happen).
+    fn apply_change<M: EptMemory + ?Sized>(
         &mut self,
         mem: &mut M,
         host: &mut P2m,
         s: u64,
         e: u64,
-        from: P2mType,
-        to: P2mType,
-    ) -> Result<(), Error> {
+        change: Change,
+    ) {
         let margins = self.margins(mem, host, s, e);
-        host.change_type_range(mem, Gfn(s), Gfn(e), from, to)?;
+        let apply = |p2m: &mut P2m, mem: &mut M| {
+            let _ = match change {
+                Change::Type { from, to } => p2m.change_type_range(mem, Gfn(s), Gfn(e), from, to),
+                Change::Rearm => p2m.rearm_range(mem, Gfn(s), Gfn(e)),
+            };
+        };
+        apply(host, mem);
         for i in self.active.iter() {
             if let Some(v) = self.views[i].as_mut() {
-                v.p2m.change_type_range(mem, Gfn(s), Gfn(e), from, to)?;
+                apply(&mut v.p2m, mem);
             }
         }
         self.refix_aliases(mem, host, s, e);
         for (a, b) in margins.into_iter().flatten() {
             self.propagate(mem, host, a, b);
         }
-        Ok(())
     }
 
     /// A lazy type change recomputes whole stored mappings. Where one that

@@ -33,7 +33,13 @@
 //!   remap dirties the gfn that owns the frame.
 //! - A log-dirty clean is two calls with the INVEPT between
 //!   ([`Altp2m::arm_dirty`], [`Altp2m::fetch_dirty`]), so that no write is
-//!   lost while vCPUs run.
+//!   lost while vCPUs run. Its work is bounded whatever the number of
+//!   tracked ranges.
+//! - Under PML (the host p2m's `LogMode`), writes to tracked pages are
+//!   logged by the CPU in every view, aliases included; a logged address is
+//!   resolved to the view it was written through by the EPT dirty flags
+//!   ([`Altp2m::pml_logged`]), and a clean re-arms exactly the pages it
+//!   hands over.
 //! - A host change walks the views that may hold its pages: an index per
 //!   1G and 2M, and per 4K page where many views hold parts of a 2M region.
 //!
@@ -59,6 +65,7 @@ mod flush;
 mod host;
 mod lists;
 mod occupancy;
+mod pml;
 mod propagate;
 mod remap;
 mod set;
@@ -68,7 +75,7 @@ pub use access::{Effective, MultiError};
 pub use droplog::{DropReason, Dropped};
 pub use fault::{AccessViolation, Outcome};
 pub use flush::Flush;
-pub use host::{ArmedClean, Mapping};
+pub use host::{ArmedClean, Mapping, REARM_PAGES, REARM_RANGES};
 pub use lists::INVALID_EPTP;
 pub use occupancy::IndexMemory;
 pub use set::Altp2m;

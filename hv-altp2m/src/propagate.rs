@@ -27,6 +27,7 @@ use hv_ept::{EntryInfo, EptMemory, Gfn, Leaf, Mfn, Order, P2m, P2mType, aligned_
 
 use crate::Altp2m;
 use crate::droplog::{DropLog, DropReason, Dropped};
+use crate::pml::Harvest;
 use crate::remap::{By, alias_type, remove};
 use crate::set::View;
 
@@ -85,6 +86,7 @@ struct Reconcile<'a> {
     view: &'a mut View,
     index: u16,
     drops: &'a mut DropLog,
+    harvest: &'a mut Harvest,
     /// Entries were removed from the view.
     removed: bool,
 }
@@ -220,6 +222,8 @@ impl Reconcile<'_> {
         let (access, sve) = cur.map_or((self.view.default_access, true), |c| (c.access, c.sve));
         let was = self.view.remaps.source_type(alias);
         let mut reason = DropReason::SourceChanged;
+        // Rewritten or removed below, unless kept as it is.
+        let harvest = |r: &mut Self, mem: &M| r.harvest.alias(mem, &r.view.p2m, alias, source);
         // Kept while the source maps the same frame with the same type, or
         // moved between ram_rw and ram_logdirty (the alias follows).
         if let (Some(h), Some(c), Some(was)) = (h, cur, was)
@@ -227,11 +231,12 @@ impl Reconcile<'_> {
             && hm == cm
             && (h.ty == was || (h.ty.is_changeable() && was.is_changeable()))
         {
-            let want = alias_type(h.ty);
+            let want = alias_type(h.ty, host.log_mode());
             if !rewrite && c.ty == want && !c.retype {
                 self.view.remaps.set_source_type(alias, h.ty);
                 return true;
             }
+            harvest(self, mem);
             // A 4K leaf rewritten in place: no table needed.
             if self
                 .view
@@ -243,6 +248,8 @@ impl Reconcile<'_> {
                 return true;
             }
             reason = DropReason::OutOfMemory;
+        } else {
+            harvest(self, mem);
         }
         self.remove(mem, Gfn(alias), Order::PAGE_4K);
         self.view.remaps.remove(alias);
@@ -261,12 +268,18 @@ impl Reconcile<'_> {
 
 impl Altp2m {
     fn reconcile(&mut self, i: usize) -> Option<Reconcile<'_>> {
-        let Altp2m { views, drops, .. } = self;
+        let Altp2m {
+            views,
+            drops,
+            harvest,
+            ..
+        } = self;
         let view = views.get_mut(i)?.as_mut()?;
         Some(Reconcile {
             view,
             index: i as u16,
             drops,
+            harvest,
             removed: false,
         })
     }

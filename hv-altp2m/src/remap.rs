@@ -9,14 +9,17 @@
 //! lazy type changes recompute types by position, so an alias of a
 //! `ram_logdirty` source is stored as `ram_ro`, which no recalculation
 //! touches. Its writes fault, and the fault handler logs them against the
-//! source. An alias of a `ram_rw` source is stored `ram_rw`; the type-change
-//! entry points rewrite the aliases in their range after marking, so none
-//! sits under a mark that would recompute it (a scoped mark whose range
-//! leaves it out may sit above it: resolving that one leaves it alone).
+//! source. Under PML it is stored `ram_logdirty` (a 4K page: writable, its
+//! writes logged by the CPU at the alias's address and resolved to the
+//! source when the buffer is drained). An alias of a `ram_rw` source is
+//! stored `ram_rw`. The type-change entry points rewrite the aliases in
+//! their range after marking, so none sits under a mark that would
+//! recompute it (a scoped mark whose range leaves it out may sit above it:
+//! resolving that one leaves it alone).
 
 use alloc::vec::Vec;
 
-use hv_ept::{EptMemory, Gfn, Mfn, Order, P2m, P2mAccess, P2mType};
+use hv_ept::{EptMemory, Gfn, LogMode, Mfn, Order, P2m, P2mAccess, P2mType};
 
 use crate::{Altp2m, Error};
 
@@ -47,6 +50,15 @@ impl Remaps {
             .binary_search_by_key(&alias, |r| r.alias)
             .ok()?;
         Some(self.by_alias[i].source)
+    }
+
+    /// The aliases of `source` in this view.
+    pub(crate) fn aliases_of(&self, source: u64) -> impl Iterator<Item = u64> + '_ {
+        let i = self.by_source.partition_point(|&(s, _)| s < source);
+        self.by_source[i..]
+            .iter()
+            .take_while(move |&&(s, _)| s == source)
+            .map(|&(_, a)| a)
     }
 
     /// The source's type the alias was written for.
@@ -171,13 +183,13 @@ pub(crate) fn is_ram(ty: P2mType) -> bool {
     matches!(ty, P2mType::RamRw | P2mType::RamRo | P2mType::RamLogdirty)
 }
 
-/// The type an alias of a source of type `ty` is stored with (see the
-/// module doc: never a type that a recalculation could make writable while
-/// the source is tracked).
-pub(crate) fn alias_type(ty: P2mType) -> P2mType {
-    match ty {
-        P2mType::RamLogdirty => P2mType::RamRo,
-        other => other,
+/// The type an alias of a source of type `ty` is stored with in a view
+/// whose log-dirty writes are noticed by `mode` (see the module doc: never a
+/// type that lets a write to a tracked source go unlogged).
+pub(crate) fn alias_type(ty: P2mType, mode: LogMode) -> P2mType {
+    match (ty, mode) {
+        (P2mType::RamLogdirty, LogMode::WriteProtect) => P2mType::RamRo,
+        (other, _) => other,
     }
 }
 
@@ -208,7 +220,8 @@ impl Altp2m {
         if !is_ram(h.ty) {
             return Err(Error::NotRam);
         }
-        let v = self.view_mut(i)?;
+        let Altp2m { views, harvest, .. } = self;
+        let v = views[i].as_mut().ok_or(Error::BadView)?;
         let at_new = v.p2m.get_entry(mem, new)?;
         let access = if at_new.mfn.is_some() {
             at_new.access
@@ -216,8 +229,13 @@ impl Altp2m {
             v.default_access
         };
         v.remaps.reserve()?;
-        v.p2m
-            .set_entry(mem, old, mfn, Order::PAGE_4K, alias_type(h.ty), access)?;
+        let was = v.remaps.source_of(old.0);
+        let written = was.is_some() && v.p2m.written(mem, old)?;
+        let ty = alias_type(h.ty, host.log_mode());
+        v.p2m.set_entry(mem, old, mfn, Order::PAGE_4K, ty, access)?;
+        if let (true, Some(s)) = (written, was) {
+            harvest.keep(s);
+        }
         v.remaps.insert(old.0, new.0, h.ty);
         self.remapping.insert(i);
         self.occupancy.note(i, old.0, old.0);
@@ -230,10 +248,12 @@ impl Altp2m {
         i: usize,
         old: Gfn,
     ) -> Result<(), Error> {
-        let v = self.view_mut(i)?;
-        if v.remaps.source_of(old.0).is_none() {
+        let Altp2m { views, harvest, .. } = self;
+        let v = views[i].as_mut().ok_or(Error::BadView)?;
+        let Some(source) = v.remaps.source_of(old.0) else {
             return Err(Error::NotRemapped);
-        }
+        };
+        harvest.alias(mem, &v.p2m, old.0, source);
         // An alias is a 4K leaf: removing it needs no table.
         remove_4k(mem, &mut v.p2m, old)?;
         v.remaps.remove(old.0);
@@ -276,6 +296,8 @@ pub(crate) fn remove<M: EptMemory + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    extern crate std;
+    use std::vec::Vec;
 
     #[test]
     fn both_directions_stay_in_step() {
@@ -285,6 +307,8 @@ mod tests {
             r.insert(a, s, P2mType::RamRw);
         }
         assert_eq!(r.source_of(10), Some(300), "re-pointed");
+        assert_eq!(r.aliases_of(100).collect::<Vec<_>>(), [11]);
+        assert_eq!(r.aliases_of(150).count(), 0);
         assert_eq!(r.min_max_remapped_gfn(), Some((100, 300)));
         let mut out = [(0, 0); 8];
         let n = r.batch(By::Source, (100, 0), 250, &mut out);

@@ -9,11 +9,13 @@ use hv_ept::{EptCaps, EptMemory, Gfn, Mfn, P2m, P2mAccess};
 
 use crate::lists::EptpLists;
 use crate::occupancy::Occupancy;
+use crate::pml::Harvest;
 use crate::remap::Remaps;
 use crate::viewset::{MAX_VIEWS, ViewSet};
 use crate::{DropLog, Error};
 
-/// EPTP bit 6: EPT accessed/dirty flags. Views follow the host's setting.
+/// EPTP bit 6: EPT accessed/dirty flags. Views follow the host's setting,
+/// and its log mode (PML needs A/D).
 const EPTP_AD: u64 = 1 << 6;
 
 /// One alternate view: its own EPT tree over the host p2m.
@@ -48,6 +50,8 @@ pub struct Altp2m {
     /// Calls of `take_flush` so far: a clean's fetch waits for the next one.
     pub(crate) flushes: u64,
     pub(crate) drops: DropLog,
+    /// Under PML: sources of aliases dropped with their dirty flag set.
+    pub(crate) harvest: Harvest,
 }
 
 impl Altp2m {
@@ -88,6 +92,7 @@ impl Altp2m {
             flush_all: false,
             flushes: 0,
             drops,
+            harvest: Harvest::default(),
         })
     }
 
@@ -132,6 +137,7 @@ impl Altp2m {
         }
         for slot in self.views.iter_mut() {
             if let Some(v) = slot.take() {
+                self.harvest.view(mem, &v);
                 v.p2m.destroy(mem);
                 self.flush_all = true;
             }
@@ -191,8 +197,10 @@ impl Altp2m {
         }
         let mut p2m = P2m::new(mem, *host.caps())?;
         if host.eptp() & EPTP_AD != 0 {
-            // The host has A/D on, so the CPU supports it: cannot fail.
+            // The host has A/D on, so the CPU supports it, and the tree is
+            // empty: neither can fail.
             let _ = p2m.set_ad_enabled(true);
+            let _ = p2m.set_log_mode(mem, host.log_mode());
         }
         if let Err(e) = p2m.copy_logdirty_from(mem, host) {
             p2m.destroy(mem);
@@ -225,6 +233,7 @@ impl Altp2m {
             return Err(Error::Busy);
         }
         if let Some(v) = self.views[i].take() {
+            self.harvest.view(mem, &v);
             v.p2m.destroy(mem);
         }
         self.lists.unset(mem, i);
@@ -246,10 +255,12 @@ impl Altp2m {
         view: u16,
     ) -> Result<(), Error> {
         let i = self.altp2m_index(view)?;
-        let v = self.view_mut(i)?;
+        let Altp2m { views, harvest, .. } = self;
+        let v = views[i].as_mut().ok_or(Error::BadView)?;
         // The view already has the host's log-dirty state (every change is
         // applied to both); this only fails, before any change, if not.
         v.p2m.copy_logdirty_from(mem, host)?;
+        harvest.view(mem, v);
         v.p2m.reset(mem);
         v.remaps.clear();
         self.remapping.remove(i);

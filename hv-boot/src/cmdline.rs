@@ -39,6 +39,10 @@ pub struct Options {
     /// All guest RAM under log-dirty tracking, fetched on every tick
     /// (`guest.logdirty=all`).
     pub logdirty_all: bool,
+    /// VMX features the guest is not given although the CPU has them
+    /// (`vmx.mask=`, a comma-separated list): `pml` makes log-dirty use
+    /// write protection.
+    pub mask_pml: bool,
     /// The guest's vCPUs at most, one per CPU (`guest.cpus=`; default: all).
     pub guest_cpus: usize,
     /// Serve the control channel on COM3 if the machine has one
@@ -70,6 +74,7 @@ impl Default for Options {
             boot_views: BootViews::Host,
             linux_entry: LinuxEntry::Auto,
             logdirty_all: false,
+            mask_pml: false,
             guest_cpus: usize::MAX,
             control: true,
             guest_frames: DEFAULT_GUEST_FRAMES,
@@ -118,6 +123,7 @@ const CONTROL: &str = "com3|off";
 const GUEST_FRAMES: &str = "frames beyond guest RAM, 0 to 268435456";
 const GUEST_HEAP: &str = "KiB of heap, 0 to 1048576";
 const LOGDIRTY: &str = "all|off";
+const VMX_MASK: &str = "a comma-separated list of: pml";
 const GUEST_CPUS: &str = "a number of vCPUs, 1 to 64";
 
 impl Options {
@@ -229,6 +235,18 @@ impl Options {
                         expected: LOGDIRTY,
                     }),
                 },
+                "vmx.mask" => {
+                    for feature in value.split(',') {
+                        match feature {
+                            "pml" => options.mask_pml = true,
+                            _ => report(Problem::BadValue {
+                                key,
+                                value: feature,
+                                expected: VMX_MASK,
+                            }),
+                        }
+                    }
+                }
                 "guest.linux-entry" => match LinuxEntry::parse(value) {
                     Some(entry) => options.linux_entry = entry,
                     None => report(Problem::BadValue {
@@ -311,6 +329,23 @@ mod tests {
         assert!(problems.is_empty());
         assert_eq!((options.guest_frames, options.guest_heap_kib), (100, 64));
         assert_eq!(parse("guest.heap=lots").1.len(), 1);
+    }
+
+    #[test]
+    fn vmx_features_can_be_masked() {
+        let (options, problems) = parse("vmx.mask=pml");
+        assert!(problems.is_empty() && options.mask_pml);
+        let (options, problems) = parse("vmx.mask=pml,vpid");
+        assert!(options.mask_pml);
+        assert_eq!(
+            problems,
+            [Problem::BadValue {
+                key: "vmx.mask",
+                value: "vpid",
+                expected: VMX_MASK
+            }]
+        );
+        assert!(!parse("vmx.mask=").0.mask_pml);
     }
 
     #[test]

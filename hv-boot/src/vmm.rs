@@ -242,10 +242,18 @@ pub fn run_guest(
             return exit::BOOT_FAILED;
         }
     };
+    let masked;
+    let guest_caps = if options.mask_pml {
+        info!("vmx: PML masked (vmx.mask=pml): log-dirty by write protection");
+        masked = caps.without_pml();
+        &masked
+    } else {
+        caps
+    };
     let ram_frames = options.guest_memory_mib * 256;
     quota::limit(ram_frames + options.guest_frames);
     let heap_before = crate::heap::limit_guest(options.guest_heap_kib as usize * 1024);
-    let status = run_vm(caps, &config, options, &mut platform);
+    let status = run_vm(guest_caps, &config, options, &mut platform);
     let heap_peak = crate::heap::unlimit();
     let frames_peak = quota::unlimit();
     info!(
@@ -375,13 +383,18 @@ fn run_vm(
         return GUEST_STOPPED;
     }
     info!(
-        "vmm: guest of {} MiB ({} frames), {} vCPU(s), {}, altp2m mode {:?}, boot views {:?}, command line '{}', {} module(s)",
+        "vmm: guest of {} MiB ({} frames), {} vCPU(s), {}, altp2m mode {:?}, boot views {:?}, log-dirty by {}, command line '{}', {} module(s)",
         options.guest_memory_mib,
         vm.ram_frames(),
         vm.vcpus(),
         vm.entry,
         options.altp2m_mode,
         options.boot_views,
+        if vm.features.pml {
+            "PML"
+        } else {
+            "write protection"
+        },
         config.cmdline,
         config.modules.len()
     );

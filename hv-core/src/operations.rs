@@ -247,49 +247,21 @@ pub fn gfn_range(first: u64, pages: u64, max: u64) -> Result<(Gfn, Gfn), i64> {
     Ok((Gfn(first), Gfn(last)))
 }
 
-/// Puts `pages` pages from `first` under log-dirty tracking (host and views).
-pub fn logdirty_start(
+/// Starts (`on`) or ends log-dirty tracking of `pages` pages from `first`,
+/// in the host and every view.
+pub fn logdirty_track(
     vm: &mut Vm,
     platform: &mut impl Platform,
     first: u64,
     pages: u64,
-) -> Result<(), i64> {
-    logdirty_change(
-        vm,
-        platform,
-        first,
-        pages,
-        P2mType::RamRw,
-        P2mType::RamLogdirty,
-    )
-}
-
-/// Ends log-dirty tracking of `pages` pages from `first`.
-pub fn logdirty_stop(
-    vm: &mut Vm,
-    platform: &mut impl Platform,
-    first: u64,
-    pages: u64,
-) -> Result<(), i64> {
-    logdirty_change(
-        vm,
-        platform,
-        first,
-        pages,
-        P2mType::RamLogdirty,
-        P2mType::RamRw,
-    )
-}
-
-fn logdirty_change(
-    vm: &mut Vm,
-    platform: &mut impl Platform,
-    first: u64,
-    pages: u64,
-    from: P2mType,
-    to: P2mType,
+    on: bool,
 ) -> Result<(), i64> {
     let (first, last) = gfn_range(first, pages, TRACK_MAX)?;
+    let (from, to) = if on {
+        (P2mType::RamRw, P2mType::RamLogdirty)
+    } else {
+        (P2mType::RamLogdirty, P2mType::RamRw)
+    };
     vm.altp2m
         .host_change_type_range(platform, &mut vm.p2m, first, last, from, to)
         .map_err(errno)

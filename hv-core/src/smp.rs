@@ -13,9 +13,9 @@
 //!   announces "in guest" and then reads the epoch; if the epoch moved since
 //!   its last flush, it flushes all its cached translations (all-context
 //!   INVEPT) and records the epoch before entering. After every VM exit it
-//!   calls [`Coherence::exit`] (or [`Coherence::kicked`] on a kick's NMI
-//!   exit, which flushes, records the epoch and says which view the vCPU is
-//!   on at that moment).
+//!   calls [`Coherence::exit`], which says which view the vCPU was on;
+//!   an NMI exit asks [`Coherence::take_kick`] whether the NMI was a kick
+//!   (then it is not the guest's); the next entry flushes.
 //!
 //! Why no CPU can use a stale translation once `shootdown` returns: the
 //! initiator's epoch bump and the vCPU's "in guest" store are each

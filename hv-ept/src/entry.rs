@@ -22,7 +22,7 @@
 use bitflags::bitflags;
 
 use crate::addr::Mfn;
-use crate::types::{P2mAccess, P2mType, Rights};
+use crate::types::{LogMode, P2mAccess, P2mType, Rights};
 
 bitflags! {
     /// Single-bit fields of an EPT entry. Multi-bit fields (memory type,
@@ -185,6 +185,58 @@ impl EptEntry {
         EptEntry(raw | sve_bit).with_type_derived()
     }
 
+    /// [`EptEntry::leaf`] for a p2m whose log-dirty pages are noticed by
+    /// `mode` (see [`EptEntry::with_type_derived_in`]).
+    pub fn leaf_in(
+        mfn: Mfn,
+        level: u8,
+        ty: P2mType,
+        access: P2mAccess,
+        sve: bool,
+        mode: LogMode,
+    ) -> EptEntry {
+        let e = EptEntry::leaf(mfn, level, ty, access, sve);
+        if ty.is_present() {
+            e.with_type_derived_in(mode)
+        } else {
+            e
+        }
+    }
+
+    /// [`EptEntry::with_type_derived`] in a p2m whose log-dirty pages are
+    /// noticed by `mode`. Under PML the EPT dirty flag is the log-dirty
+    /// state: a `ram_logdirty` leaf gets it clear (a 4K one is writable, see
+    /// [`P2mType::rights_in`]; the CPU sets the flag and logs the page on its
+    /// first write), every other type gets accessed and dirty preset, so
+    /// the CPU never logs its pages. A leaf at level 0 never has bit 7 set
+    /// here, so it tells a superpage from a 4K page. For a present type only.
+    pub fn with_type_derived_in(self, mode: LogMode) -> EptEntry {
+        let e = self.with_type_derived();
+        if mode == LogMode::WriteProtect {
+            return e;
+        }
+        let ty = e.p2m_type();
+        let superpage = e.0 & EptFlags::SUPERPAGE.bits() != 0;
+        let rights = ty.rights_in(e.access(), mode, superpage).bits() as u64;
+        let raw = (e.0 & !(Rights::all().bits() as u64)) | rights;
+        let ad = (EptFlags::ACCESSED | EptFlags::DIRTY).bits();
+        if ty == P2mType::RamLogdirty {
+            EptEntry(raw & !EptFlags::DIRTY.bits())
+        } else {
+            EptEntry(raw | ad)
+        }
+    }
+
+    /// The CPU set the dirty flag (EPT A/D on): a write went through it.
+    pub const fn is_dirty(self) -> bool {
+        self.0 & EptFlags::DIRTY.bits() != 0
+    }
+
+    /// The entry with its dirty flag cleared.
+    pub const fn without_dirty(self) -> EptEntry {
+        EptEntry(self.0 & !EptFlags::DIRTY.bits())
+    }
+
     /// R/W/X, EMT and iPAT recomputed from the stored type and access; the mark
     /// cleared. Everything else (frame, superpage, A/D, suppress #VE) is kept.
     pub fn with_type_derived(self) -> EptEntry {
@@ -310,6 +362,52 @@ mod tests {
         assert!(!scoped.marked_table(false).is_scoped_table());
         assert!(!t.is_scoped_table(), "an unmarked table is not scoped");
         assert_eq!(scoped.unmarked_table(), t);
+    }
+
+    #[test]
+    fn under_pml_the_dirty_flag_is_the_log_dirty_state() {
+        let pml = LogMode::Pml;
+        let ld = EptEntry::leaf_in(Mfn(5), 0, P2mType::RamLogdirty, P2mAccess::Rwx, true, pml);
+        assert_eq!(
+            ld.rights(),
+            Rights::all(),
+            "a 4K log-dirty page is writable"
+        );
+        assert!(!ld.is_dirty());
+        let big = EptEntry::leaf_in(Mfn(512), 1, P2mType::RamLogdirty, P2mAccess::Rwx, true, pml);
+        assert_eq!(big.rights(), Rights::R | Rights::X, "a superpage is not");
+        let rw = EptEntry::leaf_in(Mfn(5), 0, P2mType::RamRw, P2mAccess::Rwx, true, pml);
+        assert!(
+            rw.is_dirty() && rw.flags().contains(EptFlags::ACCESSED),
+            "preset"
+        );
+        // Recomputing a written log-dirty page clears its flag; a page that
+        // becomes log-dirty starts clean.
+        let written = EptEntry(ld.0 | EptFlags::DIRTY.bits());
+        assert!(!written.marked().with_type_derived_in(pml).is_dirty());
+        assert!(
+            !rw.with_type(P2mType::RamLogdirty)
+                .with_type_derived_in(pml)
+                .is_dirty()
+        );
+        assert_eq!(written.without_dirty(), ld);
+        // Write-protect mode is the plain derivation; holes stay holes.
+        let wp = EptEntry::leaf_in(
+            Mfn(5),
+            0,
+            P2mType::RamLogdirty,
+            P2mAccess::Rwx,
+            true,
+            LogMode::WriteProtect,
+        );
+        assert_eq!(
+            wp,
+            EptEntry::leaf(Mfn(5), 0, P2mType::RamLogdirty, P2mAccess::Rwx, true)
+        );
+        assert_eq!(
+            EptEntry::leaf_in(Mfn(7), 0, P2mType::Invalid, P2mAccess::Rwx, true, pml),
+            EptEntry::EMPTY
+        );
     }
 
     #[test]

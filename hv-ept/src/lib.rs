@@ -3,8 +3,11 @@
 //! 4K/2M/1G leaves. It changes the type of large ranges lazily, through EPT
 //! misconfigurations resolved on fault (`change_type_range`,
 //! `resolve_misconfig`), keeps per-p2m log-dirty state and the guest's dirty
-//! log, tracks when an INVEPT is needed, and carries a model of the CPU's EPT
-//! walk (`walk::translate`) to test all of it the way hardware uses it.
+//! log (writes noticed by write protection, or by page-modification logging
+//! through the EPT dirty flags: [`LogMode`]), tracks when an INVEPT is
+//! needed, and carries a model of the CPU's EPT walk (`walk::translate`,
+//! with PML `walk::translate_logged`) to test all of it the way hardware
+//! uses it.
 //!
 //! Semantics: `shared/design/p2m-and-altp2m.md`. Vocabulary follows Xen's
 //! p2m-ept.c (`set_entry`, `get_entry`, `max_mapped_pfn`, `resolve_misconfig`,
@@ -39,11 +42,11 @@ pub mod walk;
 pub use addr::{ENTRIES, Gfn, Mfn, Order, aligned_blocks};
 pub use caps::EptCaps;
 pub use entry::{ADDR_MASK, EMT_MARK, EMT_UC, EMT_WB, EptEntry, EptFlags};
-pub use logdirty::{Coverage, DirtyBitmap, LogDirtyRanges, WriteFault};
+pub use logdirty::{Coverage, DirtyBitmap, LogDirtyRanges, Rearm, WriteFault};
 pub use memory::EptMemory;
 pub use p2m::{EntryInfo, Leaf, P2m, StoredLeaf};
 pub use recalc::{check_type_change, check_type_range};
-pub use types::{P2mAccess, P2mType, Rights};
+pub use types::{LogMode, P2mAccess, P2mType, Rights};
 
 /// Why a p2m operation was refused. Every refusal leaves the p2m unchanged.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

@@ -28,14 +28,23 @@
 //! leaves for the next clean, even when the fault happened between arm and
 //! fetch and made the page writable again. Clearing a bit while its page can
 //! still be written without a fault never happens.
+//!
+//! Under PML ([`LogMode::Pml`]) the same two halves hold with the dirty flag
+//! in place of the write protection: a 4K `ram_logdirty` page is writable,
+//! and its flag set means its write was logged (the CPU logs the address in
+//! a PML buffer as it sets the flag; the buffer is drained into the bitmap).
+//! The re-arm clears the flags of the pages set aside ([`P2m::rearm_page`]),
+//! and the INVEPT comes before the fetch: a write through a translation
+//! cached dirty logs nothing, but its page is the one this clean hands over.
+//! A page the CPU logs after the INVEPT goes to the live plane.
 
 use alloc::vec::Vec;
 
 use crate::Error;
-use crate::addr::{Gfn, Order, level_base, level_pages};
+use crate::addr::{Gfn, Order, ROOT_LEVEL, index, level_base, level_pages};
 use crate::memory::EptMemory;
-use crate::p2m::P2m;
-use crate::types::P2mType;
+use crate::p2m::{P2m, read, write};
+use crate::types::{LogMode, P2mType};
 
 /// How a log-dirty state covers a gfn range.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -72,6 +81,57 @@ impl LogDirtyRanges {
     /// The ranges, as inclusive `(start, end)` pairs.
     pub fn ranges(&self) -> impl Iterator<Item = (Gfn, Gfn)> + '_ {
         self.ranges.iter().map(|&(s, e)| (Gfn(s), Gfn(e)))
+    }
+
+    /// Number of ranges (merged: no two overlap or touch).
+    pub fn len(&self) -> usize {
+        self.ranges.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
+    /// The tracked parts of `[start, end]`, in order: the ranges that meet
+    /// it, clipped to it (under global log-dirty, the whole of it). Found by
+    /// binary search, so the cost follows the ranges inside the window, not
+    /// those outside.
+    pub fn within(&self, start: Gfn, end: Gfn) -> impl Iterator<Item = (Gfn, Gfn)> + '_ {
+        let (s, e) = (start.0, end.0);
+        let whole = (self.global && s <= e).then_some((start, end));
+        let slice = if self.global {
+            &[][..]
+        } else {
+            self.window(s, e)
+        };
+        whole.into_iter().chain(
+            slice
+                .iter()
+                .map(move |&(rs, re)| (Gfn(rs.max(s)), Gfn(re.min(e)))),
+        )
+    }
+
+    /// How many tracked parts [`LogDirtyRanges::within`] gives, and the
+    /// first and last gfn they cover (`None`: nothing of the window is
+    /// tracked). Two binary searches.
+    pub fn span_within(&self, start: Gfn, end: Gfn) -> Option<(usize, Gfn, Gfn)> {
+        let (s, e) = (start.0, end.0);
+        if self.global {
+            return (s <= e).then_some((1, start, end));
+        }
+        let w = self.window(s, e);
+        let (first, last) = (w.first()?, w.last()?);
+        Some((w.len(), Gfn(first.0.max(s)), Gfn(last.1.min(e))))
+    }
+
+    /// The ranges that meet `[s, e]`.
+    fn window(&self, s: u64, e: u64) -> &[(u64, u64)] {
+        if s > e {
+            return &[];
+        }
+        let i = self.ranges.partition_point(|&(_, re)| re < s);
+        let j = self.ranges.partition_point(|&(rs, _)| rs <= e);
+        &self.ranges[i..j.max(i)]
     }
 
     /// Whether a write to `gfn` must be logged.
@@ -288,8 +348,12 @@ impl DirtyBitmap {
             return Err(Error::BadRange);
         }
         let (lo, hi) = (start.0 >> CHUNK_SHIFT, end.0 >> CHUNK_SHIFT);
-        for ch in self.chunks.iter_mut() {
-            if (lo..=hi).contains(&ch.number) && ch.armed.is_empty() {
+        let first = self.chunks.partition_point(|ch| ch.number < lo);
+        for ch in self.chunks[first..].iter_mut() {
+            if ch.number > hi {
+                break;
+            }
+            if ch.armed.is_empty() {
                 ch.armed = zeroed_words()?;
             }
         }
@@ -301,6 +365,32 @@ impl DirtyBitmap {
             0
         });
         Ok(())
+    }
+
+    /// Calls `f` for every gfn of `[start, end]` set aside by `arm` (in
+    /// order), leaving it set aside: what the re-arm of a clean under PML
+    /// must reach.
+    pub fn for_each_armed(&self, start: Gfn, end: Gfn, mut f: impl FnMut(Gfn)) {
+        let (s, e) = (start.0, end.0);
+        if s > e {
+            return;
+        }
+        let first = self
+            .chunks
+            .partition_point(|ch| ch.number < s >> CHUNK_SHIFT);
+        for ch in &self.chunks[first..] {
+            let chunk_first = ch.number << CHUNK_SHIFT;
+            if chunk_first > e {
+                break;
+            }
+            for (w, &armed) in ch.armed.iter().enumerate() {
+                let word_first = chunk_first + (w as u64) * 64;
+                if armed == 0 || word_first + 63 < s || word_first > e {
+                    continue;
+                }
+                report(armed & word_mask(word_first, s, e), word_first, &mut f);
+            }
+        }
     }
 
     /// The second half of a clean: calls `f` for every gfn of `[start, end]`
@@ -366,14 +456,19 @@ impl DirtyBitmap {
                 if word_last < start || word_first > end {
                     continue;
                 }
-                let lo = start.saturating_sub(word_first).min(64);
-                let hi = (end.min(word_last) - word_first) + 1;
-                let mask = (u64::MAX >> (64 - (hi - lo))) << lo;
-                total += f(live, a, mask, word_first);
+                total += f(live, a, word_mask(word_first, start, end), word_first);
             }
         }
         total
     }
+}
+
+/// The bits of the word whose bit 0 is `word_first` that lie in `[start,
+/// end]` (which must meet the word).
+fn word_mask(word_first: u64, start: u64, end: u64) -> u64 {
+    let lo = start.saturating_sub(word_first).min(64);
+    let hi = (end.min(word_first + 63) - word_first) + 1;
+    (u64::MAX >> (64 - (hi - lo))) << lo
 }
 
 /// One chunk's worth of zeroed words, or `NoMemory`.
@@ -415,6 +510,25 @@ pub enum WriteFault {
     /// (already writable here, another type, or not mapped), so nothing else
     /// changed.
     NotLogdirty,
+    /// Under PML: the `ram_logdirty` superpage holding the gfn was split so
+    /// that its 4K page is writable and the CPU logs its writes (nothing was
+    /// marked: the retried write is logged by PML).
+    Split,
+}
+
+/// What [`P2m::rearm_page`] did.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Rearm {
+    /// Nothing to re-arm here: not mapped, not log-dirty, not written, or a
+    /// pending type change recomputes the mapping anyway.
+    Unchanged,
+    /// The dirty flag of the page's `ram_logdirty` leaf was cleared: its
+    /// next write is logged once the INVEPT this p2m asks for is done.
+    Cleared,
+    /// A `ram_rw` mapping inside a tracked range (the out-of-frames fallback
+    /// of a write fault, or mapped so by the kernel): it writes without
+    /// logging until a type re-arm ([`P2m::rearm_range`]) recomputes it.
+    Writable,
 }
 
 impl P2m {
@@ -440,6 +554,14 @@ impl P2m {
             Gfn(level_base(gfn.0, leaf.level) + level_pages(leaf.level) - 1),
         );
         dirty.reserve(first, last)?;
+        if self.log_mode == LogMode::Pml && leaf.level > 0 {
+            // The 4K page becomes writable, its writes logged by the CPU.
+            match self.set_entry(mem, gfn, mfn, Order::PAGE_4K, info.ty, info.access) {
+                Ok(()) => return Ok(WriteFault::Split),
+                Err(Error::NoMemory) => {} // the coarse fallback below
+                Err(e) => return Err(e),
+            }
+        }
         let fault = match self.set_entry(mem, gfn, mfn, Order::PAGE_4K, P2mType::RamRw, info.access)
         {
             Ok(()) => {
@@ -457,6 +579,68 @@ impl P2m {
             Err(e) => return Err(e),
         };
         Ok(fault)
+    }
+
+    /// Under PML: whether the leaf holding `gfn` is `ram_logdirty` with the
+    /// dirty flag the CPU sets on a write through it: a write to the page
+    /// through this p2m not handed over by a clean yet. Draining a PML
+    /// buffer asks this of every p2m that may have logged an address.
+    pub fn written<M: EptMemory + ?Sized>(&self, mem: &M, gfn: Gfn) -> Result<bool, Error> {
+        let g = gfn.check()?.0;
+        if g > self.max_mapped_pfn().0 {
+            return Ok(false);
+        }
+        let l = self.lookup(mem, g);
+        Ok(l.entry.is_valid()
+            && l.entry.is_leaf(l.level)
+            && l.entry.p2m_type() == P2mType::RamLogdirty
+            && l.entry.is_dirty())
+    }
+
+    /// Under PML, the re-arm of one page a clean hands over: clears the
+    /// dirty flag of its `ram_logdirty` leaf (whatever marks lie above it:
+    /// a scoped one may leave the leaf as it is when resolved), so the
+    /// CPU logs the next write once the INVEPT this p2m then asks for is
+    /// done. One walk, one entry write, no exit for the guest later (a type
+    /// re-arm marks, and costs a misconfiguration exit per leaf table).
+    pub fn rearm_page<M: EptMemory + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        gfn: Gfn,
+    ) -> Result<Rearm, Error> {
+        let g = gfn.check()?.0;
+        if g > self.max_mapped_pfn().0 {
+            return Ok(Rearm::Unchanged);
+        }
+        let mut table = self.root();
+        let mut level = ROOT_LEVEL;
+        let e = loop {
+            let i = index(g, level);
+            let e = read(mem, table, i);
+            if !e.is_valid() {
+                return Ok(Rearm::Unchanged);
+            }
+            if e.is_leaf(level) {
+                if e.p2m_type() == P2mType::RamLogdirty && e.is_dirty() {
+                    write(mem, table, i, e.without_dirty());
+                    self.request_flush();
+                    return Ok(Rearm::Cleared);
+                }
+                break e;
+            }
+            table = e.mfn();
+            level -= 1;
+        };
+        let base = level_base(g, level);
+        let last = base + level_pages(level) - 1;
+        let writable = e.p2m_type() == P2mType::RamRw
+            && self.logdirty.coverage(base, last) != Coverage::Outside
+            && !self.lookup(mem, g).recompute;
+        Ok(if writable {
+            Rearm::Writable
+        } else {
+            Rearm::Unchanged
+        })
     }
 }
 
@@ -513,6 +697,31 @@ mod tests {
         r.remove(40, 49).unwrap(); // splits: one more range
         assert_eq!(r.ranges.len(), 2);
         assert_eq!(r.ranges.capacity(), cap, "no reallocation after reserve");
+    }
+
+    #[test]
+    fn within_finds_the_ranges_of_a_window_clipped() {
+        let mut r = LogDirtyRanges::new();
+        for k in 0..1000u64 {
+            r.add(10 * k, 10 * k + 2).unwrap();
+        }
+        assert_eq!(r.len(), 1000);
+        let w = |r: &LogDirtyRanges, s, e| -> Vec<(u64, u64)> {
+            r.within(Gfn(s), Gfn(e)).map(|(a, b)| (a.0, b.0)).collect()
+        };
+        assert_eq!(w(&r, 21, 41), [(21, 22), (30, 32), (40, 41)]);
+        assert_eq!(w(&r, 3, 9), []);
+        assert_eq!(w(&r, 9999, 20000), []);
+        assert_eq!(w(&r, 9990, 20000), [(9990, 9992)]);
+        assert_eq!(w(&r, 5, 4), []);
+        assert_eq!(r.span_within(Gfn(21), Gfn(41)), Some((3, Gfn(21), Gfn(41))));
+        assert_eq!(r.span_within(Gfn(3), Gfn(9)), None);
+        // Adjacent adds merge: one range, however many calls made it.
+        r.add(3, 9).unwrap();
+        assert_eq!(w(&r, 0, 12), [(0, 12)]);
+        assert_eq!(r.len(), 999);
+        r.set_global(true);
+        assert_eq!(w(&r, 3, 4), [(3, 4)], "global: the whole window");
     }
 
     #[test]
@@ -601,5 +810,26 @@ mod tests {
         assert_eq!(got, [5, 11, 12, 13]);
         assert_eq!(d.dirty_count(), 1);
         assert_eq!(d.arm(Gfn(3), Gfn(2)), Err(Error::BadRange));
+    }
+
+    #[test]
+    fn for_each_armed_reads_the_set_aside_bits_of_a_window() {
+        let mut d = DirtyBitmap::new();
+        for g in [3, 64, 65, 200, 1 << 20, (1 << 20) + 5] {
+            d.mark(Gfn(g)).unwrap();
+        }
+        d.arm(Gfn(0), Gfn(199)).unwrap();
+        d.arm(Gfn(1 << 20), Gfn(1 << 20)).unwrap();
+        let mut got = vec![];
+        d.for_each_armed(Gfn(0), Gfn::MAX, |g| got.push(g.0));
+        assert_eq!(got, [3, 64, 65, 1 << 20]);
+        got.clear();
+        d.for_each_armed(Gfn(4), Gfn(64), |g| got.push(g.0));
+        assert_eq!(got, [64]);
+        got.clear();
+        d.for_each_armed(Gfn(9), Gfn(8), |g| got.push(g.0));
+        assert!(got.is_empty());
+        assert!(d.is_armed(Gfn(64)), "still set aside");
+        assert_eq!(d.dirty_count(), 6);
     }
 }

@@ -14,7 +14,7 @@ use crate::entry::{EMT_WB, EptEntry};
 use crate::logdirty::LogDirtyRanges;
 use crate::memory::EptMemory;
 use crate::scope::Scopes;
-use crate::types::{P2mAccess, P2mType};
+use crate::types::{LogMode, P2mAccess, P2mType, Rights};
 
 /// One guest-physical to machine map kept as an EPT tree: the host p2m or an
 /// altp2m view. Not synchronized: callers serialize changes (the p2m lock);
@@ -27,6 +27,7 @@ pub struct P2m {
     max_mapped_pfn: Gfn,
     flush_needed: bool,
     ad_enabled: bool,
+    pub(crate) log_mode: LogMode,
     pub(crate) logdirty: LogDirtyRanges,
     /// The ranges of scoped marks (see `scope.rs`).
     pub(crate) scopes: Scopes,
@@ -221,6 +222,7 @@ impl P2m {
             max_mapped_pfn: Gfn(0),
             flush_needed: false,
             ad_enabled: false,
+            log_mode: LogMode::WriteProtect,
             logdirty: LogDirtyRanges::new(),
             scopes: Scopes::new(),
         })
@@ -242,13 +244,46 @@ impl P2m {
         self.root.hpa() | EMT_WB as u64 | (3 << 3) | (self.ad_enabled as u64) << 6
     }
 
-    /// Turns EPT accessed/dirty flags on or off in [`P2m::eptp`].
+    /// Turns EPT accessed/dirty flags on or off in [`P2m::eptp`]. Not off
+    /// while PML notices the log-dirty writes ([`P2m::set_log_mode`]).
     pub fn set_ad_enabled(&mut self, on: bool) -> Result<(), Error> {
         if on && !self.caps.ad_flags {
             return Err(Error::Unsupported);
         }
+        if !on && self.log_mode == LogMode::Pml {
+            return Err(Error::Unsupported);
+        }
         self.ad_enabled = on;
         Ok(())
+    }
+
+    /// How writes to `ram_logdirty` pages are noticed: write protection
+    /// (the default) or PML, which needs A/D flags on. Set it on an empty
+    /// p2m: leaves are encoded for the mode (refused with `Unsupported`
+    /// otherwise).
+    pub fn set_log_mode<M: EptMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        mode: LogMode,
+    ) -> Result<(), Error> {
+        if mode == LogMode::Pml && !self.ad_enabled {
+            return Err(Error::Unsupported);
+        }
+        if mode != self.log_mode && (0..ENTRIES).any(|i| read(mem, self.root, i).is_valid()) {
+            return Err(Error::Unsupported);
+        }
+        self.log_mode = mode;
+        Ok(())
+    }
+
+    pub fn log_mode(&self) -> LogMode {
+        self.log_mode
+    }
+
+    /// The rights the CPU gets from a leaf of `ty` under `access` mapping
+    /// `order` in this p2m (see [`P2mType::rights_in`]).
+    pub fn rights(&self, ty: P2mType, access: P2mAccess, order: Order) -> Rights {
+        ty.rights_in(access, self.log_mode, order != Order::PAGE_4K)
     }
 
     /// The grow-only bound: no present entry lies above it.
@@ -467,7 +502,7 @@ impl P2m {
         let old = read(mem, table, i);
         let subtree = old.is_valid() && !old.is_leaf(target);
         let sve = sve.unwrap_or(subtree || old.suppress_ve());
-        let new = EptEntry::leaf(mfn, target, ty, access, sve);
+        let new = EptEntry::leaf_in(mfn, target, ty, access, sve, self.log_mode);
         write(mem, table, i, new);
         if subtree {
             free_subtree(mem, old.mfn(), target - 1);
@@ -568,6 +603,9 @@ impl P2m {
             let mut c = e.split_child(level, i);
             if e.is_marked() {
                 c = self.pushed_exact(c, level - 1, base + i as u64 * child_pages);
+            } else if self.log_mode == LogMode::Pml {
+                // A log-dirty page becomes writable once it is 4K.
+                c = c.with_type_derived_in(self.log_mode);
             }
             write(mem, t, i, c);
         }
@@ -763,6 +801,11 @@ fn reduces(old: EptEntry, new: EptEntry, level: u8) -> bool {
         return true;
     }
     if !old.rights().difference(new.rights()).is_empty() {
+        return true;
+    }
+    // With A/D on, a translation cached as dirty writes without setting the
+    // flag again: under PML such a write would not be logged.
+    if old.is_dirty() && !new.is_dirty() {
         return true;
     }
     // A marked entry cannot be cached, and marking already asked for a flush.

@@ -53,11 +53,36 @@ impl P2m {
         } else {
             self.logdirty.remove(s, e)?;
         }
+        self.mark_for_recalc(mem, s, e);
+        Ok(())
+    }
+
+    /// Marks `[start, end]` so that every `ram_rw`/`ram_logdirty` mapping
+    /// there is recomputed from this p2m's log-dirty state, which stays as
+    /// it is: the re-arm of a clean, over a window that may hold many
+    /// tracked ranges and the gaps between them (pages in the gaps stay
+    /// `ram_rw`). Clipped to `max_mapped_pfn` inclusively; the same
+    /// marking, at most 2 entry writes per level per end, as
+    /// [`P2m::change_type_range`].
+    pub fn rearm_range<M: EptMemory + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        start: Gfn,
+        end: Gfn,
+    ) -> Result<(), Error> {
+        let (s, e) = (start.check()?.0, end.check()?.0);
+        if s > e {
+            return Err(Error::BadRange);
+        }
+        self.mark_for_recalc(mem, s, e);
+        Ok(())
+    }
+
+    fn mark_for_recalc<M: EptMemory + ?Sized>(&mut self, mem: &mut M, s: u64, e: u64) {
         let e = e.min(self.max_mapped_pfn().0);
         if s <= e && self.mark_range(mem, self.root(), ROOT_LEVEL, 0, (s, e), true) > 0 {
             self.request_flush();
         }
-        Ok(())
     }
 
     /// Turns global log-dirty on (`RamRw` -> `RamLogdirty`) or off, and marks
@@ -298,7 +323,7 @@ impl P2m {
             return c.marked_table(false);
         }
         match self.logdirty.recalc_type(c.p2m_type(), base, last) {
-            Some(ty) => c.with_type(ty).with_type_derived(),
+            Some(ty) => c.with_type(ty).with_type_derived_in(self.log_mode),
             None => c.marked(),
         }
     }

@@ -16,6 +16,22 @@ bitflags! {
     }
 }
 
+/// How a p2m notices writes to `ram_logdirty` pages.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, Hash)]
+pub enum LogMode {
+    /// The page is write-protected: its first write faults (an EPT
+    /// violation), and the handler logs it and makes the page writable.
+    #[default]
+    WriteProtect,
+    /// Page-modification logging: a 4K `ram_logdirty` page is writable with
+    /// its EPT dirty flag clear; the CPU sets the flag on the first write
+    /// and logs the page's address in the vCPU's PML buffer, without an
+    /// exit. A `ram_logdirty` superpage stays write-protected: its first
+    /// write faults and splits it, so that every 4K page logs its own
+    /// writes. Needs EPT accessed/dirty flags.
+    Pml,
+}
+
 /// What a gfn is. Stored in software bits 52-54 of a leaf.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
 #[repr(u8)]
@@ -78,6 +94,18 @@ impl P2mType {
             P2mType::RamRo | P2mType::RamLogdirty => Rights::R | Rights::X,
         };
         by_type & access.allowed()
+    }
+
+    /// The rights of a leaf of this type under `access` in a p2m whose
+    /// log-dirty pages are noticed by `mode` (`superpage`: a 2M/1G leaf).
+    /// Only a 4K `ram_logdirty` leaf under PML differs from
+    /// [`P2mType::rights`]: it is writable like `ram_rw`.
+    pub fn rights_in(self, access: P2mAccess, mode: LogMode, superpage: bool) -> Rights {
+        if self == P2mType::RamLogdirty && mode == LogMode::Pml && !superpage {
+            P2mType::RamRw.rights(access)
+        } else {
+            self.rights(access)
+        }
     }
 
     /// EPT memory type and iPAT. WB for RAM, UC for direct MMIO; iPAT stays
@@ -194,6 +222,38 @@ mod tests {
             Rights::R | Rights::X
         );
         assert!(P2mType::RamRw.rights(P2mAccess::N2rwx).is_empty());
+    }
+
+    #[test]
+    fn only_a_4k_logdirty_page_under_pml_is_writable_by_type() {
+        for a in P2mAccess::ALL {
+            for ty in TYPES {
+                for superpage in [false, true] {
+                    let got = ty.rights_in(a, LogMode::Pml, superpage);
+                    let want = if ty == P2mType::RamLogdirty && !superpage {
+                        P2mType::RamRw.rights(a)
+                    } else {
+                        ty.rights(a)
+                    };
+                    assert_eq!(got, want, "{ty:?} {a:?} superpage {superpage}");
+                    assert_eq!(
+                        ty.rights_in(a, LogMode::WriteProtect, superpage),
+                        ty.rights(a)
+                    );
+                }
+            }
+        }
+        assert!(
+            P2mType::RamLogdirty
+                .rights_in(P2mAccess::Rwx, LogMode::Pml, false)
+                .contains(Rights::W)
+        );
+        assert!(
+            !P2mType::RamLogdirty
+                .rights_in(P2mAccess::Rx, LogMode::Pml, false)
+                .contains(Rights::W),
+            "access still takes rights away"
+        );
     }
 
     #[test]

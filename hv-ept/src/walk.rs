@@ -7,7 +7,8 @@
 //!   entries are checked top-down, a non-present entry is a violation, a
 //!   misconfigured one a misconfiguration, and permissions (the AND of every
 //!   level) are checked only once the leaf is reached;
-//! - §29.3.4 "Accessed and Dirty Flags for EPT";
+//! - §29.3.4 "Accessed and Dirty Flags for EPT", §29.3.6 "Page-Modification
+//!   Logging" (the PML buffer and index, the log-full VM exit);
 //! - "Exit Qualification for EPT Violations" (table in §28.2.1, VM exits);
 //! - §26.5.7.1 "Convertible EPT Violations" for which suppress-#VE bit counts;
 //! - §25.6.11 "Extended-Page-Table Pointer (EPTP)" and the VM-entry checks on it.
@@ -134,6 +135,23 @@ pub enum EptFault {
     /// The guest-physical address needs more than the 48 bits a 4-level walk
     /// translates; outside this model.
     AddressTooWide,
+    /// The write had to log its page but the PML index was out of range
+    /// (a page-modification log-full VM exit): no flag was set, the write
+    /// did not happen.
+    PmlFull,
+}
+
+/// Entries of a PML buffer (one 4 KiB frame of u64 guest-physical
+/// addresses).
+pub const PML_ENTRIES: u16 = 512;
+
+/// A vCPU's page-modification log as the CPU uses it: the buffer frame
+/// (VMCS PML address) and the index of the next entry to write (VMCS guest
+/// PML index; 511 when empty, counting down, out of range when full).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct PmlLog {
+    pub buffer: Mfn,
+    pub index: u16,
 }
 
 /// A successful translation.
@@ -159,6 +177,33 @@ pub fn translate<M: EptMemory + ?Sized>(
     eptp: u64,
     gpa: u64,
     access: Access,
+) -> Result<Translation, EptFault> {
+    walk(mem, caps, eptp, gpa, access, None)
+}
+
+/// [`translate`] with page-modification logging on: a write that sets the
+/// dirty flag of the leaf (A/D on in the EPTP) first logs the 4 KiB-aligned
+/// `gpa` at `pml.index` of the buffer and decrements the index; with the
+/// index out of range it stops with [`EptFault::PmlFull`] instead. Writes
+/// that find the flag set log nothing.
+pub fn translate_logged<M: EptMemory + ?Sized>(
+    mem: &mut M,
+    caps: &EptCaps,
+    eptp: u64,
+    gpa: u64,
+    access: Access,
+    pml: &mut PmlLog,
+) -> Result<Translation, EptFault> {
+    walk(mem, caps, eptp, gpa, access, Some(pml))
+}
+
+fn walk<M: EptMemory + ?Sized>(
+    mem: &mut M,
+    caps: &EptCaps,
+    eptp: u64,
+    gpa: u64,
+    access: Access,
+    pml: Option<&mut PmlLog>,
 ) -> Result<Translation, EptFault> {
     if !eptp_valid(caps, eptp) {
         return Err(EptFault::InvalidEptp);
@@ -204,6 +249,17 @@ pub fn translate<M: EptMemory + ?Sized>(
         return Err(violation(access, ad, rights, gpa, level, leaf));
     }
     let writes = needed.contains(Rights::W);
+    if let Some(pml) = pml
+        && ad
+        && writes
+        && !leaf.is_dirty()
+    {
+        if pml.index >= PML_ENTRIES {
+            return Err(EptFault::PmlFull);
+        }
+        mem.write_entry(pml.buffer, pml.index as usize, gpa & !0xfff);
+        pml.index = pml.index.wrapping_sub(1);
+    }
     if ad {
         for lv in level..=ROOT_LEVEL {
             let (t, i) = used[lv as usize];
@@ -613,6 +669,49 @@ mod tests {
                 | ViolationQual::LINEAR_VALID
         );
         assert!(t.go(&caps, 0x1000, ps).is_ok());
+    }
+
+    #[test]
+    fn pml_logs_the_writes_that_set_a_dirty_flag() {
+        let caps = EptCaps::ALL;
+        let mut t = Tree::new();
+        t.set(0, 0, 0x5000 | RWX | WB);
+        t.set(0, 1, 0x6000 | RWX | WB | 1 << 9); // dirty already
+        t.set(1, 1, 0x4000_0000 | RWX | SP | WB); // a 2M page
+        let eptp = t.eptp() | 1 << 6;
+        let buffer = t.mem.alloc_frame().unwrap();
+        let mut pml = PmlLog { buffer, index: 1 };
+        let go = |t: &mut Tree, pml: &mut PmlLog, gpa, a| {
+            translate_logged(&mut t.mem, &caps, eptp, gpa, a, pml)
+        };
+        go(&mut t, &mut pml, 0x123, Access::read()).unwrap();
+        go(&mut t, &mut pml, 0x1234, Access::write()).unwrap();
+        assert_eq!(pml.index, 1, "reads and writes to dirty pages log nothing");
+        go(&mut t, &mut pml, 0x20_5678, Access::write()).unwrap();
+        assert_eq!(
+            t.mem.read_entry(buffer, 1),
+            0x20_5000,
+            "the 4K page, not the 2M one"
+        );
+        go(&mut t, &mut pml, 0x20_9000, Access::write()).unwrap();
+        assert_eq!(pml.index, 0, "the 2M page is dirty now: nothing more");
+        go(&mut t, &mut pml, 0x88, Access::write()).unwrap();
+        assert_eq!((t.mem.read_entry(buffer, 0), pml.index), (0, u16::MAX));
+        // Full: the next logging write exits and changes nothing.
+        t.set(0, 2, 0x7000 | RWX | WB);
+        assert_eq!(
+            go(&mut t, &mut pml, 0x2000, Access::write()),
+            Err(EptFault::PmlFull)
+        );
+        assert_eq!(t.mem.read_entry(t.t[0], 2) & (3 << 8), 0);
+        pml.index = 511;
+        go(&mut t, &mut pml, 0x2000, Access::write()).unwrap();
+        assert_eq!((t.mem.read_entry(buffer, 511), pml.index), (0x2000, 510));
+        // Without A/D in the EPTP there are no dirty flags to set: no log.
+        t.set(0, 3, 0x8000 | RWX | WB);
+        let plain = t.eptp();
+        translate_logged(&mut t.mem, &caps, plain, 0x3000, Access::write(), &mut pml).unwrap();
+        assert_eq!(pml.index, 510);
     }
 
     #[test]

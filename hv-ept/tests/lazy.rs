@@ -124,7 +124,8 @@ fn the_one_page_range_at_the_bound_is_marked() {
         exits,
         Exits {
             misconfigs: 1,
-            logdirty_faults: 1
+            logdirty_faults: 1,
+            pml_full: 0,
         }
     );
     assert!(dirty.is_dirty(Gfn(0x1234)));
@@ -574,7 +575,8 @@ fn seed_scenario_change_type_before_and_after_lazy_copies() {
         exits,
         Exits {
             misconfigs: 1,
-            logdirty_faults: 1
+            logdirty_faults: 1,
+            pml_full: 0,
         }
     );
     assert!(dirty.is_dirty(Gfn(g)));

@@ -21,6 +21,15 @@
 //! at most 2 entry writes per level per end of the range. An access takes at
 //! most one misconfiguration exit.
 //!
+//! Each case runs in one of the two log modes. Under PML the accesses walk
+//! with page-modification logging and the buffer is drained after each (as
+//! the hypervisor does on every exit): a logged write leaves the page
+//! `ram_logdirty`, and a clean re-arms the pages it hands over one by one
+//! (`rearm_page`, a type re-arm only where a page is `ram_rw` inside a
+//! tracked range). Both modes must log exactly the writes to log-dirty
+//! pages, and under PML a log-dirty leaf with its dirty flag set is always
+//! one whose page is in the bitmap.
+//!
 //! CI runs a bounded number of cases; `PROPTEST_CASES=N` runs more.
 
 mod common;
@@ -30,9 +39,10 @@ use std::ops::ControlFlow;
 
 use common::*;
 use hv_ept::sim::SimMemory;
-use hv_ept::walk::{AccessKind, EptFault};
+use hv_ept::walk::{AccessKind, EptFault, PmlLog};
 use hv_ept::{
-    DirtyBitmap, EMT_MARK, EptEntry, Error, Gfn, Mfn, Order, P2m, P2mAccess, P2mType, Rights,
+    DirtyBitmap, EMT_MARK, EptEntry, EptFlags, Error, Gfn, LogMode, Mfn, Order, P2m, P2mAccess,
+    P2mType, Rearm, Rights,
 };
 use proptest::prelude::*;
 
@@ -195,11 +205,24 @@ struct World {
     p2m: P2m,
     dirty: DirtyBitmap,
     r: Ref,
+    /// The vCPU's PML buffer, under PML.
+    pml: Option<PmlLog>,
 }
 
 impl World {
+    fn mode(&self) -> LogMode {
+        self.p2m.log_mode()
+    }
+
     fn apply(&mut self, op: &Op) {
-        let World { mem, p2m, dirty, r } = self;
+        let mode = self.mode();
+        let World {
+            mem,
+            p2m,
+            dirty,
+            r,
+            pml,
+        } = self;
         match *op {
             Op::Set {
                 at,
@@ -299,17 +322,30 @@ impl World {
             Op::Access { at, kind } => {
                 let g = gfn_of(at);
                 let i = at as usize;
-                let (res, exits) = guest_access(mem, p2m, dirty, g, kind);
+                let (res, exits) = guest_access_logged(mem, p2m, dirty, pml.as_mut(), g, kind);
                 assert!(exits.misconfigs <= 1, "{exits:?} for one access");
                 let expect = r.map[i].map(|(mfn, ty, access)| {
+                    // Under PML a logged write leaves the page log-dirty
+                    // (and 4K: writable). Where the access denies the
+                    // write, the helper calls the fault handler anyway,
+                    // which logs it the write-protect way.
                     let ty = if kind == AccessKind::Write && ty == P2mType::RamLogdirty {
                         r.dirty.insert(g);
-                        r.map[i] = Some((mfn, P2mType::RamRw, access));
-                        P2mType::RamRw
+                        if mode == LogMode::WriteProtect
+                            || !P2mType::RamRw.rights(access).contains(Rights::W)
+                        {
+                            r.map[i] = Some((mfn, P2mType::RamRw, access));
+                            P2mType::RamRw
+                        } else {
+                            ty
+                        }
                     } else {
                         ty
                     };
-                    (mfn, ty.rights(access).contains(needed(kind)))
+                    (
+                        mfn,
+                        ty.rights_in(access, mode, false).contains(needed(kind)),
+                    )
                 });
                 match (expect, res) {
                     (Some((mfn, true)), Ok(t)) => assert_eq!(t.hpa >> 12, mfn, "gfn {g:#x}"),
@@ -334,6 +370,30 @@ impl World {
                     res.unwrap();
                 }
                 mem.clear_failure();
+            }
+            Op::Clean { a, b } if mode == LogMode::Pml => {
+                let (s, e) = (gfn_of(a.min(b)), gfn_of(a.max(b)));
+                dirty.arm(Gfn(s), Gfn(e)).unwrap();
+                let want: BTreeSet<u64> = r.dirty.range(s..=e).copied().collect();
+                let mut armed = Vec::new();
+                dirty.for_each_armed(Gfn(s), Gfn(e), |g| armed.push(g.0));
+                assert_eq!(armed.iter().copied().collect::<BTreeSet<_>>(), want);
+                for g in armed {
+                    if p2m.rearm_page(mem, Gfn(g)).unwrap() == Rearm::Writable {
+                        let l = p2m.stored_leaf(mem, Gfn(g)).unwrap().unwrap();
+                        p2m.rearm_range(mem, Gfn(g), Gfn(g)).unwrap();
+                        let last = l.gfn.0 + l.order.pages() - 1;
+                        for i in Ref::indices(l.gfn.0, last) {
+                            r.recompute(i);
+                        }
+                    }
+                }
+                let mut got = BTreeSet::new();
+                dirty.fetch_armed(Gfn(s), Gfn(e), |g| {
+                    got.insert(g.0);
+                });
+                assert_eq!(got, want, "clean of {s:#x}-{e:#x}");
+                r.dirty.retain(|g| !(s..=e).contains(g));
             }
             Op::Clean { a, b } => {
                 let (s, e) = (gfn_of(a.min(b)), gfn_of(a.max(b)));
@@ -363,7 +423,14 @@ impl World {
 
     /// Everything that must hold after every step.
     fn check(&mut self, probes: &[u64]) {
-        let World { mem, p2m, dirty, r } = self;
+        let mode = self.mode();
+        let World {
+            mem,
+            p2m,
+            dirty,
+            r,
+            pml,
+        } = self;
         // Straight from the tables: no present entry above the bound, marks
         // carry the invalid memory type, every outstanding frame is a table
         // of this p2m (no leak).
@@ -386,10 +453,27 @@ impl World {
             }
         });
         assert_eq!(
-            tables,
+            tables + pml.is_some() as usize,
             mem.outstanding(),
             "frames not reachable from the root"
         );
+        if mode == LogMode::Pml {
+            // The dirty flag is the log-dirty state: set on a log-dirty leaf
+            // only once its page was logged, preset everywhere else.
+            for (first, level, raw) in raw_leaves(mem, p2m) {
+                let e = EptEntry(raw);
+                if e.p2m_type() == P2mType::RamLogdirty {
+                    if e.is_dirty() {
+                        assert!(dirty.is_dirty(Gfn(first)), "{first:#x} dirty, not logged");
+                    }
+                    let rights = P2mType::RamLogdirty.rights_in(e.access(), mode, level > 0);
+                    assert!(e.is_marked() || e.rights() == rights, "{first:#x}: {e:?}");
+                } else {
+                    let ad = EptFlags::ACCESSED | EptFlags::DIRTY;
+                    assert!(e.flags().contains(ad), "{first:#x}: {e:?} not preset");
+                }
+            }
+        }
         // Every scoped mark has its ranges, and no range outlives its mark.
         assert_eq!(p2m.scoped_entries(), scoped_marks(mem, p2m));
 
@@ -430,7 +514,8 @@ impl World {
                     (Ok(t), Some((mfn, ty, access))) => {
                         assert_eq!(t.hpa >> 12, mfn);
                         assert!(
-                            ty.rights(access).contains(needed(kind)),
+                            ty.rights_in(access, mode, t.page != Order::PAGE_4K)
+                                .contains(needed(kind)),
                             "{g:#x} {kind:?} allowed"
                         );
                     }
@@ -441,8 +526,9 @@ impl World {
                         );
                     }
                     (Err(EptFault::Violation { .. }), Some((_, ty, access))) => {
+                        let superpage = info.order != Order::PAGE_4K;
                         assert!(
-                            !ty.rights(access).contains(needed(kind)),
+                            !ty.rights_in(access, mode, superpage).contains(needed(kind)),
                             "{g:#x} {kind:?} denied"
                         )
                     }
@@ -480,10 +566,10 @@ proptest! {
     })]
 
     #[test]
-    fn p2m_matches_reference(ops in prop::collection::vec(op(), 1..40), extra in prop::collection::vec(0..UNIVERSE, 4)) {
-        let mut mem = SimMemory::new();
-        let p2m = P2m::new(&mut mem, CAPS).unwrap();
-        let mut w = World { mem, p2m, dirty: DirtyBitmap::new(), r: Ref::new() };
+    fn p2m_matches_reference(ops in prop::collection::vec(op(), 1..40), extra in prop::collection::vec(0..UNIVERSE, 4), mode in prop::sample::select(vec![LogMode::WriteProtect, LogMode::Pml])) {
+        let (mut mem, p2m) = setup_in(mode);
+        let pml = (mode == LogMode::Pml).then(|| pml_buffer(&mut mem));
+        let mut w = World { mem, p2m, dirty: DirtyBitmap::new(), r: Ref::new(), pml };
         for op in &ops {
             w.apply(op);
             let at = match *op {
@@ -495,8 +581,11 @@ proptest! {
             probes.extend(&extra);
             w.check(&probes);
         }
-        let World { mut mem, p2m, .. } = w;
+        let World { mut mem, p2m, pml, .. } = w;
         p2m.destroy(&mut mem);
+        if let Some(pml) = pml {
+            hv_ept::EptMemory::free_frame(&mut mem, pml.buffer);
+        }
         prop_assert_eq!(mem.outstanding(), 0);
     }
 }

@@ -553,6 +553,29 @@ impl Running {
         &self.dir
     }
 
+    /// A tool's session on the control channel ([`Boot::control`]): its
+    /// HELLO is sent again until `timeout` passes (the hypervisor sets its
+    /// line up while the machine boots), then a reply may take 60 s.
+    /// Panics with the run's log so far if no session opens.
+    pub fn connect_tool(&mut self, timeout: Duration) -> hv_ctl::Client<hv_ctl::Serial> {
+        let serial = self
+            .control()
+            .expect("no control channel (Boot::control), or taken already");
+        match hv_ctl::Client::connect_with(serial, 0, timeout) {
+            Ok(mut client) => {
+                client.timeout = Duration::from_secs(60);
+                client
+            }
+            Err(e) => {
+                let log: String = SERIAL_PORTS
+                    .iter()
+                    .map(|port| fs::read_to_string(self.dir.join(port.file)).unwrap_or_default())
+                    .collect();
+                panic!("no control session: {e}\n{log}")
+            }
+        }
+    }
+
     /// Waits until a line of the run's log so far (the hypervisor's or the
     /// guest's console) contains `text`, and returns it; `None` if `timeout`
     /// passes or the emulator ends first.

@@ -99,6 +99,65 @@ fn the_display_does_not_freeze_when_the_view_was_created_early_or_late() {
     run.clean_up();
 }
 
+/// The display figure's frames: (dirty pages, VM exits) per frame.
+fn frame_exits(run: &Run) -> Vec<(u64, u64)> {
+    run.lines()
+        .filter_map(|l| {
+            let rest = l.split_once("display-bench: frame with ")?.1;
+            let (pages, rest) = rest.split_once(" dirty pages: ")?;
+            let exits = rest.split_once(" VM exits")?.0;
+            Some((pages.parse().ok()?, exits.parse().ok()?))
+        })
+        .collect()
+}
+
+#[test]
+fn with_pml_a_display_frame_costs_one_exit_and_the_display_never_freezes() {
+    let run = run("", "display display-late display-bench");
+    run.expect_scenarios_passed(&["display", "display-late", "display-bench"]);
+    run.expect_line("log-dirty by PML")
+        .expect_no_line("frozen display");
+    let frames = frame_exits(&run);
+    assert_eq!(
+        frames.iter().map(|f| f.0).collect::<Vec<_>>(),
+        [1, 4, 16, 64],
+        "{}",
+        run.report()
+    );
+    for (pages, exits) in frames {
+        assert!(
+            exits <= 1,
+            "a frame of {pages} dirty pages cost {exits} exits\n{}",
+            run.report()
+        );
+    }
+    run.clean_up();
+}
+
+#[test]
+fn with_pml_masked_write_faults_keep_the_display_alive() {
+    let run = run("vmx.mask=pml", "display display-late display-bench");
+    run.expect_scenarios_passed(&["display", "display-late", "display-bench"]);
+    run.expect_line("log-dirty by write protection")
+        .expect_no_line("frozen display");
+    for (pages, exits) in frame_exits(&run) {
+        assert!(
+            exits > pages,
+            "a write fault per page: {pages} pages, {exits} exits\n{}",
+            run.report()
+        );
+    }
+    run.clean_up();
+}
+
+#[test]
+fn tracked_ranges_are_bounded_by_the_hypervisors_memory() {
+    let run = run("", "logdirty-limit");
+    run.expect_scenarios_passed(&["logdirty-limit"]);
+    run.expect_line("one-page ranges tracked, then ENOMEM");
+    run.clean_up();
+}
+
 /// A hostile guest runs the hypervisor out of its heap and frame quotas:
 /// every refusal is ENOMEM, the hypervisor stays up, the guest gets it all
 /// back, and the run ends with every frame returned and the hypervisor's

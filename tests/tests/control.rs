@@ -95,16 +95,106 @@ fn arm_breakpoint_at(c: &mut Client<Serial>, code: u64) -> (u16, u64) {
     (view, shadow)
 }
 
-fn start() -> (Running, Client<Serial>) {
-    let mut running = Boot::new(Engine::Bochs)
-        .guest("control")
-        .control(true)
-        .start();
-    let serial = running.control().expect("the control channel's pty");
-    match Client::connect(serial) {
-        Ok(client) => (running, client),
-        Err(e) => panic!("no session: {e}\n{}", running.stop().report()),
+/// What [`serve_stealth_breakpoint`] saw.
+struct Seen {
+    hits: u64,
+    reads: u64,
+    steps: u64,
+    took: Duration,
+}
+
+/// DRAKVUF's answers until the guest's mailbox says its calls are done: a
+/// hit or a read of the code page goes to the clean view 0 for one step,
+/// the step's end back to the shadow view. Every event is checked: a hit at
+/// `code` (guest-physical) and `gla` (its linear address), reads of the
+/// code's page only, steps in view 0.
+fn serve_stealth_breakpoint(
+    c: &mut Client<Serial>,
+    mailbox: u64,
+    view: u16,
+    code: u64,
+    gla: u64,
+) -> Seen {
+    let mut seen = Seen {
+        hits: 0,
+        reads: 0,
+        steps: 0,
+        took: Duration::ZERO,
+    };
+    let started = Instant::now();
+    let to_clean_view_and_step = Answer {
+        switch_view: Some(0),
+        single_step: true,
+    };
+    loop {
+        let Some(e) = c.next_event(Duration::from_secs(5)).unwrap() else {
+            if word(c, mailbox, WORD_STATE) == STATE_DONE {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(1200),
+                "the guest never finished its calls ({} hits)",
+                seen.hits
+            );
+            continue;
+        };
+        assert_eq!(e.event.context.vcpu, 0);
+        match e.event.kind {
+            EventKind::Breakpoint { gpa, gla: at } => {
+                assert_eq!((gpa, at), (code, gla));
+                assert_eq!(e.event.context.view, view);
+                assert_eq!(e.event.context.rip, gla);
+                seen.hits += 1;
+                c.answer(&e, to_clean_view_and_step).unwrap();
+            }
+            EventKind::MemAccess { gpa, access, .. } => {
+                assert_eq!(gpa >> 12, code >> 12, "only the code's page is watched");
+                assert_eq!(access, access_bits::READ, "the guest reads its code");
+                seen.reads += 1;
+                c.answer(&e, to_clean_view_and_step).unwrap();
+            }
+            EventKind::SingleStep => {
+                assert_eq!(e.event.context.view, 0, "the step ran in the clean view");
+                seen.steps += 1;
+                c.answer(
+                    &e,
+                    Answer {
+                        switch_view: Some(view),
+                        single_step: false,
+                    },
+                )
+                .unwrap();
+            }
+            other => panic!("unexpected event {other:?}"),
+        }
     }
+    seen.took = started.elapsed();
+    assert!(
+        seen.reads >= 1,
+        "the guest's read of its code came as an event"
+    );
+    assert_eq!(seen.steps, seen.hits + seen.reads);
+    seen
+}
+
+/// Undoes [`arm_breakpoint_at`]: the guest back on view 0, events off, the
+/// remap reverted, the shadow page freed, the view gone, altp2m off.
+fn remove_stealth_breakpoint(c: &mut Client<Serial>, view: u16, code_gfn: u64, shadow: u64) {
+    c.switch_view(0).unwrap();
+    c.set_events(0).unwrap();
+    c.change_gfn(view, code_gfn, hv_abi::INVALID_GFN).unwrap();
+    c.free_shadow_page(shadow).unwrap();
+    c.destroy_view(view).unwrap();
+    c.set_altp2m_state(false).unwrap();
+}
+
+fn start() -> (Running, Client<Serial>) {
+    let mut boot = Boot::new(Engine::Bochs).guest("control").control(true);
+    // Every command crosses Bochs's paced serial line: minutes under load.
+    boot.timeout = Duration::from_secs(900);
+    let mut running = boot.start();
+    let client = running.connect_tool(Duration::from_secs(300));
+    (running, client)
 }
 
 #[test]
@@ -216,76 +306,22 @@ fn a_tool_drives_every_command_and_a_stealth_breakpoint_the_guest_never_sees() {
     c.write_memory(mailbox + WORD_GO * 8, &GO.to_le_bytes())
         .unwrap();
 
-    let (mut hits, mut reads, mut steps) = (0, 0, 0);
-    let started = Instant::now();
-    loop {
-        let Some(e) = c.next_event(Duration::from_secs(5)).unwrap() else {
-            if word(&mut c, mailbox, WORD_STATE) == STATE_DONE {
-                break;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(900),
-                "the guest never finished its calls"
-            );
-            continue;
-        };
-        assert_eq!(e.event.context.vcpu, 0);
-        let to_clean_view_and_step = Answer {
-            switch_view: Some(0),
-            single_step: true,
-        };
-        match e.event.kind {
-            EventKind::Breakpoint { gpa, gla } => {
-                assert_eq!((gpa, gla), (code, code));
-                assert_eq!(e.event.context.view, view);
-                assert_eq!(e.event.context.rip, code);
-                hits += 1;
-                c.answer(&e, to_clean_view_and_step).unwrap();
-            }
-            EventKind::MemAccess { gpa, access, .. } => {
-                assert_eq!(gpa >> 12, code_gfn, "only the probe's page is watched");
-                assert_eq!(access, access_bits::READ, "the guest reads its code");
-                reads += 1;
-                c.answer(&e, to_clean_view_and_step).unwrap();
-            }
-            EventKind::SingleStep => {
-                assert_eq!(e.event.context.view, 0, "the step ran in the clean view");
-                steps += 1;
-                c.answer(
-                    &e,
-                    Answer {
-                        switch_view: Some(view),
-                        single_step: false,
-                    },
-                )
-                .unwrap();
-            }
-            other => panic!("unexpected event {other:?}"),
-        }
-    }
-    let elapsed = started.elapsed();
-    assert_eq!(hits, calls, "one hit per call");
-    assert!(reads >= 1, "the guest's read of its code came as an event");
-    assert_eq!(steps, hits + reads);
+    let seen = serve_stealth_breakpoint(&mut c, mailbox, view, code, code);
+    assert_eq!(seen.hits, calls, "one hit per call");
     assert_eq!(
         word(&mut c, mailbox, WORD_BYTE),
         0x48,
         "the guest read the original byte"
     );
+    let events = seen.hits + seen.reads + seen.steps;
     println!(
-        "figure: control events: {} in {:.1} s = {:.2} events/s (each answered; Bochs, COM3 at 115200 baud)",
-        hits + reads + steps,
-        elapsed.as_secs_f64(),
-        (hits + reads + steps) as f64 / elapsed.as_secs_f64()
+        "figure: control events: {events} in {:.1} s = {:.2} events/s (each answered; Bochs, COM3 at 115200 baud)",
+        seen.took.as_secs_f64(),
+        events as f64 / seen.took.as_secs_f64()
     );
 
     // Removed: the guest finishes on its own.
-    c.switch_view(0).unwrap();
-    c.set_events(0).unwrap();
-    c.change_gfn(view, code_gfn, hv_abi::INVALID_GFN).unwrap();
-    c.free_shadow_page(shadow).unwrap();
-    c.destroy_view(view).unwrap();
-    c.set_altp2m_state(false).unwrap();
+    remove_stealth_breakpoint(&mut c, view, code_gfn, shadow);
     // The guest ends its run as soon as it sees this: no BYE after it.
     c.write_memory(mailbox + WORD_GO * 8, &FINISH.to_le_bytes())
         .unwrap();
@@ -373,12 +409,7 @@ fn a_tool_hides_a_breakpoint_in_debians_kernel_and_linux_never_sees_it() {
     boot.memory_mib = GUEST_MIB + 256;
     boot.timeout = Duration::from_secs(1500);
     let mut running = boot.start();
-    let serial = running.control().expect("the control channel's pty");
-    let mut c = match Client::connect_with(serial, 0, Duration::from_secs(300)) {
-        Ok(c) => c,
-        Err(e) => panic!("no session: {e}\n{}", running.stop().report()),
-    };
-    c.timeout = Duration::from_secs(60);
+    let mut c = running.connect_tool(Duration::from_secs(300));
     let Some(line) = running.wait_for_line("probe: mailbox=", Duration::from_secs(1200)) else {
         panic!("no probe line\n{}", running.stop().report())
     };
@@ -403,67 +434,42 @@ fn a_tool_hides_a_breakpoint_in_debians_kernel_and_linux_never_sees_it() {
     let code_gfn = t.gpa >> 12;
     c.write_memory(mailbox + WORD_GO * 8, &GO.to_le_bytes())
         .unwrap();
-    let (mut hits, mut reads, mut steps) = (0u64, 0u64, 0u64);
-    let started = Instant::now();
-    loop {
-        let Some(e) = c.next_event(Duration::from_secs(5)).unwrap() else {
-            if word(&mut c, mailbox, WORD_STATE) == STATE_DONE {
-                break;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(1200),
-                "init never finished its calls ({hits} hits)"
-            );
-            continue;
-        };
-        let clean_and_step = Answer {
-            switch_view: Some(0),
-            single_step: true,
-        };
-        match e.event.kind {
-            EventKind::Breakpoint { gpa, gla } => {
-                assert_eq!((gpa, gla), (t.gpa, function));
-                hits += 1;
-                c.answer(&e, clean_and_step).unwrap();
-            }
-            EventKind::MemAccess { gpa, .. } => {
-                assert_eq!(gpa >> 12, code_gfn);
-                reads += 1;
-                c.answer(&e, clean_and_step).unwrap();
-            }
-            EventKind::SingleStep => {
-                steps += 1;
-                c.answer(
-                    &e,
-                    Answer {
-                        switch_view: Some(view),
-                        single_step: false,
-                    },
-                )
-                .unwrap();
-            }
-            other => panic!("unexpected event {other:?}"),
-        }
-    }
-    assert!(hits >= CALLS, "{hits} hits for {CALLS} calls");
-    assert!(reads >= 1, "init's read of the code through /proc/kcore");
-    assert_eq!(steps, hits + reads);
-    let seen = word(&mut c, mailbox, WORD_BYTE).to_le_bytes();
+    let seen = serve_stealth_breakpoint(&mut c, mailbox, view, t.gpa, function);
+    assert!(seen.hits >= CALLS, "{} hits for {CALLS} calls", seen.hits);
+    let bytes = word(&mut c, mailbox, WORD_BYTE).to_le_bytes();
     assert_eq!(
-        seen.as_slice(),
+        bytes.as_slice(),
         original.as_slice(),
         "init read the original code"
     );
     println!(
-        "figure: Linux stealth breakpoint: {hits} hits, {reads} reads of the page, {steps} steps in {:.1} s",
-        started.elapsed().as_secs_f64()
+        "figure: Linux stealth breakpoint: {} hits, {} reads of the page, {} steps in {:.1} s",
+        seen.hits,
+        seen.reads,
+        seen.steps,
+        seen.took.as_secs_f64()
     );
-    c.switch_view(0).unwrap();
+    remove_stealth_breakpoint(&mut c, view, code_gfn, shadow);
+    // CR3 writes, opt-in: each one holds the vCPU before it takes effect.
+    c.set_events(class::CR3_WRITE).unwrap();
+    for _ in 0..4 {
+        let e = c
+            .next_event(Duration::from_secs(120))
+            .unwrap()
+            .expect("Linux writes CR3 (task switches, page-table isolation)");
+        let EventKind::Cr3Write { old, new } = e.event.kind else {
+            panic!("unexpected event {:?}", e.event.kind)
+        };
+        assert_eq!(old, e.event.context.cr3, "reported before it takes effect");
+        assert!(new != 0, "a CR3 write of 0");
+        c.answer(&e, Answer::CONTINUE).unwrap();
+    }
     c.set_events(0).unwrap();
-    c.change_gfn(view, code_gfn, hv_abi::INVALID_GFN).unwrap();
-    c.free_shadow_page(shadow).unwrap();
-    c.destroy_view(view).unwrap();
-    c.set_altp2m_state(false).unwrap();
+    // An event raised before the class went off still holds its vCPU.
+    while let Some(e) = c.next_event(Duration::from_secs(5)).unwrap() {
+        assert!(matches!(e.event.kind, EventKind::Cr3Write { .. }));
+        c.answer(&e, Answer::CONTINUE).unwrap();
+    }
     c.write_memory(mailbox + WORD_GO * 8, &FINISH.to_le_bytes())
         .unwrap();
     let run = running.wait();

@@ -141,12 +141,7 @@ fn volatility_finds_debians_kernel_in_a_dump_of_the_running_guest() {
     boot.memory_mib = 512;
     boot.timeout = Duration::from_secs(1500);
     let mut running = boot.start();
-    let serial = running.control().expect("the control channel");
-    let mut client = match Client::connect_with(serial, 0, Duration::from_secs(300)) {
-        Ok(c) => c,
-        Err(e) => panic!("no session: {e}\n{}", running.stop().report()),
-    };
-    client.timeout = Duration::from_secs(60);
+    let mut client = running.connect_tool(Duration::from_secs(300));
     // Once init runs, the kernel is up and its banner in place; init's probe
     // check waits for the tool meanwhile (tests/linux-init/src/probe.rs).
     let Some(line) = running.wait_for_line("probe: mailbox=", Duration::from_secs(1200)) else {

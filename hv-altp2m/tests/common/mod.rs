@@ -10,9 +10,12 @@ use std::collections::HashMap;
 
 use hv_altp2m::{AccessViolation, Altp2m, INVALID_EPTP, Mapping, Outcome};
 use hv_ept::sim::SimMemory;
-use hv_ept::walk::{Access, AccessKind, EptFault, translate};
+use hv_ept::walk::{
+    Access, AccessKind, EptFault, PML_ENTRIES, PmlLog, translate, translate_logged,
+};
 use hv_ept::{
-    DirtyBitmap, EptCaps, EptEntry, EptMemory, Gfn, Mfn, Order, P2m, P2mAccess, P2mType, Rights,
+    DirtyBitmap, EptCaps, EptEntry, EptMemory, Gfn, LogMode, Mfn, Order, P2m, P2mAccess, P2mType,
+    Rights,
 };
 
 pub const CAPS: EptCaps = EptCaps::ALL;
@@ -25,6 +28,14 @@ pub fn needed(kind: AccessKind) -> Rights {
         AccessKind::Write => Rights::W,
         AccessKind::Fetch => Rights::X,
     }
+}
+
+/// Property-test cases: `PROPTEST_CASES`, else `default` (what CI runs).
+pub fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
 }
 
 /// How a guest access ended.
@@ -54,15 +65,39 @@ pub struct World {
     pub alt: Altp2m,
     /// The EPTP each vCPU's VMCS holds.
     pub eptp: Vec<u64>,
-    /// (eptp, gfn) -> (frame, rights): what the CPU may have cached.
-    pub tlb: HashMap<(u64, u64), (u64, Rights)>,
+    /// (eptp, gfn) -> (frame, rights, dirty): what the CPU may have cached
+    /// (with A/D on, whether it cached the leaf's dirty flag as set: then
+    /// writes through it set nothing and log nothing).
+    pub tlb: HashMap<(u64, u64), (u64, Rights, bool)>,
     pub outcomes: Vec<Outcome>,
+    /// Under PML, each vCPU's buffer.
+    pub pml: Vec<PmlLog>,
+    /// PML-full exits taken.
+    pub pml_full: u64,
 }
 
 impl World {
     pub fn new(vcpus: usize) -> World {
+        World::in_mode(vcpus, LogMode::WriteProtect)
+    }
+
+    /// A world whose log-dirty writes are noticed by `mode` (under PML:
+    /// A/D on, a PML buffer per vCPU).
+    pub fn in_mode(vcpus: usize, mode: LogMode) -> World {
         let mut mem = SimMemory::new();
-        let host = P2m::new(&mut mem, CAPS).unwrap();
+        let mut host = P2m::new(&mut mem, CAPS).unwrap();
+        let mut pml = Vec::new();
+        if mode == LogMode::Pml {
+            host.set_ad_enabled(true).unwrap();
+            for _ in 0..vcpus {
+                let buffer = mem.alloc_frame().unwrap();
+                pml.push(PmlLog {
+                    buffer,
+                    index: PML_ENTRIES - 1,
+                });
+            }
+        }
+        host.set_log_mode(&mem, mode).unwrap();
         let alt = Altp2m::new(&mut mem, vcpus, 4096).unwrap();
         let eptp = vec![host.eptp(); vcpus];
         World {
@@ -73,14 +108,46 @@ impl World {
             eptp,
             tlb: HashMap::new(),
             outcomes: Vec::new(),
+            pml,
+            pml_full: 0,
         }
     }
 
     /// A world with altp2m enabled.
     pub fn enabled(vcpus: usize) -> World {
-        let mut w = World::new(vcpus);
+        World::enabled_in(vcpus, LogMode::WriteProtect)
+    }
+
+    pub fn enabled_in(vcpus: usize, mode: LogMode) -> World {
+        let mut w = World::in_mode(vcpus, mode);
         w.alt.enable(&mut w.mem, &w.host).unwrap();
         w
+    }
+
+    /// What the kernel does first on every exit of `vcpu` under PML: hand
+    /// the addresses its buffer logged to altp2m, empty it. Returns them.
+    pub fn drain(&mut self, vcpu: usize) -> Vec<u64> {
+        let Some(log) = self.pml.get_mut(vcpu) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for i in log.index.wrapping_add(1)..PML_ENTRIES {
+            out.push(self.mem.read_entry(log.buffer, i as usize));
+        }
+        log.index = PML_ENTRIES - 1;
+        for &gpa in &out {
+            self.alt
+                .pml_logged(&self.mem, &self.host, &mut self.dirty, gpa)
+                .unwrap();
+        }
+        out
+    }
+
+    /// [`World::drain`] of every vCPU.
+    pub fn drain_all(&mut self) {
+        for v in 0..self.pml.len() {
+            self.drain(v);
+        }
     }
 
     /// Maps `[gfn, gfn + 2^order)` in the host as `ty`/rwx at `mfn`.
@@ -150,11 +217,15 @@ impl World {
         }
     }
 
-    /// One walk (TLB first), no exit handling.
+    /// One walk (TLB first), no exit handling. With A/D on, a write through
+    /// a translation not cached as dirty walks again (the CPU sets the flag,
+    /// and under PML logs the page).
     pub fn walk(&mut self, vcpu: usize, gfn: u64, kind: AccessKind) -> Result<Mfn, EptFault> {
         let eptp = self.eptp[vcpu];
-        if let Some(&(mfn, rights)) = self.tlb.get(&(eptp, gfn))
+        let ad = eptp & 1 << 6 != 0;
+        if let Some(&(mfn, rights, dirty)) = self.tlb.get(&(eptp, gfn))
             && rights.contains(needed(kind))
+            && (kind != AccessKind::Write || dirty || !ad)
         {
             return Ok(Mfn(mfn));
         }
@@ -162,11 +233,18 @@ impl World {
             kind,
             ..Access::read()
         };
-        match translate(&mut self.mem, &CAPS, eptp, (gfn << 12) | 0x18, a) {
+        let gpa = (gfn << 12) | 0x18;
+        let r = match self.pml.get_mut(vcpu) {
+            Some(log) => translate_logged(&mut self.mem, &CAPS, eptp, gpa, a, log),
+            None => translate(&mut self.mem, &CAPS, eptp, gpa, a),
+        };
+        match r {
             Ok(t) => {
-                self.tlb.insert((eptp, gfn), (t.hpa >> 12, t.rights));
+                let dirty = t.leaf.is_dirty() || kind == AccessKind::Write;
+                self.tlb.insert((eptp, gfn), (t.hpa >> 12, t.rights, dirty));
                 Ok(Mfn(t.hpa >> 12))
             }
+            Err(EptFault::PmlFull) => Err(EptFault::PmlFull),
             Err(f) => {
                 // A violation or misconfig invalidates what was cached there.
                 self.tlb.remove(&(eptp, gfn));
@@ -180,8 +258,13 @@ impl World {
     pub fn access(&mut self, vcpu: usize, gfn: u64, kind: AccessKind) -> (End, Exits) {
         let mut exits = Exits::default();
         for _ in 0..12 {
-            match self.walk(vcpu, gfn, kind) {
+            let r = self.walk(vcpu, gfn, kind);
+            if r.is_err() {
+                self.drain(vcpu);
+            }
+            match r {
                 Ok(mfn) => return (End::Ok(mfn), exits),
+                Err(EptFault::PmlFull) => self.pml_full += 1,
                 Err(EptFault::Misconfig { gpa, .. }) => {
                     exits.misconfigs += 1;
                     let fixed = self
@@ -220,8 +303,10 @@ impl World {
     }
 
     /// A log-dirty clean of `[start, end]` as the kernel does it: re-arm
-    /// and set the bits aside, INVEPT, take the bits. Returns them.
+    /// and set the bits aside, INVEPT, take the bits. Returns them. Under
+    /// PML every vCPU's buffer is drained first (each would have exited).
     pub fn clean(&mut self, start: u64, end: u64) -> Vec<u64> {
+        self.drain_all();
         let armed = self
             .alt
             .arm_dirty(
@@ -252,9 +337,10 @@ impl World {
         self.alt.view_p2m(view).unwrap()
     }
 
-    /// Frames reachable from the host, every view and the two lists.
+    /// Frames reachable from the host, every view and the two lists (and
+    /// the PML buffers).
     pub fn frames_in_use(&self) -> usize {
-        let mut n = tables(&self.mem, &self.host) + 2;
+        let mut n = tables(&self.mem, &self.host) + 2 + self.pml.len();
         for v in self.alt.active_views().iter().filter(|&v| v > 0) {
             n += tables(&self.mem, self.view(v as u16));
         }
@@ -355,7 +441,9 @@ impl World {
                         Some(e.mfn()),
                         "view {v}: alias {first:#x} -> {src:#x}"
                     );
-                    let want = if h.ty == P2mType::RamLogdirty {
+                    let want = if h.ty == P2mType::RamLogdirty
+                        && self.host.log_mode() == LogMode::WriteProtect
+                    {
                         P2mType::RamRo
                     } else {
                         h.ty
@@ -519,10 +607,17 @@ where
 /// Destroys everything and checks that every frame came back.
 pub fn teardown(w: World) {
     let World {
-        mut mem, host, alt, ..
+        mut mem,
+        host,
+        alt,
+        pml,
+        ..
     } = w;
     alt.destroy(&mut mem);
     host.destroy(&mut mem);
+    for log in pml {
+        mem.free_frame(log.buffer);
+    }
     assert_eq!(mem.outstanding(), 0, "frames leaked");
 }
 

@@ -95,59 +95,42 @@ pub fn run<C: Cpu, P: Platform>(
     tx: &mut [u8],
 ) -> Outcome {
     let id = command.id();
-    let reply = |tx: &mut [u8], body: ReplyBody<'_>| {
-        let message = Message::Reply {
-            id,
-            seq,
-            reply: Ok(body),
-        };
-        match message.encode(tx) {
-            Ok(n) => Outcome::Sent(n),
-            // Every body fits a frame by construction; refuse rather than panic.
-            Err(_) => Outcome::Failed(ErrorCode::Inval),
-        }
+    let result = match command {
+        Command::Hello {
+            version,
+            liveness_ms,
+        } => hello(&mut vm.control, version, liveness_ms, now),
+        _ if vm.control.session.is_none() => Err(ErrorCode::NoSession),
+        _ => execute(vm, cpu, platform, caller, seq, command),
     };
-    if let Command::Hello {
-        version,
-        liveness_ms,
-    } = command
-    {
-        if version != u16::from(VERSION) {
-            return Outcome::Failed(ErrorCode::BadVersion);
-        }
-        let control = &mut vm.control;
-        if control.end_session() {
-            log::info!("control: a new HELLO ended the previous session");
-        }
-        control.session = Some(Session {
-            liveness_tsc: control.ms_to_tsc(u64::from(liveness_ms)),
-            last_heard: now,
-        });
-        log::info!("control: session opened (liveness {liveness_ms} ms)");
-        return reply(
-            tx,
-            ReplyBody::Hello {
-                version: u16::from(VERSION),
-                max_payload: MAX_PAYLOAD as u32,
-            },
-        );
-    }
-    if vm.control.session.is_none() {
-        return Outcome::Failed(ErrorCode::NoSession);
-    }
-    let result = execute(vm, cpu, platform, caller, seq, command);
     match result {
-        Ok(Some(Built::Done)) => reply(tx, ReplyBody::Done),
         Ok(Some(built)) => built.encode(vm, tx, id, seq),
         Ok(None) => Outcome::Later,
         Err(e) => Outcome::Failed(e),
     }
 }
 
+/// Opens a session (ending the one before, if any).
+fn hello(control: &mut Control, version: u16, liveness_ms: u32, now: u64) -> Executed {
+    if version != u16::from(VERSION) {
+        return Err(ErrorCode::BadVersion);
+    }
+    if control.end_session() {
+        log::info!("control: a new HELLO ended the previous session");
+    }
+    control.session = Some(Session {
+        liveness_tsc: control.ms_to_tsc(u64::from(liveness_ms)),
+        last_heard: now,
+    });
+    log::info!("control: session opened (liveness {liveness_ms} ms)");
+    body(Built::Hello)
+}
+
 /// A successful command's reply body, by value (memory and bitmaps in
 /// arrays: the server's path takes nothing from the heap).
 enum Built {
     Done,
+    Hello,
     Pong(u64),
     Capabilities(Capabilities),
     MemoryMap,
@@ -175,6 +158,10 @@ impl Built {
         let mut ranges = heapless::Vec::<Range, { hv_control::MAX_RANGES }>::new();
         let body = match &self {
             Self::Done => ReplyBody::Done,
+            Self::Hello => ReplyBody::Hello {
+                version: u16::from(VERSION),
+                max_payload: MAX_PAYLOAD as u32,
+            },
             Self::Pong(nonce) => ReplyBody::Pong { nonce: *nonce },
             Self::Capabilities(c) => ReplyBody::Capabilities(*c),
             Self::MemoryMap => {
@@ -216,6 +203,7 @@ impl Built {
         };
         match message.encode(tx) {
             Ok(n) => Outcome::Sent(n),
+            // Every body fits a frame by construction; refuse rather than panic.
             Err(_) => Outcome::Failed(ErrorCode::Inval),
         }
     }
@@ -240,6 +228,7 @@ fn execute<C: Cpu, P: Platform>(
     command: Command<'_>,
 ) -> Executed {
     match command {
+        // Taken by `run`.
         Command::Hello { .. } => Err(ErrorCode::Inval),
         Command::Bye => {
             vm.control.end_session();
@@ -389,14 +378,10 @@ fn execute<C: Cpu, P: Platform>(
             )?;
             body(Built::Applied(n as u32))
         }
-        Command::LogdirtyStart { first_gfn, pages } => {
-            operations::logdirty_start(vm, platform, first_gfn, u64::from(pages))
-                .map_err(hv_error)?;
-            views::flush(vm, cpu, platform, caller);
-            done()
-        }
-        Command::LogdirtyStop { first_gfn, pages } => {
-            operations::logdirty_stop(vm, platform, first_gfn, u64::from(pages))
+        Command::LogdirtyStart { first_gfn, pages }
+        | Command::LogdirtyStop { first_gfn, pages } => {
+            let on = matches!(command, Command::LogdirtyStart { .. });
+            operations::logdirty_track(vm, platform, first_gfn, u64::from(pages), on)
                 .map_err(hv_error)?;
             views::flush(vm, cpu, platform, caller);
             done()
@@ -533,6 +518,7 @@ fn capabilities(vm: &Vm) -> Capabilities {
         (f.vmfunc, feature::VMFUNC),
         (f.ve, feature::VE),
         (f.mtf, feature::MTF),
+        (f.pml, feature::PML),
         (true, feature::SHADOW_PAGES),
     ]
     .into_iter()

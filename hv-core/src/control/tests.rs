@@ -138,6 +138,19 @@ impl Tool {
         }
     }
 
+    /// A tool in session with altp2m on and one view made (rwx).
+    fn with_view() -> (Self, u16) {
+        let mut t = Self::new(Self::machine());
+        t.hello();
+        t.call(Command::Altp2mSetState { on: true }).unwrap();
+        let view = t
+            .call(Command::CreateView {
+                default_access: access::RWX as u8,
+            })
+            .unwrap();
+        (t, u16_at(&view, 0))
+    }
+
     fn hello(&mut self) {
         let body = self
             .call(Command::Hello {
@@ -280,8 +293,11 @@ fn capabilities_and_memory_map_describe_the_vm() {
     let features = u32::from_le_bytes(caps[0..4].try_into().unwrap());
     assert_eq!(
         features,
-        hv_control::feature::VMFUNC | hv_control::feature::VE | hv_control::feature::SHADOW_PAGES,
-        "Bochs's skylake_x: VMFUNC and #VE, no MTF"
+        hv_control::feature::VMFUNC
+            | hv_control::feature::VE
+            | hv_control::feature::PML
+            | hv_control::feature::SHADOW_PAGES,
+        "Bochs's skylake_x: VMFUNC, #VE and PML, no MTF"
     );
     assert_eq!(u16_at(&caps, 8), 1, "one vCPU");
     let map = t.call(Command::MemoryMap).unwrap();
@@ -329,16 +345,7 @@ fn memory_reads_and_writes_go_through_the_host_p2m_and_are_checked() {
 
 #[test]
 fn views_made_by_the_tool_are_the_guests_views_and_errors_match_the_hypercalls() {
-    let mut t = Tool::new(Tool::machine());
-    t.hello();
-    t.call(Command::Altp2mSetState { on: true }).unwrap();
-    let view = u16_at(
-        &t.call(Command::CreateView {
-            default_access: access::RWX as u8,
-        })
-        .unwrap(),
-        0,
-    );
+    let (mut t, view) = Tool::with_view();
     t.call(Command::SetMemAccess {
         view,
         gfn: 0x300,
@@ -387,17 +394,7 @@ fn views_made_by_the_tool_are_the_guests_views_and_errors_match_the_hypercalls()
 
 #[test]
 fn shadow_pages_are_accounted_remapped_and_unmapped_everywhere_when_freed() {
-    let mut t = Tool::new(Tool::machine());
-    t.hello();
-    let frames = t.m.platform.outstanding();
-    t.call(Command::Altp2mSetState { on: true }).unwrap();
-    let view = u16_at(
-        &t.call(Command::CreateView {
-            default_access: access::RWX as u8,
-        })
-        .unwrap(),
-        0,
-    );
+    let (mut t, view) = Tool::with_view();
     let before = t.m.platform.outstanding();
     let shadow = u64_at(&t.call(Command::AllocShadowPage).unwrap(), 0);
     assert!(shadow >= 1 << 18, "above 4 GiB and guest RAM: {shadow:#x}");
@@ -456,22 +453,12 @@ fn shadow_pages_are_accounted_remapped_and_unmapped_everywhere_when_freed() {
         0,
         "teardown frees held shadow pages too"
     );
-    let _ = frames;
 }
 
 /// A view with gfn 0x300 read-only, the vCPU on it, a tool in session
 /// with `classes` on.
 fn monitored(classes: u32) -> (Tool, u16) {
-    let mut t = Tool::new(Tool::machine());
-    t.hello();
-    t.call(Command::Altp2mSetState { on: true }).unwrap();
-    let view = u16_at(
-        &t.call(Command::CreateView {
-            default_access: access::RWX as u8,
-        })
-        .unwrap(),
-        0,
-    );
+    let (mut t, view) = Tool::with_view();
     t.call(Command::SetMemAccess {
         view,
         gfn: 0x300,
@@ -830,16 +817,7 @@ fn ve_events_come_from_the_hypervisors_own_ve_delivery() {
 
 #[test]
 fn a_hidden_breakpoint_holds_the_vcpu_and_its_default_is_the_step_in_view_0() {
-    let mut t = Tool::new(Tool::machine());
-    t.hello();
-    t.call(Command::Altp2mSetState { on: true }).unwrap();
-    let view = u16_at(
-        &t.call(Command::CreateView {
-            default_access: access::RWX as u8,
-        })
-        .unwrap(),
-        0,
-    );
+    let (mut t, view) = Tool::with_view();
     let shadow = u64_at(&t.call(Command::AllocShadowPage).unwrap(), 0);
     t.call(Command::ChangeGfn {
         view,

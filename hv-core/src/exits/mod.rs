@@ -178,6 +178,11 @@ impl<C: Cpu, P: Platform> ExitCtx<'_, C, P> {
 
 /// Handles one VM exit.
 pub fn handle<C: Cpu, P: Platform>(reason: ExitReason, ctx: &mut ExitCtx<'_, C, P>) -> Flow {
+    // Writes the CPU logged go to the dirty log before anything can change
+    // the p2ms (see `vcpu::pml`).
+    if let Some(stop) = crate::vcpu::pml::drain_or_stop(ctx) {
+        return stop;
+    }
     // A single step with TF gets no #DB when the stepped instruction was
     // emulated (RIP moved) or an event is injected: end it here.
     let stepping_from = ctx.vcpu.step.is_some_and(|s| !s.mtf).then(|| ctx.rip());
@@ -213,6 +218,7 @@ fn dispatch<C: Cpu, P: Platform>(reason: ExitReason, ctx: &mut ExitCtx<'_, C, P>
         r if r.is_vmx_instruction() => ctx.invalid_opcode(),
         R::EptViolation => ept::violation(ctx),
         R::EptMisconfig => ept::misconfig(ctx),
+        R::PmlFull => crate::vcpu::pml::full(ctx),
         R::PreemptionTimer => preemption_timer::handle(ctx),
         R::MonitorTrapFlag => {
             views::finish_step(ctx.cpu, ctx.vm, ctx.vcpu);

@@ -4,6 +4,7 @@
 extern crate std;
 use std::vec::Vec;
 
+use hv_ept::walk::{Access, AccessKind, EptFault, PmlLog, translate, translate_logged};
 use hv_ept::{Gfn, P2mType};
 use x86::vmx::vmcs::{control, guest as g, ro};
 
@@ -45,6 +46,11 @@ pub(crate) fn config(image: &[u8]) -> GuestConfig<'_> {
     }
 }
 
+/// The same CPU with PML masked: log-dirty by write protection.
+fn caps_without_pml() -> VmxCaps {
+    caps().without_pml()
+}
+
 fn new_guest(platform: &mut SimPlatform) -> Vm {
     let image = image();
     Vm::create(&caps(), &config(&image), platform).unwrap()
@@ -64,13 +70,31 @@ impl Machine {
 
     /// A machine whose guest configuration `change` adjusts first.
     pub(crate) fn with(change: impl FnOnce(&mut GuestConfig<'_>)) -> Self {
+        Self::on(&caps(), change)
+    }
+
+    /// A machine on a CPU with `caps`, its VMCS holding the controls, the
+    /// PML buffer and the fields that follow the views (as `Vcpu::load`
+    /// writes them; the host state it also writes needs the real CPU).
+    pub(crate) fn on(caps: &VmxCaps, change: impl FnOnce(&mut GuestConfig<'_>)) -> Self {
         let mut platform = SimPlatform::new();
         let image = image();
         let mut config = config(&image);
         change(&mut config);
-        let vm = Vm::create(&caps(), &config, &mut platform).unwrap();
+        let vm = Vm::create(caps, &config, &mut platform).unwrap();
         let vcpu = Vcpu::new(&vm, VcpuId::BSP, &mut platform).unwrap();
         let mut vmcs = FakeVmcs::default();
+        let c = &vm.controls;
+        vmcs.write(
+            control::PRIMARY_PROCBASED_EXEC_CONTROLS,
+            u64::from(c.primary),
+        );
+        vmcs.write(
+            control::SECONDARY_PROCBASED_EXEC_CONTROLS,
+            u64::from(c.secondary),
+        );
+        vcpu.pml.write_vmcs(&mut vmcs);
+        crate::views::apply(&mut vmcs, &vm, &vcpu);
         vmcs.write(g::RIP, 0x1000);
         vmcs.write(ro::VMEXIT_INSTRUCTION_LEN, 2);
         // 64-bit mode, like the test guest: injected exceptions carry their
@@ -87,6 +111,8 @@ impl Machine {
     }
 
     pub(crate) fn exit(&mut self, reason: ExitReason) -> Flow {
+        // Counted as the run loop does.
+        self.vm.counters[usize::from(reason.basic())] += 1;
         // As every VM exit does: the valid bit of the injection field is clear.
         let info = self.vmcs.read(control::VMENTRY_INTERRUPTION_INFO_FIELD);
         self.vmcs
@@ -345,7 +371,7 @@ fn a_stray_access_is_reported_with_gp_and_a_hopeless_one_stops_the_guest() {
 
 #[test]
 fn a_write_to_a_log_dirty_page_marks_it_and_makes_it_writable() {
-    let mut m = Machine::new();
+    let mut m = Machine::on(&caps_without_pml(), |_| {});
     let gfn = Gfn(0x300);
     m.vm.p2m
         .change_type_range(
@@ -522,6 +548,49 @@ impl Machine {
         };
         assert!(stopped(self.exit(ExitReason::Vmcall)).is_none());
         self.vcpu.regs.rax as i64
+    }
+
+    /// A guest access to `gpa` as the CPU makes it: the EPT walk (the SDM
+    /// walk model) through the VMCS's EPTP, logging writes in the vCPU's
+    /// PML buffer when PML is on; each fault is the exit the CPU would
+    /// take, handled, until the access goes through. Returns the exits.
+    fn access(&mut self, gpa: u64, kind: AccessKind) -> u64 {
+        let caps = *self.vm.p2m.caps();
+        let a = Access {
+            kind,
+            ..Access::read()
+        };
+        for exits in 0..16 {
+            let eptp = self.vmcs.read(control::EPTP_FULL);
+            let r = match self.vcpu.pml.frame() {
+                Some(buffer) => {
+                    let index = self.vmcs.read(g::PML_INDEX) as u16;
+                    let mut log = PmlLog { buffer, index };
+                    let r = translate_logged(&mut self.platform, &caps, eptp, gpa, a, &mut log);
+                    self.vmcs.write(g::PML_INDEX, u64::from(log.index));
+                    r
+                }
+                None => translate(&mut self.platform, &caps, eptp, gpa, a),
+            };
+            let reason = match r {
+                Ok(_) => return exits,
+                Err(EptFault::Misconfig { .. }) => ExitReason::EptMisconfig,
+                Err(EptFault::Violation { qualification, .. }) => {
+                    self.vmcs
+                        .write(ro::EXIT_QUALIFICATION, qualification.bits());
+                    ExitReason::EptViolation
+                }
+                Err(EptFault::PmlFull) => ExitReason::PmlFull,
+                Err(other) => panic!("access to {gpa:#x}: {other:?}"),
+            };
+            self.vmcs.write(ro::GUEST_PHYSICAL_ADDR_FULL, gpa);
+            assert!(stopped(self.exit(reason)).is_none());
+        }
+        panic!("access to {gpa:#x} did not settle")
+    }
+
+    fn write_guest(&mut self, gpa: u64) -> u64 {
+        self.access(gpa, AccessKind::Write)
     }
 
     /// An EPT exit at `gpa` as the CPU would give it: first the
@@ -816,7 +885,13 @@ fn a_ballooned_page_leaves_every_view_and_its_frame_is_freed_once() {
 
 #[test]
 fn the_display_copies_exactly_the_pages_written_and_matches_the_framebuffer() {
-    let mut m = Machine::new();
+    for caps in [caps(), caps_without_pml()] {
+        display_copies_exactly_the_pages_written(&caps);
+    }
+}
+
+fn display_copies_exactly_the_pages_written(caps: &VmxCaps) {
+    let mut m = Machine::on(caps, |_| {});
     let fb = 0x400u64;
     assert_eq!(m.call(call::DISPLAY_SET, &[fb, 65]), error::EINVAL);
     assert_eq!(
@@ -836,8 +911,9 @@ fn the_display_copies_exactly_the_pages_written_and_matches_the_framebuffer() {
         "at once"
     );
     assert_eq!(m.call(call::DISPLAY_REFRESH, &[]), 0, "nothing written yet");
-    // The guest writes page 2: the CPU faults, the hypervisor logs it.
-    assert!(stopped(m.touch((fb + 2) << 12, true)).is_none());
+    // The guest writes page 2: logged by the CPU (PML) or by the
+    // hypervisor on the write fault.
+    m.write_guest((fb + 2) << 12);
     m.vm.write(&mut m.platform, (fb + 2) << 12, b"frame")
         .unwrap();
     assert_eq!(m.call(call::DISPLAY_REFRESH, &[]), 1);
@@ -866,9 +942,15 @@ fn the_display_copies_exactly_the_pages_written_and_matches_the_framebuffer() {
 
 #[test]
 fn log_dirty_fetch_checks_its_buffer_before_clearing_anything() {
-    let mut m = Machine::new();
+    for caps in [caps(), caps_without_pml()] {
+        log_dirty_fetch_checks_its_buffer(&caps);
+    }
+}
+
+fn log_dirty_fetch_checks_its_buffer(caps: &VmxCaps) {
+    let mut m = Machine::on(caps, |_| {});
     assert_eq!(m.call(call::LOGDIRTY_TRACK, &[0x500, 8]), 0);
-    assert!(stopped(m.touch(0x50_3000, true)).is_none());
+    m.write_guest(0x50_3000);
     assert_eq!(
         m.call(call::LOGDIRTY_FETCH, &[0x500, 8, 0xfec0_0000]),
         error::EFAULT
@@ -1025,6 +1107,22 @@ fn a_guest_nmi_is_forwarded_once_the_guest_can_take_it() {
 }
 
 #[test]
+fn a_kick_is_not_the_guests_nmi() {
+    let mut m = two_vcpus();
+    let coherence = m.vm.coherence;
+    // vCPU 1 switches vCPU 0's view while vCPU 0 runs: a kick, an NMI exit.
+    assert_eq!(coherence.enter(0), None);
+    coherence.request_reapply(0, |_| {});
+    coherence.exit(0, 0);
+    m.vmcs.write(ro::VMEXIT_INTERRUPTION_INFO, 0x8000_0202);
+    assert!(stopped(m.exit(ExitReason::ExceptionOrNmi)).is_none());
+    assert!(!m.vcpu.pending.nmi, "the kick's NMI is the hypervisor's");
+    // The next NMI exit is the guest's again.
+    assert!(stopped(m.exit(ExitReason::ExceptionOrNmi)).is_none());
+    assert!(m.vcpu.pending.nmi);
+}
+
+#[test]
 fn the_watchdog_stops_a_guest_halted_for_good_and_only_that() {
     let mut m = Machine::new();
     let halted = |m: &mut Machine, rflags: u64| {
@@ -1132,13 +1230,19 @@ fn a_guest_can_boot_on_a_fresh_view_or_switched_between_two() {
 
 #[test]
 fn all_ram_under_log_dirty_is_fetched_on_every_tick() {
-    let mut m = Machine::with(|c| c.logdirty_all = true);
+    for caps in [caps(), caps_without_pml()] {
+        all_ram_under_log_dirty_is_fetched(&caps);
+    }
+}
+
+fn all_ram_under_log_dirty_is_fetched(caps: &VmxCaps) {
+    let mut m = Machine::on(caps, |c| c.logdirty_all = true);
     assert_eq!(
         m.vm.p2m.get_entry(&m.platform, Gfn(0x300)).unwrap().ty,
         P2mType::RamLogdirty
     );
-    assert!(stopped(m.touch(0x30_0000, true)).is_none());
-    assert!(stopped(m.touch(0x40_1000, true)).is_none());
+    m.write_guest(0x30_0000);
+    m.write_guest(0x40_1000);
     assert!(stopped(m.exit(ExitReason::PreemptionTimer)).is_none());
     let totals = m.vm.logdirty_all.unwrap();
     assert_eq!((totals.fetches, totals.pages), (1, 2));
@@ -1149,6 +1253,156 @@ fn all_ram_under_log_dirty_is_fetched_on_every_tick() {
     );
     assert!(stopped(m.exit(ExitReason::PreemptionTimer)).is_none());
     assert_eq!(m.vm.logdirty_all.unwrap().pages, 2, "nothing new");
+}
+
+// Log-dirty through PML: the CPU logs writes in the vCPU's buffer, drained
+// at the start of every exit.
+
+#[test]
+fn a_pml_guest_has_a_buffer_ad_flags_and_the_control_and_frees_them() {
+    let m = Machine::new();
+    assert!(m.vm.features.pml);
+    let frame = m.vcpu.pml.frame().expect("a PML buffer");
+    assert_eq!(m.vmcs.read(control::PML_ADDR_FULL), frame.hpa());
+    assert_eq!(m.vmcs.read(g::PML_INDEX), 511);
+    let pml = x86::vmx::vmcs::control::SecondaryControls::ENABLE_PML.bits();
+    assert_ne!(m.vm.controls.secondary & pml, 0);
+    assert_ne!(m.vmcs.read(control::EPTP_FULL) & 1 << 6, 0, "A/D on");
+    assert_eq!(m.vm.p2m.log_mode(), hv_ept::LogMode::Pml);
+    let platform = m.destroy();
+    assert_eq!(
+        platform.outstanding(),
+        0,
+        "the buffer is freed with the vCPU"
+    );
+    let m = Machine::on(&caps_without_pml(), |_| {});
+    assert!(!m.vm.features.pml && m.vcpu.pml.frame().is_none());
+    assert_eq!(m.vm.controls.secondary & pml, 0);
+    assert_eq!(m.vmcs.read(control::EPTP_FULL) & 1 << 6, 0);
+    assert_eq!(m.destroy().outstanding(), 0);
+}
+
+/// Exits of display frames with 1, 4, 16 and 64 dirty pages after a first
+/// frame that writes them all: the guest's writes, plus the refresh call.
+fn display_frame_exits(caps: &VmxCaps) -> std::vec::Vec<u64> {
+    let mut m = Machine::on(caps, |c| c.memory_mib = 16);
+    let fb = 0x800u64;
+    assert_eq!(m.call(call::DISPLAY_SET, &[fb, 64]), 0);
+    let write_all = |m: &mut Machine, n: u64| -> u64 {
+        (0..n).map(|p| m.write_guest((fb + p) << 12)).sum::<u64>()
+    };
+    write_all(&mut m, 64);
+    assert_eq!(m.call(call::DISPLAY_REFRESH, &[]), 64);
+    let mut exits = std::vec::Vec::new();
+    for n in [1, 4, 16, 64] {
+        let e = write_all(&mut m, n);
+        assert_eq!(m.call(call::DISPLAY_REFRESH, &[]), n as i64, "{n} pages");
+        exits.push(e + 1);
+    }
+    assert_eq!(m.destroy().outstanding(), 0);
+    exits
+}
+
+#[test]
+fn a_display_frame_costs_one_exit_with_pml_and_a_fault_a_page_without() {
+    assert_eq!(display_frame_exits(&caps()), [1, 1, 1, 1]);
+    let faults = display_frame_exits(&caps_without_pml());
+    for (exits, n) in faults.iter().zip([1, 4, 16, 64]) {
+        assert!(*exits > n, "{faults:?}");
+    }
+}
+
+#[test]
+fn a_full_pml_buffer_exits_and_no_write_is_lost() {
+    let mut m = Machine::on(&caps(), |c| c.memory_mib = 16);
+    let first = 0x800u64;
+    let pages = 600u64;
+    let at = 0x60_0000;
+    assert_eq!(m.call(call::LOGDIRTY_TRACK, &[first, pages]), 0);
+    // The first round splits the superpages (exits, which drain).
+    for p in 0..pages {
+        m.write_guest((first + p) << 12);
+    }
+    assert_eq!(
+        m.call(call::LOGDIRTY_FETCH, &[first, pages, at]),
+        pages as i64
+    );
+    let exits: u64 = (0..pages).map(|p| m.write_guest((first + p) << 12)).sum();
+    let full = m.vm.counters[ExitReason::PmlFull.basic() as usize];
+    assert_eq!(
+        (exits, full),
+        (1, 1),
+        "600 logged pages fill 512 entries once"
+    );
+    assert_eq!(
+        m.call(call::LOGDIRTY_FETCH, &[first, pages, at]),
+        pages as i64
+    );
+    let mut bitmap = [0u8; 75];
+    m.vm.read(&m.platform, at, &mut bitmap).unwrap();
+    assert!(bitmap.iter().all(|&b| b == 0xff));
+    assert_eq!(m.call(call::LOGDIRTY_FETCH, &[first, pages, at]), 0);
+}
+
+#[test]
+fn a_write_through_an_alias_before_a_vmfunc_is_logged_against_its_source() {
+    let mut m = Machine::new();
+    let (source, alias) = (0x500u64, 0x510u64);
+    assert_eq!(m.call(call::ALTP2M_SET_STATE, &[1]), 0);
+    let a = m.call(call::ALTP2M_CREATE_VIEW, &[access::RWX]) as u64;
+    let b = m.call(call::ALTP2M_CREATE_VIEW, &[access::RWX]) as u64;
+    assert_eq!(m.call(call::ALTP2M_CHANGE_GFN, &[a, alias, source]), 0);
+    assert_eq!(m.call(call::LOGDIRTY_TRACK, &[source, 0x20]), 0);
+    assert_eq!(m.call(call::ALTP2M_SWITCH_VIEW, &[a]), 0);
+    m.write_guest(alias << 12);
+    let at = 0x60_0000;
+    assert_eq!(m.call(call::LOGDIRTY_FETCH, &[source, 0x20, at]), 1);
+    // Now a write costs no exit: through the alias in view a, then a VMFUNC
+    // to view b (no exit either), then the fetch's exit drains the buffer.
+    assert_eq!(m.write_guest(alias << 12), 0);
+    let eptp_b = m.vm.altp2m.eptp(&m.vm.p2m, b as u16).unwrap();
+    m.vmcs.write(control::EPTP_FULL, eptp_b);
+    m.vmcs.write(control::EPTP_INDEX, b);
+    crate::views::sync(&mut m.vm, &m.vcpu, b).unwrap();
+    assert_eq!(m.call(call::LOGDIRTY_FETCH, &[source, 0x20, at]), 1);
+    let mut bitmap = [0u8; 4];
+    m.vm.read(&m.platform, at, &mut bitmap).unwrap();
+    assert_eq!(bitmap, [1, 0, 0, 0], "the source, not the alias");
+}
+
+#[test]
+fn garbage_in_the_pml_buffer_is_reported_not_fatal() {
+    let mut m = Machine::new();
+    let frame = m.vcpu.pml.frame().unwrap();
+    use hv_ept::EptMemory;
+    m.platform.write_entry(frame, 511, u64::MAX);
+    m.platform.write_entry(frame, 510, 1 << 60);
+    m.vmcs.write(g::PML_INDEX, 509);
+    assert!(stopped(m.exit(ExitReason::PmlFull)).is_none());
+    assert_eq!(m.vmcs.read(g::PML_INDEX), 511, "emptied");
+    // An index out of range reads as a full buffer: all 512 entries.
+    m.vmcs.write(g::PML_INDEX, 0x1234);
+    assert!(stopped(m.exit(ExitReason::PmlFull)).is_none());
+    assert_eq!(m.vmcs.read(g::PML_INDEX), 511);
+    assert_eq!(m.vm.dirty.dirty_count(), 1, "the zeroed entries name gfn 0");
+}
+
+#[test]
+fn a_vcpu_out_of_frames_takes_no_pml_buffer_with_it() {
+    let mut platform = SimPlatform::new();
+    let vm = new_guest(&mut platform);
+    let before = platform.outstanding();
+    for spare in 0..2 {
+        platform.limit = Some(before + spare);
+        assert!(Vcpu::new(&vm, VcpuId::BSP, &mut platform).is_err());
+        assert_eq!(platform.outstanding(), before, "{spare} spare frames");
+    }
+    platform.limit = None;
+    let vcpu = Vcpu::new(&vm, VcpuId::BSP, &mut platform).unwrap();
+    assert_eq!(platform.outstanding(), before + 2, "VMCS and PML buffer");
+    vcpu.destroy(&mut FakeVmcs::default(), &mut platform);
+    vm.destroy(&mut platform);
+    assert_eq!(platform.outstanding(), 0);
 }
 
 /// A machine whose VM has two vCPUs: this one (0) and another one (1) whose

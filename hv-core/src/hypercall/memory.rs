@@ -33,7 +33,7 @@ pub fn logdirty_track<C: Cpu, P: Platform>(
     ctx: &mut ExitCtx<'_, C, P>,
     a: &Args,
 ) -> Result<i64, i64> {
-    operations::logdirty_start(ctx.vm, ctx.platform, a.get(0), a.get(1)).map(|()| 0)
+    operations::logdirty_track(ctx.vm, ctx.platform, a.get(0), a.get(1), true).map(|()| 0)
 }
 
 pub fn logdirty_fetch<C: Cpu, P: Platform>(

@@ -7,6 +7,7 @@ pub mod cr;
 pub mod entry;
 pub mod events;
 pub mod paging;
+pub mod pml;
 pub mod regs;
 pub mod state;
 
@@ -74,13 +75,21 @@ pub struct Vcpu {
     pub waiting_for_sipi: bool,
     /// Its MTRRs, virtualized.
     pub mtrrs: Mtrrs,
+    /// Its page-modification log, when the guest has PML.
+    pub pml: pml::PmlBuffer,
 }
 
 impl Vcpu {
     /// A vCPU of `vm` with a VMCS region of its own, not yet loaded.
     pub fn new(vm: &Vm, id: VcpuId, platform: &mut impl Platform) -> Result<Self, VmError> {
-        let vmcs_region =
-            vmx::alloc_vmx_region(vm.vmcs_revision, platform).map_err(VmError::Vmx)?;
+        let pml = pml::PmlBuffer::new(vm, platform)?;
+        let vmcs_region = match vmx::alloc_vmx_region(vm.vmcs_revision, platform) {
+            Ok(region) => region,
+            Err(e) => {
+                pml.destroy(platform);
+                return Err(VmError::Vmx(e));
+            }
+        };
         let bsp = if id == VcpuId::BSP {
             APIC_BASE_RESET
         } else {
@@ -98,6 +107,7 @@ impl Vcpu {
             halted_ticks: 0,
             waiting_for_sipi: id != VcpuId::BSP,
             mtrrs: Mtrrs::default(),
+            pml,
         })
     }
 
@@ -137,6 +147,7 @@ impl Vcpu {
         vmcs.write(control::IO_BITMAP_B_ADDR_FULL, io_bitmaps + 4096);
         vmcs.write(control::MSR_BITMAPS_ADDR_FULL, msr_bitmap);
         vmcs.write(control::EPTP_FULL, vm.p2m.eptp());
+        self.pml.write_vmcs(vmcs);
         if c.vpid {
             vmcs.write(control::VPID, u64::from(GUEST_VPID));
         }
@@ -300,6 +311,7 @@ impl Vcpu {
     pub fn destroy(self, cpu: &mut impl Cpu, platform: &mut impl Platform) {
         cpu.clear_vmcs(self.vmcs_region);
         platform.free_frames(self.vmcs_region, 1);
+        self.pml.destroy(platform);
     }
 }
 

@@ -15,7 +15,7 @@ use core::fmt;
 use hv_abi::Altp2mMode;
 pub use hv_abi::BootViews;
 use hv_altp2m::Altp2m;
-use hv_ept::{DirtyBitmap, EptCaps, Gfn, Mfn, Order, P2m, P2mAccess, P2mType};
+use hv_ept::{DirtyBitmap, EptCaps, Gfn, LogMode, Mfn, Order, P2m, P2mAccess, P2mType};
 
 use x86::vmx::vmcs::control::PrimaryControls;
 
@@ -28,7 +28,7 @@ use crate::loader::{self, BootOptions, BootPlan, EntryState, ImageError, MemoryR
 use crate::platform::Platform;
 use crate::smp::Coherence;
 use crate::vcpu::cr::Fixed;
-use crate::vmx::caps::VmxCaps;
+use crate::vmx::caps::{EptVpidCap, VmxCaps};
 use crate::vmx::exit::NUM_REASONS;
 use crate::vmx::vmcs::{self, Controls, MissingFeature, Wants};
 use crate::vmx::{Cpu, VmxError};
@@ -90,6 +90,10 @@ pub struct Features {
     pub vpid: bool,
     /// The wait-for-SIPI activity state (IA32_VMX_MISC bit 8), for INIT.
     pub wait_for_sipi: bool,
+    /// Page-modification logging with EPT A/D flags: writes to log-dirty
+    /// pages are logged by the CPU, without a write fault (`vcpu::pml`).
+    /// Without it (or with `VmxCaps::without_pml`), write protection.
+    pub pml: bool,
 }
 
 /// The pages of the machine's interrupt hardware a guest gets: its I/O
@@ -262,10 +266,12 @@ impl Vm {
                 .allows(PrimaryControls::MONITOR_TRAP_FLAG.bits()),
             vpid: false,
             wait_for_sipi: caps.msrs.misc & 1 << 8 != 0,
+            pml: caps.pml() && caps.ept_cap(EptVpidCap::ACCESSED_DIRTY),
         };
         let wants = Wants {
             vm_functions: features.vmfunc,
             virtualization_exceptions: features.ve,
+            pml: features.pml,
         };
         let controls = Controls::compute(caps, wants).map_err(VmError::Missing)?;
         let features = Features {
@@ -306,7 +312,17 @@ impl Vm {
         }
         let ram_end = layout.map.iter().map(|r| r.end).max().unwrap_or(0);
         let control = Control::new(platform, vcpus, ram_end).map_err(|_| GuestError::NoMemory)?;
-        let p2m = P2m::new(platform, ept_caps).map_err(GuestError::from)?;
+        let mut p2m = P2m::new(platform, ept_caps).map_err(GuestError::from)?;
+        if features.pml {
+            // EPT A/D is in the capabilities (checked above), the p2m empty.
+            let pml = p2m
+                .set_ad_enabled(true)
+                .and_then(|()| p2m.set_log_mode(platform, LogMode::Pml));
+            if let Err(e) = pml {
+                p2m.destroy(platform);
+                return Err(GuestError::from(e).into());
+            }
+        }
         let altp2m = match Altp2m::new(platform, vcpus, DROP_LOG) {
             Ok(altp2m) => altp2m,
             Err(_) => {

@@ -229,6 +229,13 @@ impl VmxCaps {
         self.secondary(SecondaryControls::ENABLE_PML)
     }
 
+    /// These capabilities with PML taken away (`vmx.mask=pml`, tests): guests
+    /// then log their writes through write protection.
+    pub fn without_pml(mut self) -> Self {
+        self.msrs.procbased2 &= !(u64::from(SecondaryControls::ENABLE_PML.bits()) << 32);
+        self
+    }
+
     pub fn preemption_timer(&self) -> bool {
         self.pinbased()
             .allows(PinbasedControls::VMX_PREEMPTION_TIMER.bits())

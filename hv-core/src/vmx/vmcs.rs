@@ -52,6 +52,8 @@ pub struct Wants {
     pub vm_functions: bool,
     /// EPT-violation #VE (altp2m).
     pub virtualization_exceptions: bool,
+    /// Page-modification logging (log-dirty without write faults).
+    pub pml: bool,
 }
 
 fn need(allowed: AllowedBits, bits: u32, feature: &'static str) -> Result<(), MissingFeature> {
@@ -160,6 +162,13 @@ impl Controls {
                 "EPT-violation #VE",
             )?;
             secondary |= S::EPT_VIOLATION_VE;
+        }
+        if wants.pml {
+            need(secondary_allowed, S::ENABLE_PML.bits(), "PML")?;
+            if !caps.ept_cap(EptVpidCap::ACCESSED_DIRTY) {
+                return Err(MissingFeature("EPT accessed and dirty flags"));
+            }
+            secondary |= S::ENABLE_PML;
         }
 
         // The timer value is saved on exit, or every VM entry would restart
@@ -391,6 +400,7 @@ pub(crate) mod tests {
         let wants = Wants {
             vm_functions: true,
             virtualization_exceptions: true,
+            pml: true,
         };
         let c = Controls::compute(&caps, wants).unwrap();
         let secondary = SecondaryControls::from_bits_truncate(c.secondary);
@@ -400,7 +410,19 @@ pub(crate) mod tests {
                 | SecondaryControls::ENABLE_VPID
                 | SecondaryControls::ENABLE_VM_FUNCTIONS
                 | SecondaryControls::EPT_VIOLATION_VE
+                | SecondaryControls::ENABLE_PML
         ));
+        let without = Controls::compute(&caps, Wants::default()).unwrap();
+        assert_eq!(
+            without.secondary & SecondaryControls::ENABLE_PML.bits(),
+            0,
+            "PML only when wanted"
+        );
+        let masked = VmxCaps::new(bochs_skylake_x(), 39).without_pml();
+        assert_eq!(
+            Controls::compute(&masked, wants),
+            Err(MissingFeature("PML"))
+        );
         assert!(c.vpid);
         let pin = PinbasedControls::from_bits_truncate(c.pin);
         assert!(pin.contains(

@@ -4,8 +4,12 @@
 #![allow(dead_code)] // each test file uses a subset
 
 use hv_ept::sim::SimMemory;
-use hv_ept::walk::{Access, AccessKind, EptFault, Translation, translate};
-use hv_ept::{DirtyBitmap, EptCaps, EptEntry, Gfn, Mfn, Order, P2m, P2mAccess, P2mType};
+use hv_ept::walk::{
+    Access, AccessKind, EptFault, PML_ENTRIES, PmlLog, Translation, translate, translate_logged,
+};
+use hv_ept::{
+    DirtyBitmap, EptCaps, EptEntry, EptMemory, Gfn, LogMode, Mfn, Order, P2m, P2mAccess, P2mType,
+};
 
 pub const CAPS: EptCaps = EptCaps::ALL;
 
@@ -13,6 +17,43 @@ pub fn setup() -> (SimMemory, P2m) {
     let mut mem = SimMemory::new();
     let p2m = P2m::new(&mut mem, CAPS).unwrap();
     (mem, p2m)
+}
+
+/// A p2m whose log-dirty writes are noticed by `mode` (A/D on for PML).
+pub fn setup_in(mode: LogMode) -> (SimMemory, P2m) {
+    let (mem, mut p2m) = setup();
+    if mode == LogMode::Pml {
+        p2m.set_ad_enabled(true).unwrap();
+    }
+    p2m.set_log_mode(&mem, mode).unwrap();
+    (mem, p2m)
+}
+
+/// A vCPU's PML buffer: a frame of `mem`, empty.
+pub fn pml_buffer(mem: &mut SimMemory) -> PmlLog {
+    PmlLog {
+        buffer: mem.alloc_frame().unwrap(),
+        index: PML_ENTRIES - 1,
+    }
+}
+
+/// Empties the PML buffer as the hypervisor does on an exit: every logged
+/// address whose leaf the CPU found clean (its dirty flag now set) is a
+/// write to log. Returns the gfns logged.
+pub fn drain(mem: &SimMemory, p2m: &P2m, dirty: &mut DirtyBitmap, pml: &mut PmlLog) -> Vec<u64> {
+    let first = pml.index.wrapping_add(1);
+    let mut out = Vec::new();
+    for i in first..PML_ENTRIES {
+        let gfn = Gfn(mem.read_entry(pml.buffer, i as usize) >> 12);
+        assert!(
+            p2m.written(mem, gfn).unwrap(),
+            "{gfn:?} logged, not written"
+        );
+        dirty.mark(gfn).unwrap();
+        out.push(gfn.0);
+    }
+    pml.index = PML_ENTRIES - 1;
+    out
 }
 
 /// Maps `[gfn, gfn + 2^order)` as RAM rw/rwx at mfn = gfn + `offset`.
@@ -65,7 +106,8 @@ pub fn walk(
         kind,
         ..Access::read()
     };
-    translate(mem, &CAPS, p2m.eptp(), (gfn << 12) | 0x18, a)
+    // Without A/D: a look must not set the flags PML logs by.
+    translate(mem, &CAPS, p2m.eptp() & !(1 << 6), (gfn << 12) | 0x18, a)
 }
 
 /// Exits the hypervisor handled on the way to a successful access.
@@ -73,6 +115,7 @@ pub fn walk(
 pub struct Exits {
     pub misconfigs: u32,
     pub logdirty_faults: u32,
+    pub pml_full: u32,
 }
 
 /// Accesses `gfn` as a guest would: walk; on a misconfig call
@@ -86,9 +129,36 @@ pub fn guest_access(
     gfn: u64,
     kind: AccessKind,
 ) -> (Result<Translation, EptFault>, Exits) {
+    guest_access_logged(mem, p2m, dirty, None, gfn, kind)
+}
+
+/// [`guest_access`] by a vCPU with PML on (`pml`, for a p2m in PML mode):
+/// writes log through the buffer, drained on a log-full exit and after the
+/// access, as the hypervisor does on every exit.
+pub fn guest_access_logged(
+    mem: &mut SimMemory,
+    p2m: &mut P2m,
+    dirty: &mut DirtyBitmap,
+    mut pml: Option<&mut PmlLog>,
+    gfn: u64,
+    kind: AccessKind,
+) -> (Result<Translation, EptFault>, Exits) {
     let mut exits = Exits::default();
     for _ in 0..8 {
-        match walk(mem, p2m, gfn, kind) {
+        let a = Access {
+            kind,
+            ..Access::read()
+        };
+        let gpa = (gfn << 12) | 0x18;
+        let res = match pml.as_deref_mut() {
+            Some(log) => translate_logged(mem, &CAPS, p2m.eptp(), gpa, a, log),
+            None => walk(mem, p2m, gfn, kind),
+        };
+        if let Some(log) = pml.as_deref_mut() {
+            drain(mem, p2m, dirty, log);
+        }
+        match res {
+            Err(EptFault::PmlFull) => exits.pml_full += 1,
             Err(EptFault::Misconfig { .. }) => {
                 exits.misconfigs += 1;
                 assert!(

@@ -10,13 +10,16 @@
 //! good and bad arguments), `mode-external`, `mode-limited`, `vmfunc`, `ve`,
 //! `hidden-breakpoint`, `balloon`, `display`, `display-late`, `memory-calls`
 //! (log-dirty, balloon and display calls with good and bad arguments),
-//! `exhaust` (runs the hypervisor out of the guest's heap and frame quotas); the
+//! `exhaust` (runs the hypervisor out of the guest's heap and frame quotas),
+//! `logdirty-limit` (tracks ranges until the guest's heap quota is full;
+//! last); the
 //! platform (`platform.rs`): `madt`, `lapic-timer`, `pit`, `hlt-wakes`,
 //! `self-ipi`, `nmi`, `ticking` (leaves a 1 kHz timer running),
 //! `irq-during-exit`, `ve-and-timer`, `apic-base`, `modules`, `cr0`, and
 //! the run's end: `reset-i8042`, `reset-cf9`, `reset-92`, `acpi-s5`;
 //! figures: `cpuid-bench`, `vmfunc-bench`, `lazy-copy-bench`,
-//! `display-bench`, `idle-bench`, `exit-bench`; `control` (the guest's half
+//! `display-bench`, `logdirty-bench` (last: it leaves 18,432 ranges
+//! tracked), `idle-bench`, `exit-bench`; `control` (the guest's half
 //! of the control channel's end-to-end test). Options: `exit=N`,
 //! `tsc-hz=`, `apic-hz=` (default 200 MHz, Bochs's), `module=SIZE:CHECKSUM[:WORD]`.
 //!

@@ -105,6 +105,8 @@ fn run_one(word: &str, boot: &BootInfo, options: &Options) -> Outcome {
         "vmfunc-bench" => altp2m::vmfunc_bench(),
         "lazy-copy-bench" => altp2m::lazy_copy_bench(),
         "display-bench" => altp2m::display_bench(),
+        "logdirty-bench" => altp2m::logdirty_bench(),
+        "logdirty-limit" => altp2m::logdirty_limit(),
         "madt" => platform::madt(boot),
         "lapic-timer" => platform::lapic_timer(clocks),
         "pit" => platform::pit(clocks),
