@@ -146,26 +146,50 @@ impl Coherence {
         self.flushed(initiator, epoch);
         for vcpu in (0..self.vcpus).filter(|&v| v != initiator) {
             let cpu = &self.cpus[vcpu];
-            if !cpu.in_guest.load(Ordering::SeqCst) {
-                continue;
-            }
-            cpu.kick.store(true, Ordering::SeqCst);
-            kick(vcpu);
-            while cpu.in_guest.load(Ordering::SeqCst) && cpu.seen.load(Ordering::SeqCst) < epoch {
-                spin();
-            }
+            self.kick_out(vcpu, &mut kick, || cpu.seen.load(Ordering::SeqCst) >= epoch);
         }
     }
 
-    /// Asks `vcpu` to write its view-related VMCS fields again (its view was
-    /// switched by another vCPU) and kicks it out of guest mode if needed.
-    pub fn request_reapply(&self, vcpu: usize, kick: impl FnOnce(usize)) {
+    /// If `vcpu` is in guest mode, kicks it and waits until it left, or
+    /// until `done` says it has what it was kicked for.
+    fn kick_out(&self, vcpu: usize, kick: impl FnOnce(usize), done: impl Fn() -> bool) {
         let cpu = &self.cpus[vcpu];
-        cpu.reapply.store(true, Ordering::SeqCst);
-        if cpu.in_guest.load(Ordering::SeqCst) {
-            cpu.kick.store(true, Ordering::SeqCst);
-            kick(vcpu);
+        if !cpu.in_guest.load(Ordering::SeqCst) {
+            return;
         }
+        cpu.kick.store(true, Ordering::SeqCst);
+        kick(vcpu);
+        while cpu.in_guest.load(Ordering::SeqCst) && !done() {
+            spin();
+        }
+    }
+
+    /// Asks `vcpu` to write its view-related VMCS fields again (another
+    /// vCPU switched its view: the altp2m record is newer than its
+    /// hardware) and returns once it cannot run on the old fields any
+    /// more: it was out of guest mode (and sees the request before it
+    /// enters, [`Coherence::must_reapply`]), or it was kicked out. The same
+    /// store-buffering argument as for the epoch holds, with the request in
+    /// place of the epoch.
+    pub fn request_reapply(&self, vcpu: usize, kick: impl FnOnce(usize)) {
+        self.cpus[vcpu].reapply.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        self.kick_out(vcpu, kick, || false);
+    }
+
+    /// Whether `vcpu`'s view-related fields are older than its altp2m
+    /// record (another vCPU switched it): then its hardware's EPTP index
+    /// is no VMFUNC of its own, and it must not enter before it wrote them
+    /// again. Called after [`Coherence::enter`] (which orders the check
+    /// after "in guest"); the vCPU then backs out ([`Coherence::back_out`]).
+    pub fn must_reapply(&self, vcpu: usize) -> bool {
+        self.cpus[vcpu].reapply.load(Ordering::SeqCst)
+    }
+
+    /// `vcpu` announced "in guest" ([`Coherence::enter`]) but does not
+    /// enter after all: nothing ran since its last exit.
+    pub fn back_out(&self, vcpu: usize) {
+        self.cpus[vcpu].in_guest.store(false, Ordering::SeqCst);
     }
 
     /// Whether `vcpu` must write its view-related fields again (clears it).
@@ -316,5 +340,11 @@ mod tests {
         c.request_reapply(1, |_| panic!("not in guest mode: no kick"));
         assert!(c.take_reapply(1));
         assert!(!c.take_reapply(1));
+        // In guest mode (flushing for the shootdown first): kicked, and
+        // waited for until it left.
+        let epoch = c.enter(1).expect("the shootdown moved the epoch");
+        c.flushed(1, epoch);
+        c.request_reapply(1, |v| c.exit(v, 0));
+        assert!(c.must_reapply(1));
     }
 }

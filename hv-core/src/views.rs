@@ -104,17 +104,21 @@ pub fn apply(vmcs: &mut impl Vmcs, vm: &Vm, vcpu: &Vcpu) {
 /// After a VM exit: the guest may have switched views with VMFUNC; the
 /// EPTP-index field says where it is now. An index the altp2m state cannot
 /// have produced means corrupt state: `Err`.
-/// `index` is that field as read after the exit.
+/// `index` is that field as read after the exit. Not while another vCPU's
+/// switch of this one waits to be written to its VMCS: the index is then
+/// older than the switch, which stands.
 pub fn sync(vm: &mut Vm, vcpu: &Vcpu, index: u64) -> Result<(), hv_altp2m::Error> {
-    if !(vm.features.vmfunc && vm.altp2m.is_enabled()) {
+    let id = vcpu.id.index();
+    if !(vm.features.vmfunc && vm.altp2m.is_enabled()) || vm.coherence.must_reapply(id) {
         return Ok(());
     }
-    vm.altp2m.sync_vcpu_view(vcpu.id.index(), index)
+    vm.altp2m.sync_vcpu_view(id, index)
 }
 
 /// After a change to other vCPUs' views (a switch of all or one, altp2m on
 /// or off): each of them writes its view-related VMCS fields again before
-/// its next entry, and one in guest mode is kicked out to do so.
+/// its next entry, and one in guest mode is kicked out to do so; none runs
+/// on its old view once this returns.
 pub fn reapply_others(vm: &Vm, platform: &mut impl Platform, vcpu: usize) {
     for other in (0..vm.vcpus()).filter(|&v| v != vcpu) {
         vm.coherence
