@@ -53,6 +53,9 @@ pub fn sipi<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Flow {
     );
     state::sipi_start(ctx.cpu, &mut ctx.vcpu.regs, &ctx.vm.cr_fixed, vector);
     ctx.vcpu.waiting_for_sipi = false;
+    // Bochs 2.7 leaves the NMIs its wait-for-SIPI state blocked blocked
+    // after the SIPI exit: no kick would reach the vCPU. (A no-op elsewhere.)
+    ctx.cpu.unblock_nmis();
     // A processor reset: no cached translation of the old paging mode survives.
     if ctx.vm.features.vpid {
         ctx.cpu.invvpid(crate::vcpu::GUEST_VPID);

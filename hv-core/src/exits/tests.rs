@@ -1106,6 +1106,48 @@ fn a_guest_nmi_is_forwarded_once_the_guest_can_take_it() {
     assert!(!m.vcpu.pending.nmi);
 }
 
+/// After an NMI exit (and the SIPI exit of a vCPU that waited for SIPI)
+/// NMIs are unblocked in root mode with an IRET, as the SDM leaves them
+/// blocked after an NMI exit: Bochs 2.7 keeps them blocked in the guest
+/// too, and every later kick of the vCPU would be held until its next tick.
+#[test]
+fn nmi_and_sipi_exits_unblock_nmis() {
+    let mut m = Machine::new();
+    m.vmcs.write(ro::VMEXIT_INTERRUPTION_INFO, 0x8000_0202);
+    assert!(stopped(m.exit(ExitReason::ExceptionOrNmi)).is_none());
+    assert_eq!(m.vmcs.nmis_unblocked, 1);
+    m.exit(ExitReason::Init);
+    m.vmcs.write(ro::EXIT_QUALIFICATION, 0x08);
+    assert!(stopped(m.exit(ExitReason::Sipi)).is_none());
+    assert_eq!(m.vmcs.nmis_unblocked, 2);
+}
+
+/// "Blocking by SMI" is never entered: VM entry refuses it outside SMM,
+/// where guests never run, and Bochs 2.7 saves it at every exit of a vCPU
+/// started by a SIPI exit (its wait-for-SIPI state masked SMIs for good).
+#[test]
+fn smi_blocking_a_vm_exit_reports_is_dropped_before_entry() {
+    let mut m = Machine::new();
+    m.vmcs.write(g::INTERRUPTIBILITY_STATE, 0b0101);
+    m.vcpu.pending.deliver(&mut m.vmcs);
+    assert_eq!(m.vmcs.read(g::INTERRUPTIBILITY_STATE), 0b0001);
+}
+
+#[test]
+fn a_kick_is_not_the_guests_nmi() {
+    let mut m = two_vcpus();
+    let coherence = m.vm.coherence;
+    // vCPU 1 switches vCPU 0's view while vCPU 0 runs: a kick, an NMI exit.
+    assert_eq!(coherence.enter(0), None);
+    coherence.request_reapply(0, |v| coherence.exit(v, 0));
+    m.vmcs.write(ro::VMEXIT_INTERRUPTION_INFO, 0x8000_0202);
+    assert!(stopped(m.exit(ExitReason::ExceptionOrNmi)).is_none());
+    assert!(!m.vcpu.pending.nmi, "the kick's NMI is the hypervisor's");
+    // The next NMI exit is the guest's again.
+    assert!(stopped(m.exit(ExitReason::ExceptionOrNmi)).is_none());
+    assert!(m.vcpu.pending.nmi);
+}
+
 #[test]
 fn the_watchdog_stops_a_guest_halted_for_good_and_only_that() {
     let mut m = Machine::new();
