@@ -87,13 +87,16 @@ pub unsafe fn write_trampoline(params: &Params) {
     }
 }
 
-/// INIT-SIPI-SIPI to one processor whose trampoline is written:
+/// INIT-SIPI-SIPI to one processor whose trampoline is written (without
+/// the INIT if not `init`: for a processor known to wait for SIPI):
 /// `send(command)` sends an IPI to it; `wait(cycles)` spins that many TSC
 /// cycles, or less if the processor reported in, and says whether it did.
 /// Returns whether it reported in.
-pub fn start(mut send: impl FnMut(u32), mut wait: impl FnMut(u64) -> bool) -> bool {
-    send(ICR_INIT);
-    wait(AFTER_INIT);
+pub fn start(init: bool, mut send: impl FnMut(u32), mut wait: impl FnMut(u64) -> bool) -> bool {
+    if init {
+        send(ICR_INIT);
+        wait(AFTER_INIT);
+    }
     for _ in 0..2 {
         send(ICR_STARTUP | SIPI_VECTOR);
         if wait(AFTER_SIPI) {
@@ -115,6 +118,7 @@ mod tests {
         let mut sent = Log::new();
         let mut waits = 0;
         let up = start(
+            true,
             |c| sent.push(u64::from(c)).unwrap(),
             |_| {
                 waits += 1;
@@ -123,9 +127,14 @@ mod tests {
         );
         assert!(up);
         assert_eq!(sent, [u64::from(ICR_INIT), u64::from(ICR_STARTUP | 8)]);
+        // Without the INIT: SIPIs only.
+        let mut sent = Log::new();
+        assert!(start(false, |c| sent.push(u64::from(c)).unwrap(), |_| true));
+        assert_eq!(sent, [u64::from(ICR_STARTUP | 8)]);
         // Never reports: INIT, two SIPIs, then the long wait fails.
         let (mut sent, mut cycles) = (Log::new(), Log::new());
         let up = start(
+            true,
             |c| sent.push(u64::from(c)).unwrap(),
             |n| {
                 cycles.push(n).unwrap();

@@ -144,6 +144,7 @@ fn start_ap(index: usize, apic_id: u32) -> bool {
     // APs start one at a time, and the last one left it for Rust already.
     unsafe { ap_start::write_trampoline(&params) };
     ap_start::start(
+        true,
         |command| send_ipi(apic_id, command),
         |cycles| {
             let start = rdtsc();

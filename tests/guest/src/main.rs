@@ -42,6 +42,8 @@ mod platform;
 mod ports;
 mod probe;
 mod scenarios;
+mod smp;
+mod smp_scenarios;
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -70,6 +72,7 @@ pub fn rdtsc() -> u64 {
 
 extern "C" fn kmain(magic: u32, info: u32) -> ! {
     ENTRY_TSC.store(rdtsc(), Ordering::Relaxed);
+    smp::init_boot_cpu();
     START_CR0.store(
         x86_64::registers::control::Cr0::read_raw(),
         Ordering::Relaxed,
@@ -100,6 +103,13 @@ extern "C" fn kmain(magic: u32, info: u32) -> ! {
     println!("boot: {:?}, command line '{}'", boot.loader, boot.cmdline);
     let status = scenarios::run_all(&boot);
     exit(status)
+}
+
+/// Loads the guest's IDT on this CPU (made by the boot processor first).
+pub fn load_idt() {
+    if let Some(idt) = IDT.get() {
+        idt.load();
+    }
 }
 
 /// Ends the run with `status` through the exit port; on bare metal (no

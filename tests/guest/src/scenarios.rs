@@ -6,7 +6,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use hv_abi::{call, error};
 use hv_boot::bootinfo::{BootInfo, RegionKind};
 
-use crate::{altp2m, apic, figures, paging, platform, ports, println, probe, rdtsc};
+use crate::{altp2m, apic, figures, paging, platform, ports, println, probe, rdtsc, smp_scenarios};
 
 pub type Outcome = Result<(), &'static str>;
 
@@ -20,6 +20,11 @@ pub struct Options {
     pub clocks: platform::Clocks,
     /// `module=SIZE:CHECKSUM[:WORD]`: the Multiboot module to expect.
     pub module: Option<platform::ModuleSpec>,
+    /// `ap-start=init` (INIT, SIPI, SIPI: the default) or `sipi` (SIPI,
+    /// SIPI): how the SMP scenarios start the APs. Bochs 2.7 needs `sipi`:
+    /// it keeps an INIT pending after the INIT VM exit (fixed in Bochs 2.8),
+    /// so a vCPU that got one exits again at every entry.
+    pub init_aps: bool,
 }
 
 impl Options {
@@ -31,6 +36,13 @@ impl Options {
             "tsc-hz" => into.clocks.tsc_hz = number(value)?.max(1),
             "apic-hz" => into.clocks.apic_hz = number(value)?.max(1),
             "module" => into.module = Some(platform::ModuleSpec::parse(value)?),
+            "ap-start" => {
+                into.init_aps = match value {
+                    "init" => true,
+                    "sipi" => false,
+                    _ => return Err("expected init or sipi"),
+                }
+            }
             _ => return Err("unknown option"),
         }
         Ok(())
@@ -52,6 +64,7 @@ pub fn run_all(boot: &BootInfo) -> u8 {
         status: None,
         clocks: platform::Clocks::BOCHS,
         module: None,
+        init_aps: true,
     };
     for word in given().filter(|w| w.contains('=')) {
         if let Err(why) = Options::parse(word, &mut options) {
@@ -127,6 +140,11 @@ fn run_one(word: &str, boot: &BootInfo, options: &Options) -> Outcome {
         "exit-bench" => figures::exit_bench(clocks),
         "control" => crate::control::scenario(),
         "exhaust" => altp2m::exhaust(),
+        "smp" => smp_scenarios::bring_up(boot, options),
+        "smp-views" => smp_scenarios::views(boot, options),
+        "smp-vmfunc" => smp_scenarios::vmfunc(boot, options),
+        "smp-balloon" => smp_scenarios::balloon(boot, options),
+        "smp-bench" => smp_scenarios::bench(boot, options),
         _ => Err("no such scenario"),
     }
 }
