@@ -33,6 +33,47 @@
 //! it, as the hardware merges two NMIs that arrive before the first is
 //! delivered; a kick that lands while the vCPU is in root mode is absorbed
 //! by the host NMI handler ([`Coherence::take_kick`]).
+//!
+//! A view switch of another vCPU (the hypercall's or the control channel's
+//! "switch one vCPU", a switch of all, altp2m on or off) follows the same
+//! pattern with a per-vCPU request in place of the epoch: the switcher
+//! updates the altp2m record under the VM lock and calls
+//! [`Coherence::request_reapply`], which returns once the target is out of
+//! guest mode (kicked and waited for) or bound to see the request before
+//! it enters ([`Coherence::must_reapply`] after [`Coherence::enter`]: it
+//! backs out and writes its view fields first). Until it has, the EPTP
+//! index its exits report is older than the switch and is not taken for a
+//! VMFUNC (`views::sync`).
+//!
+//! # Locks: which protects what (the one place that says so)
+//!
+//! - **The VM lock** (the `spin::Mutex<Vm>` each vCPU's run loop is given,
+//!   `Vcpu::run`) protects everything in `Vm`: the host p2m, the views and
+//!   each vCPU's recorded view (`hv_altp2m`), devices and platform state,
+//!   the control channel's state (sessions, events, a stopped vCPU's
+//!   published registers), counters and the guest's end. A vCPU takes it
+//!   for each exit's handling and for its checks before entry, and drops
+//!   it before VM entry: **no lock is held across a VM entry** (the run
+//!   loop holds no guard when it calls `entry::enter`; a held vCPU,
+//!   `Vcpu::hold`, takes it per round). The control line's server takes it
+//!   per command and never across UART I/O.
+//! - **No lock: [`Coherence`]** (this module): the epoch and each vCPU's
+//!   in-guest, flushed-epoch, kick, reapply, parked and last-view words,
+//!   atomics written by their vCPU or by the initiator as described above.
+//!   An initiator waits for other vCPUs while it holds the VM lock; that
+//!   cannot deadlock, because what it waits for (leaving guest mode, or a
+//!   flush) a vCPU does before it takes the VM lock after an exit, and a
+//!   vCPU spinning on the VM lock is out of guest mode already.
+//! - **No lock: a vCPU's own state** (`Vcpu`: its VMCS, registers,
+//!   pending events, step state, #VE page) belongs to the run loop of its
+//!   CPU; other CPUs reach it only through `Coherence`'s requests and the
+//!   control state in `Vm`.
+//! - **Leaf locks of the kernel** (hv-boot): the frame allocator
+//!   (`memory::FRAMES`), the heap's allocator, the console (log lines; a
+//!   panic breaks it) and the control line's UART (`control_line::LINE`,
+//!   never under the VM lock). The first three may be taken while the VM
+//!   lock is held, never the other way round, and none is held across a VM
+//!   entry either.
 
 #[cfg(not(loom))]
 use core::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering, fence};
