@@ -25,6 +25,11 @@ const ICR_LOW: u64 = 0x300;
 const ICR_HIGH: u64 = 0x310;
 const ICR_PENDING: u32 = 1 << 12;
 const ICR_NMI: u32 = 0x400 | 1 << 14;
+/// The highest APIC id an IPI reaches in xAPIC mode, the only mode the
+/// hypervisor drives its local APIC in (ICR_HIGH holds an 8-bit
+/// destination, and 0xff is the broadcast): a CPU the MADT lists with a
+/// higher (x2APIC) id is left out.
+const MAX_XAPIC_ID: u32 = 0xfe;
 
 unsafe extern "C" {
     static boot_pml4: u8;
@@ -111,7 +116,10 @@ pub fn start_aps(bsp_apic_id: u32, listed: &[u32]) {
     CPUS[0].apic_id.store(bsp_apic_id, Ordering::Release);
     CPUS[0].state.store(ONLINE, Ordering::Release);
     let others = listed.iter().filter(|&&id| id != bsp_apic_id);
-    for (n, &apic_id) in others.enumerate() {
+    for &apic_id in others.clone().filter(|&&id| id > MAX_XAPIC_ID) {
+        warn!("smp: APIC id {apic_id} needs x2APIC, which the hypervisor does not use; left out");
+    }
+    for (n, &apic_id) in others.filter(|&&id| id <= MAX_XAPIC_ID).enumerate() {
         let index = n + 1;
         if index >= MAX_CPUS {
             warn!("smp: more than {MAX_CPUS} CPUs; the rest stay off");
