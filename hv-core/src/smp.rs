@@ -300,6 +300,65 @@ mod loom_tests {
         });
     }
 
+    /// Another vCPU's view switch: the switcher updates the vCPU's recorded
+    /// view under the VM lock and requests a reapply; the vCPU reads the
+    /// record into its fields before entry when asked to, and after an exit
+    /// takes its hardware's view for a VMFUNC (`views::sync`) unless a
+    /// reapply is pending. The switch is never lost, and once the request
+    /// returned the vCPU never runs on its old fields.
+    #[test]
+    fn another_vcpus_view_switch_is_never_lost_nor_run_around() {
+        loom::model(|| {
+            use loom::sync::Mutex;
+            use loom::sync::atomic::AtomicBool;
+            const NEW: u16 = 2;
+            // The VM lock over the recorded view; "switched" is set once
+            // the switcher's call returned.
+            let shared = Arc::new((Coherence::new(2), Mutex::new(1u16), AtomicBool::new(false)));
+            let vcpu = {
+                let shared = shared.clone();
+                thread::spawn(move || {
+                    let (c, record, switched) = &*shared;
+                    let mut fields = 1u16;
+                    for _ in 0..2 {
+                        {
+                            let record = record.lock().unwrap();
+                            if c.take_reapply(1) {
+                                fields = *record;
+                            }
+                        }
+                        if let Some(epoch) = c.enter(1) {
+                            c.flushed(1, epoch);
+                        }
+                        if c.must_reapply(1) {
+                            c.back_out(1);
+                            continue;
+                        }
+                        // In guest mode, on `fields`.
+                        if switched.load(Ordering::SeqCst) {
+                            assert_eq!(fields, NEW, "ran on its old view after the switch");
+                        }
+                        c.take_kick(1);
+                        c.exit(1, fields);
+                        let mut record = record.lock().unwrap();
+                        if !c.must_reapply(1) {
+                            *record = fields;
+                        }
+                    }
+                })
+            };
+            let (c, record, switched) = &*shared;
+            {
+                let mut record = record.lock().unwrap();
+                *record = NEW;
+                c.request_reapply(1, |_| {});
+            }
+            switched.store(true, Ordering::SeqCst);
+            vcpu.join().unwrap();
+            assert_eq!(*record.lock().unwrap(), NEW, "the switch was lost");
+        });
+    }
+
     /// A view destroyed while a vCPU may switch to it with VMFUNC: the
     /// destroyer hides the view (takes it out of the EPTP list), shoots
     /// down, and destroys it only if no vCPU was on it at its last exit.
