@@ -20,8 +20,12 @@
 //! figures: `cpuid-bench`, `vmfunc-bench`, `lazy-copy-bench`,
 //! `display-bench`, `logdirty-bench` (last: it leaves 18,432 ranges
 //! tracked), `idle-bench`, `exit-bench`; `control` (the guest's half
-//! of the control channel's end-to-end test). Options: `exit=N`,
-//! `tsc-hz=`, `apic-hz=` (default 200 MHz, Bochs's), `module=SIZE:CHECKSUM[:WORD]`.
+//! of the control channel's end-to-end test); on 2 CPUs (`smp_scenarios.rs`,
+//! the AP started through the local APIC, `smp.rs`): `smp`, `smp-views`,
+//! `smp-vmfunc`, `smp-balloon`, and the figure `smp-bench` (first: it
+//! measures before the AP starts). Options: `exit=N`,
+//! `tsc-hz=`, `apic-hz=` (default 200 MHz, Bochs's), `module=SIZE:CHECKSUM[:WORD]`,
+//! `ap-start=init|sipi` (INIT-SIPI-SIPI, the default, or SIPI-SIPI).
 //!
 //! It also runs on bare metal (GRUB booting it without the hypervisor),
 //! where the scenarios that need no hypervisor tell its bugs from the
