@@ -75,7 +75,7 @@ unsafe extern "C" {
     fn probe_invept(kind: u64, descriptor: u64);
     fn probe_invvpid(kind: u64, descriptor: u64);
     fn probe_getsec();
-    fn probe_fetch(address: u64);
+    fn probe_fetch(address: u64) -> u64;
     fn probe_read_u32(address: u64) -> u64;
     static probe_table: [[u64; 2]; 26];
 }
@@ -225,7 +225,9 @@ probe_table:
 /// Called by the exception handler: if the fault is a probe's, resume after it.
 pub fn recover(frame: &mut ExceptionFrame) -> bool {
     let target = FETCH_TARGET.load(Ordering::Relaxed);
-    if target != 0 && frame.rip == target {
+    // An INT3 at the target is a trap: RIP is past it.
+    let at_target = frame.rip == target || (frame.vector == 3 && frame.rip == target + 1);
+    if target != 0 && at_target {
         // The fetch faulted at the target: return to `probe_fetch`'s
         // caller, popping the return address `call` pushed.
         // SAFETY: the interrupted stack's top is that return address.
@@ -405,11 +407,18 @@ pub fn vmx(insn: VmxInsn, operand: u64, value: u64) -> Result<(), u8> {
 /// Callers pass only addresses nothing maps (outside the guest's RAM and
 /// devices), so the fetch itself faults.
 pub fn fetch(address: u64) -> Result<(), u8> {
+    call(address).map(|_| ())
+}
+
+/// Calls the code at `address` (which must return, or fault at its first
+/// instruction, INT3 included): its RAX, or the vector it raised there.
+pub fn call(address: u64) -> Result<u64, u8> {
     FAULT.store(0, Ordering::Relaxed);
     FETCH_TARGET.store(address, Ordering::Relaxed);
-    // SAFETY: the target is not mapped: the first fetch faults and the
-    // exception handler returns here (see `recover`).
-    unsafe { probe_fetch(address) };
+    // SAFETY: the target is code that returns (the fuzzer's arena code) or
+    // an address whose first fetch faults; the exception handler returns
+    // here then (see `recover`).
+    let rax = unsafe { probe_fetch(address) };
     FETCH_TARGET.store(0, Ordering::Relaxed);
-    outcome(())
+    outcome(rax)
 }

@@ -109,6 +109,7 @@ fn run_one(word: &str, boot: &BootInfo, options: &Options) -> Outcome {
         "display" => altp2m::display(false),
         "display-late" => altp2m::display(true),
         "memory-calls" => altp2m::memory_calls(),
+        "display-vs-logdirty" => altp2m::display_vs_logdirty(),
         "vmfunc-bench" => altp2m::vmfunc_bench(),
         "lazy-copy-bench" => altp2m::lazy_copy_bench(),
         "display-bench" => altp2m::display_bench(),

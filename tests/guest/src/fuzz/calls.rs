@@ -283,7 +283,10 @@ impl Fuzzer {
                 } else {
                     Expect::Exact(EPERM)
                 };
-                self.expect(number, args, expect).map(|_| ())
+                if self.expect(number, args, expect)? == 0 && notify_call {
+                    self.model.notify = None;
+                }
+                Ok(())
             }
             call::ALTP2M_GET_STATE => {
                 let args = [self.edge(), 0, 0, 0];
@@ -751,23 +754,37 @@ impl Fuzzer {
     }
 
     pub(super) fn set_mem_access(&mut self, view: u64, gfn: u64, a: u64) -> Outcome {
-        let expect = if view > u64::from(u16::MAX) || !access_valid(a) {
+        let valid = access_valid(a);
+        self.set_and_read_back(call::ALTP2M_SET_MEM_ACCESS, view, gfn, a, valid)
+    }
+
+    pub(super) fn set_suppress_ve(&mut self, view: u64, gfn: u64, flag: u64) -> Outcome {
+        self.set_and_read_back(call::ALTP2M_SET_SUPPRESS_VE, view, gfn, flag, flag <= 1)
+    }
+
+    /// SET_MEM_ACCESS or SET_SUPPRESS_VE of `value` (`valid` or EINVAL),
+    /// then its GET reads the value back.
+    fn set_and_read_back(
+        &mut self,
+        number: u64,
+        view: u64,
+        gfn: u64,
+        value: u64,
+        valid: bool,
+    ) -> Outcome {
+        let expect = if view > u64::from(u16::MAX) || !valid {
             EINVAL
         } else {
             self.entry_error(view, gfn).unwrap_or(0)
         };
-        self.expect(
-            call::ALTP2M_SET_MEM_ACCESS,
-            [view, gfn, a, 0],
-            Expect::Exact(expect),
-        )?;
+        self.expect(number, [view, gfn, value, 0], Expect::Exact(expect))?;
         if expect == 0 {
-            // Read back at once: the same access.
-            self.expect(
-                call::ALTP2M_GET_MEM_ACCESS,
-                [view, gfn, 0, 0],
-                Expect::Exact(a as i64),
-            )?;
+            let get = if number == call::ALTP2M_SET_MEM_ACCESS {
+                call::ALTP2M_GET_MEM_ACCESS
+            } else {
+                call::ALTP2M_GET_SUPPRESS_VE
+            };
+            self.expect(get, [view, gfn, 0, 0], Expect::Exact(value as i64))?;
         }
         Ok(())
     }
@@ -781,27 +798,6 @@ impl Fuzzer {
             None => set(Some((0, 1)), &[]),
         };
         self.expect(number, [view, gfn, 0, 0], expect).map(|_| ())
-    }
-
-    pub(super) fn set_suppress_ve(&mut self, view: u64, gfn: u64, flag: u64) -> Outcome {
-        let expect = if view > u64::from(u16::MAX) || flag > 1 {
-            EINVAL
-        } else {
-            self.entry_error(view, gfn).unwrap_or(0)
-        };
-        self.expect(
-            call::ALTP2M_SET_SUPPRESS_VE,
-            [view, gfn, flag, 0],
-            Expect::Exact(expect),
-        )?;
-        if expect == 0 {
-            self.expect(
-                call::ALTP2M_GET_SUPPRESS_VE,
-                [view, gfn, 0, 0],
-                Expect::Exact(flag as i64),
-            )?;
-        }
-        Ok(())
     }
 
     /// The multi result of a run of per-gfn steps, each `None` (applied)
@@ -992,7 +988,9 @@ impl Fuzzer {
             .map(|r| r.old)
             .collect();
         let (old, new) = match self.rng.below(10) {
-            0..=5 => (old, self.tagged_page()),
+            // A breakpoint page: the shadow of a hidden breakpoint.
+            0 => (old, self.tagged_page() / 16 * 16 + 5),
+            1..=5 => (old, self.tagged_page()),
             6 | 7 if !existing.is_empty() => (self.rng.pick(&existing), hv_abi::INVALID_GFN),
             6 | 7 => (old, hv_abi::INVALID_GFN),
             8 => (old, self.mut_gfn()),

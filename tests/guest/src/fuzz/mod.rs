@@ -13,6 +13,9 @@
 //!   access restrictions, suppress-#VE, remaps, visibility, altp2m on/off;
 //! - running inside views with #VE: a restricted page touched with #VE
 //!   allowed must raise #VE (and only such pages may);
+//! - code in the arena called through views: it must run the frame the
+//!   view shows (or, stepped, the page's own), and an INT3 in a remapped
+//!   page is a hidden breakpoint the hypervisor steps over;
 //! - the balloon: a page is filled with a marker and given back; no view,
 //!   remap or alias may show the marker afterwards. Every other arena page
 //!   carries a tag naming its gfn, so a view showing a frame that is not the
@@ -83,6 +86,7 @@ pub enum Class {
     Access,
     Remap,
     Touch,
+    Exec,
     Ve,
     Balloon,
     Logdirty,
@@ -99,7 +103,7 @@ pub enum Class {
     Fetch,
 }
 
-const CLASSES: [(Class, &str, u64); 21] = [
+const CLASSES: [(Class, &str, u64); 22] = [
     (Class::Hypercall, "hypercall", 20),
     (Class::Unknown, "unknown-call", 2),
     (Class::View, "view", 7),
@@ -107,6 +111,7 @@ const CLASSES: [(Class, &str, u64); 21] = [
     (Class::Access, "access", 8),
     (Class::Remap, "remap", 6),
     (Class::Touch, "touch", 10),
+    (Class::Exec, "exec", 3),
     (Class::Ve, "ve", 4),
     (Class::Balloon, "balloon", 1),
     (Class::Logdirty, "logdirty", 3),
@@ -184,6 +189,9 @@ pub struct Fuzzer {
     recent: heapless::Deque<Made, 8>,
     /// Pages given back in this seed.
     released_now: u64,
+    /// Times the display and the guest's log-dirty calls took each other's
+    /// dirty bits (a known issue), in this seed.
+    known_display: u64,
     /// The page a disabled local APIC reads from, during the APIC operation.
     read_only_page: Option<u64>,
     /// `VMFUNC` is offered (EPTP switching).
@@ -257,6 +265,7 @@ fn fuzzer(boot: &BootInfo, config: &Config) -> Result<Fuzzer, &'static str> {
         trace: config.trace,
         recent: heapless::Deque::new(),
         released_now: 0,
+        known_display: 0,
         read_only_page: None,
         vmfunc: false,
         failed: None,
@@ -372,6 +381,7 @@ impl Fuzzer {
         self.ves_before = ve::count();
         self.spurious_before = ve::spurious();
         self.released_now = 0;
+        self.known_display = 0;
         let hypercalls = self.hypercalls;
         self.start()?;
         let weights: heapless::Vec<u64, 32> = CLASSES.iter().map(|c| c.2).collect();
@@ -416,10 +426,11 @@ impl Fuzzer {
             "fuzz: seed {seed}: {calls} calls (by class {by_class}), {faults} faults recovered, result clean"
         );
         println!(
-            "fuzz: seed {seed}: {} hypercalls, {ves} #VEs handled ({spurious} of them for pages the hypervisor write-protects itself: known issue, docs/limits.md), {} pages given back ({} in all)",
+            "fuzz: seed {seed}: {} hypercalls, {ves} #VEs handled, {} pages given back ({} in all); known issues (docs/limits.md): {spurious} #VEs for pages the hypervisor write-protects itself, {} dirty bits the display and the guest took from each other",
             self.hypercalls - hypercalls,
             self.released_now,
-            self.model.released_count()
+            self.model.released_count(),
+            self.known_display
         );
         Ok(())
     }
@@ -433,6 +444,7 @@ impl Fuzzer {
             Class::Access => self.access_op(),
             Class::Remap => self.remap_op(),
             Class::Touch => self.touch_op(),
+            Class::Exec => self.exec_op(),
             Class::Ve => self.ve_op(),
             Class::Balloon => self.balloon_op(),
             Class::Logdirty => self.logdirty_op(),

@@ -14,6 +14,13 @@ pub const ARENA_PAGES: u64 = 2048;
 pub const BUFFER_PAGES: u64 = 16;
 /// Where in a page its tag (or a released page's marker) is read.
 pub const TAG_OFFSET: u64 = 0x800;
+/// Where in a tagged page its code is: `mov eax, gfn; ret`, so a call
+/// there returns the gfn of the frame the view shows. One page in sixteen
+/// starts it with INT3 instead: a breakpoint page, a shadow for hidden
+/// breakpoints.
+pub const CODE_OFFSET: u64 = 0x100;
+/// The bytes from CODE_OFFSET on that nothing but the stamp writes.
+pub const CODE_BYTES: u64 = 8;
 /// The largest gfn the interface takes (48-bit guest-physical addresses).
 pub const GFN_MAX: u64 = (1 << 36) - 1;
 pub const PAGE: u64 = 4096;
@@ -32,6 +39,13 @@ pub fn tag(gfn: u64) -> u64 {
 /// What a released page was filled with before it went.
 pub fn marker(gfn: u64) -> u64 {
     MARK | gfn
+}
+
+/// A tagged page's code, as a little-endian word: `mov eax, gfn; ret;
+/// nop; nop`, or with INT3 in place of the `mov` opcode.
+pub fn code(gfn: u64, breakpoint: bool) -> u64 {
+    let opcode = if breakpoint { 0xcc } else { 0xb8 };
+    opcode | (gfn & 0xffff_ffff) << 8 | 0x9090_c3 << 40
 }
 
 pub fn tag_of(word: u64) -> Option<u64> {
@@ -154,6 +168,11 @@ impl Layout {
         self.backed.iter().any(|&(s, e)| (s..e).contains(&gpa))
     }
 
+    /// One tagged page in sixteen has INT3 for its first code byte.
+    pub fn is_breakpoint(&self, gfn: u64) -> bool {
+        self.in_arena(gfn) && !self.is_buffer(gfn) && (gfn - self.first) % 16 == 5
+    }
+
     /// The gpa just past the arena: the end of RAM below 4 GiB.
     pub fn ram_top(&self) -> u64 {
         self.end() * PAGE
@@ -185,6 +204,9 @@ pub struct Model {
     /// The #VE information page the hypervisor holds (gfn).
     pub notify: Option<u64>,
     pub display: Option<(u64, u64)>,
+    /// A guest LOGDIRTY_FETCH covered the display's pages since it was set:
+    /// the display's copy may have lost updates to it (docs/limits.md).
+    pub display_shared: bool,
     /// Arena pages given back, one bit each.
     released: [u64; (ARENA_PAGES / 64) as usize],
     pub remaps: heapless::Vec<Remap, 256>,
@@ -203,6 +225,7 @@ impl Model {
             current: 0,
             notify: None,
             display: None,
+            display_shared: false,
             released: [0; (ARENA_PAGES / 64) as usize],
             remaps: heapless::Vec::new(),
             logdirty: Some(heapless::Vec::new()),
@@ -367,6 +390,21 @@ impl Model {
         {
             self.logdirty = None;
         }
+    }
+
+    /// A guest fetch of `[first, first + pages)`'s dirty bits.
+    pub fn fetched(&mut self, first: u64, pages: u64) {
+        if let Some((f, p)) = self.display
+            && first < f + p
+            && f < first.saturating_add(pages)
+        {
+            self.display_shared = true;
+        }
+    }
+
+    pub fn in_display(&self, gfn: u64) -> bool {
+        self.display
+            .is_some_and(|(first, pages)| (first..first + pages).contains(&gfn))
     }
 
     /// Whether `gfn` may be tracked log-dirty (true when the model lost count).

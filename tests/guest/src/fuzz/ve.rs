@@ -10,7 +10,7 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use hv_abi::{access, call, error, ve_info};
 
-use super::model::{self, Kind, Layout, Model, PAGE, TAG_OFFSET};
+use super::model::{self, Kind, Layout, Model, PAGE};
 use super::{Expect, Fuzzer};
 use crate::probe;
 use crate::scenarios::{Outcome, hypercall};
@@ -213,6 +213,9 @@ impl Fuzzer {
                 Expect::Exact(0),
             )?;
             self.model.notify = Some(gfn);
+            // The handler must know first: the write that re-arms may be
+            // a #VE itself (a log-dirty page, docs/limits.md).
+            sync(&self.model);
             rearm(gfn);
         } else if matches!(
             kind,
@@ -282,13 +285,9 @@ impl Fuzzer {
             _ => false,
         };
         let before = count();
-        // A write of what is there, away from the tag: content unchanged.
-        let at = gfn * PAGE + 8 * self.rng.below(PAGE / 8 - 1) + 8;
-        let at = if at == gfn * PAGE + TAG_OFFSET {
-            at + 8
-        } else {
-            at
-        };
+        // A write of what is there, away from the tag and the code:
+        // content unchanged.
+        let at = self.untagged_offset(gfn);
         let result = probe::read(at).and_then(|value| probe::write(at, value));
         let ves = count() - before;
         self.ensure(
