@@ -212,4 +212,29 @@ mod tests {
         // TSC, APIC, SEP, MTRR, PAT, SYSCALL and RDTSCP stay.
         assert_eq!(advertised, 7, "the table covers the basic features too");
     }
+
+    /// A feature CPUID hides has its CR4 bit refused (`vcpu::cr::CR4_HIDDEN`),
+    /// as on a CPU without it; one it shows has its bit free.
+    #[test]
+    fn cr4_bits_of_hidden_features_are_refused() {
+        use crate::vcpu::cr::CR4_HIDDEN;
+        // CR4 bit, and the CPUID bit that offers its feature.
+        const CR4_FEATURES: [(u32, (u32, usize, u32)); 6] = [
+            (6, (1, 3, 7)),   // MCE
+            (14, (1, 2, 6)),  // SMXE
+            (24, (7, 2, 31)), // PKS
+            (22, (7, 2, 3)),  // PKE
+            (20, (7, 1, 7)),  // SMEP
+            (16, (7, 1, 0)),  // FSGSBASE
+        ];
+        let all = |_, _| [u32::MAX; 4];
+        for (cr4_bit, (leaf, reg, bit)) in CR4_FEATURES {
+            let shown = guest_cpuid(leaf, 0, all, 0)[reg] & 1 << bit != 0;
+            assert_eq!(
+                CR4_HIDDEN & 1 << cr4_bit == 0,
+                shown,
+                "CR4 bit {cr4_bit}: CPUID {leaf:#x} reg {reg} bit {bit} shown {shown}"
+            );
+        }
+    }
 }

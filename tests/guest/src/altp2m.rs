@@ -1111,3 +1111,47 @@ pub fn exhaust() -> Outcome {
     )?;
     disable()
 }
+
+/// The display and the guest's own log-dirty calls share one dirty log: a
+/// guest LOGDIRTY_FETCH over the framebuffer takes the updates the display
+/// has not copied yet (its copy then stays stale), and a display refresh
+/// takes the dirty bits the guest has not fetched yet. Fails while they do
+/// (a known issue, docs/limits.md); run alone (`--guest-args
+/// display-vs-logdirty`).
+pub fn display_vs_logdirty() -> Outcome {
+    const PAGES: u64 = 4;
+    static BITMAP: AtomicU64 = AtomicU64::new(0);
+    let bitmap = &BITMAP as *const AtomicU64 as u64;
+    let checksum = || {
+        // SAFETY: the framebuffer is guest RAM the scenario owns.
+        let bytes =
+            (0..PAGES * 4096).map(|i| unsafe { core::ptr::read_volatile((FB + i) as *const u8) });
+        hv_abi::display_checksum(bytes)
+    };
+    ok(
+        hypercall(call::DISPLAY_SET, &[gfn(FB), PAGES]),
+        "DISPLAY_SET",
+    )?;
+    write_u8(FB + 0x10, read_u8(FB + 0x10).wrapping_add(1));
+    let taken = hypercall(call::LOGDIRTY_FETCH, &[gfn(FB), PAGES, bitmap]);
+    let copied = hypercall(call::DISPLAY_REFRESH, &[]);
+    let (ours, theirs) = (checksum(), hypercall(call::DISPLAY_CHECKSUM, &[]) as u64);
+    write_u8(FB + 0x1010, read_u8(FB + 0x1010).wrapping_add(1));
+    let refreshed = hypercall(call::DISPLAY_REFRESH, &[]);
+    let seen = hypercall(call::LOGDIRTY_FETCH, &[gfn(FB), PAGES, bitmap]);
+    ok(
+        hypercall(call::DISPLAY_SET, &[0, 0]),
+        "stopping the display",
+    )?;
+    println!(
+        "display-vs-logdirty: a write, the guest's fetch ({taken} dirty), a refresh ({copied} copied): checksum {ours:#x} / display {theirs:#x}; a write, a refresh ({refreshed} copied), the guest's fetch: {seen} dirty"
+    );
+    check(
+        ours == theirs,
+        "the guest's LOGDIRTY_FETCH of the framebuffer left the display stale",
+    )?;
+    check(
+        seen == 1,
+        "the display's refresh took the guest's dirty bit",
+    )
+}

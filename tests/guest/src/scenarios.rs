@@ -6,7 +6,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use hv_abi::{call, error};
 use hv_boot::bootinfo::{BootInfo, RegionKind};
 
-use crate::{altp2m, apic, figures, paging, platform, ports, println, probe, rdtsc};
+use crate::{altp2m, apic, figures, fuzz, paging, platform, ports, println, probe, rdtsc};
 
 pub type Outcome = Result<(), &'static str>;
 
@@ -20,6 +20,8 @@ pub struct Options {
     pub clocks: platform::Clocks,
     /// `module=SIZE:CHECKSUM[:WORD]`: the Multiboot module to expect.
     pub module: Option<platform::ModuleSpec>,
+    /// `seed=`, `calls=`, `seeds=`, `trace=`: the fuzzer's.
+    pub fuzz: fuzz::Config,
 }
 
 impl Options {
@@ -31,6 +33,10 @@ impl Options {
             "tsc-hz" => into.clocks.tsc_hz = number(value)?.max(1),
             "apic-hz" => into.clocks.apic_hz = number(value)?.max(1),
             "module" => into.module = Some(platform::ModuleSpec::parse(value)?),
+            "seed" => into.fuzz.seed = number(value)?,
+            "calls" => into.fuzz.calls = number(value)?,
+            "seeds" => into.fuzz.seeds = number(value)?.max(1),
+            "trace" => into.fuzz.trace = number(value)? != 0,
             _ => return Err("unknown option"),
         }
         Ok(())
@@ -52,6 +58,7 @@ pub fn run_all(boot: &BootInfo) -> u8 {
         status: None,
         clocks: platform::Clocks::BOCHS,
         module: None,
+        fuzz: fuzz::Config::default(),
     };
     for word in given().filter(|w| w.contains('=')) {
         if let Err(why) = Options::parse(word, &mut options) {
@@ -102,6 +109,7 @@ fn run_one(word: &str, boot: &BootInfo, options: &Options) -> Outcome {
         "display" => altp2m::display(false),
         "display-late" => altp2m::display(true),
         "memory-calls" => altp2m::memory_calls(),
+        "display-vs-logdirty" => altp2m::display_vs_logdirty(),
         "vmfunc-bench" => altp2m::vmfunc_bench(),
         "lazy-copy-bench" => altp2m::lazy_copy_bench(),
         "display-bench" => altp2m::display_bench(),
@@ -127,6 +135,9 @@ fn run_one(word: &str, boot: &BootInfo, options: &Options) -> Outcome {
         "exit-bench" => figures::exit_bench(clocks),
         "control" => crate::control::scenario(),
         "exhaust" => altp2m::exhaust(),
+        "fuzz" => fuzz::run(boot, options),
+        "fuzz-end" => fuzz::run_end(boot, options),
+        "hostile-bench" => fuzz::bench::hostile_bench(boot),
         _ => Err("no such scenario"),
     }
 }
