@@ -291,12 +291,26 @@ pub fn logdirty_fetch(
         .map_err(errno)?;
     views::flush(vm, cpu, platform, caller);
     let mut dirty = 0;
-    vm.altp2m
-        .fetch_dirty(&mut vm.dirty, &armed, |gfn| {
-            let i = (gfn.0 - first.0) as usize;
+    let mut mark = |gfn: Gfn| {
+        let i = (gfn.0 - first.0) as usize;
+        if bitmap[i / 8] & (1 << (i % 8)) == 0 {
             bitmap[i / 8] |= 1 << (i % 8);
             dirty += 1;
+        }
+    };
+    let display = &mut vm.display;
+    vm.altp2m
+        .fetch_dirty(&mut vm.dirty, &armed, |gfn| {
+            mark(gfn);
+            // The display's copy still needs what the guest takes.
+            if let Some(display) = display.as_mut() {
+                display.guest_took(gfn);
+            }
         })
         .map_err(errno)?;
+    // And the guest gets what the display's refreshes took.
+    if let Some(display) = vm.display.as_mut() {
+        display.give_guest(first, last, &mut mark);
+    }
     Ok(dirty)
 }

@@ -948,6 +948,46 @@ fn log_dirty_fetch_checks_its_buffer(caps: &VmxCaps) {
 }
 
 #[test]
+fn the_display_and_the_guests_log_dirty_fetch_do_not_take_each_others_writes() {
+    for caps in [caps(), caps_without_pml()] {
+        display_and_fetch_share_the_dirty_log(&caps);
+    }
+}
+
+fn display_and_fetch_share_the_dirty_log(caps: &VmxCaps) {
+    let mut m = Machine::on(caps, |_| {});
+    let fb = 0x400u64;
+    let checksum = |m: &Machine| {
+        let mut bytes = std::vec![0u8; 4 * 4096];
+        m.vm.read(&m.platform, fb << 12, &mut bytes).unwrap();
+        crate::abi::display_checksum(bytes.iter().copied())
+    };
+    assert_eq!(m.call(call::DISPLAY_SET, &[fb, 4]), 0);
+    assert_eq!(m.call(call::LOGDIRTY_TRACK, &[fb, 4]), 0);
+    // The guest's fetch takes a write first: the next refresh still copies it.
+    m.write_guest((fb + 1) << 12);
+    m.vm.write(&mut m.platform, (fb + 1) << 12, b"one").unwrap();
+    assert_eq!(m.call(call::LOGDIRTY_FETCH, &[fb, 4, 0x60_0000]), 1);
+    assert_eq!(m.call(call::DISPLAY_REFRESH, &[]), 1, "page 1 still copied");
+    assert_eq!(m.call(call::DISPLAY_CHECKSUM, &[]) as u64, checksum(&m));
+    assert_eq!(m.call(call::DISPLAY_REFRESH, &[]), 0, "and only once");
+    // A refresh takes a write first: the guest's next fetch still sees it,
+    // once, and a fetch of another range does not.
+    m.write_guest((fb + 3) << 12);
+    assert_eq!(m.call(call::DISPLAY_REFRESH, &[]), 1);
+    assert_eq!(m.call(call::LOGDIRTY_FETCH, &[fb, 3, 0x60_0000]), 0);
+    m.vm.write(&mut m.platform, 0x60_0000, &[0]).unwrap();
+    assert_eq!(m.call(call::LOGDIRTY_FETCH, &[fb, 4, 0x60_0000]), 1);
+    let mut bitmap = [0u8];
+    m.vm.read(&m.platform, 0x60_0000, &mut bitmap).unwrap();
+    assert_eq!(bitmap[0], 1 << 3);
+    assert_eq!(m.call(call::LOGDIRTY_FETCH, &[fb, 4, 0x60_0000]), 0);
+    assert_eq!(m.call(call::DISPLAY_SET, &[0, 0]), 0);
+    let platform = m.destroy();
+    assert_eq!(platform.outstanding(), 0);
+}
+
+#[test]
 fn outside_64_bit_mode_hypercalls_see_the_low_halves_of_registers() {
     let mut m = Machine::new();
     m.vmcs.write(control::VMENTRY_CONTROLS, 0);

@@ -496,8 +496,14 @@ impl Vm {
                 self.altp2m
                     .arm_dirty(platform, &mut self.p2m, &mut self.dirty, first, last)?;
             crate::views::flush(self, cpu, platform, vcpu);
-            self.altp2m
-                .fetch_dirty(&mut self.dirty, &armed, |_| dirty += 1)?;
+            // The display's copy still needs what this takes of it.
+            let display = &mut self.display;
+            self.altp2m.fetch_dirty(&mut self.dirty, &armed, |gfn| {
+                dirty += 1;
+                if let Some(display) = display.as_mut() {
+                    display.guest_took(gfn);
+                }
+            })?;
         }
         if let Some(totals) = self.logdirty_all.as_mut() {
             totals.fetches += 1;

@@ -1115,9 +1115,8 @@ pub fn exhaust() -> Outcome {
 /// The display and the guest's own log-dirty calls share one dirty log: a
 /// guest LOGDIRTY_FETCH over the framebuffer takes the updates the display
 /// has not copied yet (its copy then stays stale), and a display refresh
-/// takes the dirty bits the guest has not fetched yet. Fails while they do
-/// (a known issue, docs/limits.md); run alone (`--guest-args
-/// display-vs-logdirty`).
+/// takes the dirty bits the guest has not fetched yet, unless each keeps
+/// what the other took for it (docs/limits.md). Both directions.
 pub fn display_vs_logdirty() -> Outcome {
     const PAGES: u64 = 4;
     static BITMAP: AtomicU64 = AtomicU64::new(0);

@@ -418,7 +418,6 @@ impl Fuzzer {
     /// Fetches one page's dirty bit: 0 or 1.
     fn fetch_one(&mut self, gfn: u64) -> Result<i64, &'static str> {
         let at = self.bitmap_at();
-        self.model.fetched(gfn, 1);
         self.expect(
             call::LOGDIRTY_FETCH,
             [gfn, 1, at, 0],
@@ -486,13 +485,8 @@ impl Fuzzer {
             "a write to a page with full access failed",
             format_args!("gfn {gfn:#x} in view {view}: {wrote:?}"),
         )?;
-        // The page that owns the frame is dirty, and only it; unless the
-        // display's refresh (on its tick) took the bit first: it shares the
-        // dirty log (a known issue, docs/limits.md).
-        if dirty_owner == 0 && self.model.in_display(owner) {
-            self.known_display += 1;
-            return Ok(());
-        }
+        // The page that owns the frame is dirty, and only it (also when the
+        // display's refresh, on its tick, took the bit first).
         self.ensure(
             dirty_owner == 1 && (owner == gfn || dirty_gfn == 0),
             "a write through a view was not logged on the page that owns the frame",
@@ -560,7 +554,6 @@ impl Fuzzer {
         if dirty < 0 {
             return Ok(());
         }
-        self.model.fetched(first, pages);
         // The bitmap names `dirty` pages, all of them RAM, none past `pages`.
         let mut bits = 0;
         for i in 0..bytes {
@@ -654,7 +647,6 @@ impl Fuzzer {
             Expect::Exact(expect),
         )?;
         if expect == 0 {
-            self.model.display_shared = false;
             match (self.model.display, pages) {
                 (Some((f, p)), 0) => self.model.logdirty(f, f + p - 1, false),
                 (_, p) if p > 0 => self.model.logdirty(first, first + p - 1, true),
@@ -726,13 +718,6 @@ impl Fuzzer {
         let bytes = (0..pages * PAGE / 8)
             .flat_map(|i| probe::read(first * PAGE + i * 8).unwrap_or(0).to_le_bytes());
         let ours = hv_abi::display_checksum(bytes);
-        if ours != theirs && self.model.display_shared {
-            // The guest fetched the framebuffer's dirty bits itself: the
-            // display never saw those updates (a known issue,
-            // docs/limits.md).
-            self.known_display += 1;
-            return Ok(());
-        }
         self.ensure(
             ours == theirs,
             "the display copy differs from the framebuffer after a refresh (a frozen display)",

@@ -189,9 +189,6 @@ pub struct Fuzzer {
     recent: heapless::Deque<Made, 8>,
     /// Pages given back in this seed.
     released_now: u64,
-    /// Times the display and the guest's log-dirty calls took each other's
-    /// dirty bits (a known issue), in this seed.
-    known_display: u64,
     /// The page a disabled local APIC reads from, during the APIC operation.
     read_only_page: Option<u64>,
     /// `VMFUNC` is offered (EPTP switching).
@@ -265,7 +262,6 @@ fn fuzzer(boot: &BootInfo, config: &Config) -> Result<Fuzzer, &'static str> {
         trace: config.trace,
         recent: heapless::Deque::new(),
         released_now: 0,
-        known_display: 0,
         read_only_page: None,
         vmfunc: false,
         failed: None,
@@ -381,7 +377,6 @@ impl Fuzzer {
         self.ves_before = ve::count();
         self.spurious_before = ve::spurious();
         self.released_now = 0;
-        self.known_display = 0;
         let hypercalls = self.hypercalls;
         self.start()?;
         let weights: heapless::Vec<u64, 32> = CLASSES.iter().map(|c| c.2).collect();
@@ -426,11 +421,10 @@ impl Fuzzer {
             "fuzz: seed {seed}: {calls} calls (by class {by_class}), {faults} faults recovered, result clean"
         );
         println!(
-            "fuzz: seed {seed}: {} hypercalls, {ves} #VEs handled, {} pages given back ({} in all); known issues (docs/limits.md): {spurious} #VEs for pages the hypervisor write-protects itself, {} dirty bits the display and the guest took from each other",
+            "fuzz: seed {seed}: {} hypercalls, {ves} #VEs handled, {} pages given back ({} in all); known issues (docs/limits.md): {spurious} #VEs for pages the hypervisor write-protects itself",
             self.hypercalls - hypercalls,
             self.released_now,
             self.model.released_count(),
-            self.known_display
         );
         Ok(())
     }

@@ -204,9 +204,6 @@ pub struct Model {
     /// The #VE information page the hypervisor holds (gfn).
     pub notify: Option<u64>,
     pub display: Option<(u64, u64)>,
-    /// A guest LOGDIRTY_FETCH covered the display's pages since it was set:
-    /// the display's copy may have lost updates to it (docs/limits.md).
-    pub display_shared: bool,
     /// Arena pages given back, one bit each.
     released: [u64; (ARENA_PAGES / 64) as usize],
     pub remaps: heapless::Vec<Remap, 256>,
@@ -225,7 +222,6 @@ impl Model {
             current: 0,
             notify: None,
             display: None,
-            display_shared: false,
             released: [0; (ARENA_PAGES / 64) as usize],
             remaps: heapless::Vec::new(),
             logdirty: Some(heapless::Vec::new()),
@@ -390,21 +386,6 @@ impl Model {
         {
             self.logdirty = None;
         }
-    }
-
-    /// A guest fetch of `[first, first + pages)`'s dirty bits.
-    pub fn fetched(&mut self, first: u64, pages: u64) {
-        if let Some((f, p)) = self.display
-            && first < f + p
-            && f < first.saturating_add(pages)
-        {
-            self.display_shared = true;
-        }
-    }
-
-    pub fn in_display(&self, gfn: u64) -> bool {
-        self.display
-            .is_some_and(|(first, pages)| (first..first + pages).contains(&gfn))
     }
 
     /// Whether `gfn` may be tracked log-dirty (true when the model lost count).
