@@ -200,7 +200,11 @@ fn view_tables_are_the_frames_lazy_copies_took() {
     let host_and_lists = w.mem.outstanding();
     let a = w.create(P2mAccess::Rwx);
     let b = w.create(P2mAccess::Rwx);
-    assert_eq!(w.alt.view_tables(&w.mem), (2, 2), "a fresh view is its root");
+    assert_eq!(
+        w.alt.view_tables(&w.mem),
+        (2, 2),
+        "a fresh view is its root"
+    );
     // View a copies a 4K page (directory pointers, directory, page table),
     // then the 2M and 1G pages into the tables it has; view b the 1G page
     // (a directory-pointer table).

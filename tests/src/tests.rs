@@ -182,6 +182,35 @@ fn the_exit_line_gives_the_status_whatever_the_emulator_exit_code() {
 }
 
 #[test]
+fn the_time_to_linux_init_is_when_its_first_line_reached_the_guest_console() {
+    // The hypervisor is ready at once; init starts about a second later.
+    let run = fake_run(
+        Engine::Bochs,
+        "echo 'hv: ready' > serial.txt\nsleep 1\n\
+         echo 'hv-linux-init: started (tsc 6000, uptime 2.00)' > guest.txt\n\
+         echo 'hv: exit 0' >> serial.txt",
+        10 * SECOND,
+    );
+    run.expect_exit(0);
+    let (ready, init) = (run.ready_after.unwrap(), run.init_after.unwrap());
+    assert!(ready < init, "{ready:?}, {init:?}");
+    assert!(
+        init >= SECOND && init <= run.wall,
+        "{init:?} of {:?}",
+        run.wall
+    );
+    run.clean_up();
+    // Only the guest's console counts: the line in the hypervisor's log is not init.
+    let run = fake_run(
+        Engine::Bochs,
+        "printf 'hv-linux-init: started\\nhv: exit 0\\n' > serial.txt",
+        10 * SECOND,
+    );
+    assert_eq!(run.init_after, None);
+    run.clean_up();
+}
+
+#[test]
 fn an_emulator_still_running_at_the_timeout_is_stopped_and_reported() {
     let run = fake_run(
         Engine::Bochs,
