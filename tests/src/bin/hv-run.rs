@@ -164,22 +164,20 @@ fn main() -> ExitCode {
         }
     }
     let run = running.wait();
-    if let Some(init) = run.init_after {
-        eprintln!(
-            "hv-run: Linux's init started after {:.2} s (wall, from starting {})",
-            init.as_secs_f64(),
-            run.engine
-        );
+    for (what, after) in [
+        ("ready", run.ready_after),
+        ("Linux's init started", run.init_after),
+    ] {
+        if let Some(after) = after {
+            eprintln!(
+                "hv-run: {what} after {:.2} s (wall, from starting {})",
+                after.as_secs_f64(),
+                run.engine
+            );
+        }
     }
     let code = match run.outcome {
         Outcome::Exit(status) => {
-            if let Some(ready) = run.ready_after {
-                eprintln!(
-                    "hv-run: ready after {:.2} s (wall, from starting {})",
-                    ready.as_secs_f64(),
-                    run.engine
-                );
-            }
             eprintln!(
                 "hv-run: exit status {status} after {:.2} s",
                 run.wall.as_secs_f64()
