@@ -639,6 +639,7 @@ impl Running {
                 end: EmulatorEnd::NotStarted(why.clone()),
                 ready_after: None,
                 init_after: None,
+                init_cpu: None,
             },
         };
         Run::read(engine, self.dir, end, self.started)
@@ -752,6 +753,8 @@ struct Waited {
     ready_after: Option<Duration>,
     /// When the guest's console first showed [`LINUX_INIT_LINE`].
     init_after: Option<Duration>,
+    /// The emulator's CPU time by then.
+    init_cpu: Option<Duration>,
 }
 
 /// A serial file followed as it grows, whole lines at a time.
@@ -810,7 +813,8 @@ fn wait(
         Tail::new(dir, HV_LOG, ""),
         Tail::new(dir, GUEST_CONSOLE, GUEST_PREFIX),
     ];
-    let (mut ready_after, mut init_after) = (None, None);
+    let (mut ready_after, mut init_after, mut init_cpu) = (None, None, None);
+    let pid = child.id();
     let mut watch = |at_end: bool| {
         for (i, tail) in tails.iter_mut().enumerate() {
             let lines = tail.lines(at_end);
@@ -820,6 +824,11 @@ fn wait(
             };
             if seen.is_none() && lines.iter().any(|l| l.contains(text)) {
                 *seen = Some(started.elapsed());
+                // Its CPU time, unlike the wall time, hardly depends on
+                // what else the machine runs.
+                if i == 1 {
+                    init_cpu = cpu_time(pid);
+                }
             }
             if stream && !lines.is_empty() {
                 let mut out = std::io::stdout().lock();
@@ -839,6 +848,7 @@ fn wait(
                     end: EmulatorEnd::from_status(status),
                     ready_after,
                     init_after,
+                    init_cpu,
                 };
             }
             None if started.elapsed() >= timeout => {
@@ -849,11 +859,32 @@ fn wait(
                     end: EmulatorEnd::StoppedAtTimeout(timeout),
                     ready_after,
                     init_after,
+                    init_cpu,
                 };
             }
             None => std::thread::sleep(Duration::from_millis(10)),
         }
     }
+}
+
+/// The CPU time (user and system) process `pid` has used so far, from
+/// /proc: the emulator's own, as Bochs and QEMU run under `unshare` and
+/// Debian's `bochs` wrapper by `exec`.
+fn cpu_time(pid: u32) -> Option<Duration> {
+    parse_cpu_time(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// utime + stime of a /proc/PID/stat line, in clock ticks of 1/100 s (the
+/// USER_HZ of Linux's ABI). The command name may hold spaces and
+/// parentheses: the fields are counted from the last `)`.
+fn parse_cpu_time(stat: &str) -> Option<Duration> {
+    let fields: Vec<&str> = stat
+        .get(stat.rfind(')')? + 1..)?
+        .split_whitespace()
+        .collect();
+    // After the name: state (field 3), ..., utime (14), stime (15).
+    let ticks = |field: usize| fields.get(field - 3)?.parse::<u64>().ok();
+    Some(Duration::from_millis((ticks(14)? + ticks(15)?) * 10))
 }
 
 /// The bytes of `path` from offset `from` on (none if it does not exist yet).
@@ -925,6 +956,8 @@ pub struct Run {
     /// Wall time from starting the emulator to Linux's `/init`
     /// ([`LINUX_INIT_LINE`]).
     pub init_after: Option<Duration>,
+    /// The emulator's CPU time by then (none where /proc does not say).
+    pub init_cpu: Option<Duration>,
     pub wall: Duration,
     pub dir: PathBuf,
 }
@@ -952,6 +985,7 @@ impl Run {
             guest,
             ready_after: waited.ready_after,
             init_after: waited.init_after,
+            init_cpu: waited.init_cpu,
             wall: started.elapsed(),
             dir,
         }

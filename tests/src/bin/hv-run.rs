@@ -164,17 +164,22 @@ fn main() -> ExitCode {
         }
     }
     let run = running.wait();
-    for (what, after) in [
-        ("ready", run.ready_after),
-        ("Linux's init started", run.init_after),
-    ] {
-        if let Some(after) = after {
-            eprintln!(
-                "hv-run: {what} after {:.2} s (wall, from starting {})",
-                after.as_secs_f64(),
-                run.engine
-            );
-        }
+    if let Some(ready) = run.ready_after {
+        eprintln!(
+            "hv-run: ready after {:.2} s (wall, from starting {})",
+            ready.as_secs_f64(),
+            run.engine
+        );
+    }
+    if let Some(init) = run.init_after {
+        let cpu = run
+            .init_cpu
+            .map_or("?".into(), |cpu| format!("{:.2}", cpu.as_secs_f64()));
+        eprintln!(
+            "hv-run: Linux's init started after {:.2} s (wall, from starting {}), {cpu} s of its CPU time",
+            init.as_secs_f64(),
+            run.engine
+        );
     }
     let code = match run.outcome {
         Outcome::Exit(status) => {
