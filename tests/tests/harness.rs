@@ -91,9 +91,21 @@ fn hv_run_refuses_bad_usage_with_its_own_code() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown option '--frobnicate'"));
 }
 
-/// Whether a line of `text` is `line` but for the spaces around it.
-fn has_line(text: &str, line: &str) -> bool {
-    text.lines().any(|l| l.trim() == line)
+/// `hv-run --linux ARGS` with `script` as Bochs, which must end the run
+/// with status 0 after it printed `lines` (each a whole line but for the
+/// spaces around it) to hv-run's stdout, the logs it streams. Returns its stderr.
+fn hv_run_linux_shows(name: &str, script: &str, args: &[&str], lines: &[&str]) -> String {
+    let out = hv_run_with_fake_bochs_and(name, script, &[&["--linux"], args].concat());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    for line in lines {
+        assert!(
+            stdout.lines().any(|l| l.trim() == *line),
+            "{line:?} not in\n{stdout}"
+        );
+    }
+    stderr
 }
 
 #[test]
@@ -105,22 +117,7 @@ fn hv_run_linux_boots_debians_kernel_and_our_initramfs_with_the_options_given() 
                   sleep 1\n\
                   echo 'hv-linux-init: started (tsc 6000000000, uptime 1.00)' > guest.txt\n\
                   echo 'hv: exit 0' >> serial.txt";
-    let out = hv_run_with_fake_bochs_and(
-        "linux",
-        script,
-        &[
-            "--linux",
-            "--guest-args",
-            "quiet hvtest.memtest=0",
-            "guest.views=fresh",
-        ],
-    );
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert_eq!(out.status.code(), Some(0), "{stderr}");
-    for line in [
+    let lines = [
         // The guest's RAM by default, before the other hypervisor options.
         "multiboot2 /boot/hv guest.mem=512 guest.views=fresh",
         // The kernel, its console on COM1, the init told its RAM, our words.
@@ -131,9 +128,13 @@ fn hv_run_linux_boots_debians_kernel_and_our_initramfs_with_the_options_given() 
         "megs: 768",
         // The guest's console, labelled.
         "guest: hv-linux-init: started (tsc 6000000000, uptime 1.00)",
-    ] {
-        assert!(has_line(&stdout, line), "{line:?} not in\n{stdout}");
-    }
+    ];
+    let args = [
+        "--guest-args",
+        "quiet hvtest.memtest=0",
+        "guest.views=fresh",
+    ];
+    let stderr = hv_run_linux_shows("linux", script, &args, &lines);
     assert!(stderr.contains("timeout 1200 s"), "{stderr}");
     assert!(
         stderr.contains("hv-run: Linux's init started after "),
@@ -143,12 +144,11 @@ fn hv_run_linux_boots_debians_kernel_and_our_initramfs_with_the_options_given() 
 
 #[test]
 fn hv_run_linux_takes_the_guests_ram_and_the_machines_memory_from_the_options() {
-    let out = hv_run_with_fake_bochs_and(
+    let stderr = hv_run_linux_shows(
         "linux-mem",
         "grep -h -e multiboot2 -e module0 -e megs iso/boot/grub/grub.cfg hv.bxrc > serial.txt\n\
          echo 'hv: exit 0' >> serial.txt",
         &[
-            "--linux",
             "--memory",
             "1024",
             "--timeout",
@@ -156,19 +156,12 @@ fn hv_run_linux_takes_the_guests_ram_and_the_machines_memory_from_the_options() 
             "guest.mem=300",
             "loglevel=debug",
         ],
+        &[
+            "multiboot2 /boot/hv guest.mem=300 loglevel=debug",
+            "module2 /boot/module0 console=ttyS0,115200 nokaslr hvtest.mem=300",
+            "megs: 1024",
+        ],
     );
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert_eq!(out.status.code(), Some(0), "{stderr}");
-    for line in [
-        "multiboot2 /boot/hv guest.mem=300 loglevel=debug",
-        "module2 /boot/module0 console=ttyS0,115200 nokaslr hvtest.mem=300",
-        "megs: 1024",
-    ] {
-        assert!(has_line(&stdout, line), "{line:?} not in\n{stdout}");
-    }
     assert!(stderr.contains("timeout 60 s"), "{stderr}");
 }
 
