@@ -449,6 +449,13 @@ fn run_vm(
     };
     let vm = machine.into_inner();
     report_exits(&vm.counters);
+    // Views fill lazily: their tables at the end say what the guest made
+    // them copy, next to the host p2m's, which maps all of its RAM.
+    let (views, frames) = vm.altp2m.view_tables(&*platform);
+    info!(
+        "views: {views} view(s) besides view 0 held {frames} table frames at teardown, the host p2m {}",
+        vm.p2m.table_frames(&*platform)
+    );
     if let Some(totals) = vm.logdirty_all {
         info!(
             "logdirty: {} fetches of all guest RAM found {} dirty pages",

@@ -7,19 +7,13 @@
 
 use std::time::Duration;
 
-use hv_tests::{Boot, Engine, Run, exit};
-
-/// Guest RAM: the kernel, the initramfs and a few hundred MiB to test.
-const GUEST_MIB: u32 = 512;
+use hv_tests::{Boot, Engine, LINUX_GUEST_MIB, Run, exit};
 
 fn linux(hv_options: &str, kernel_options: &str) -> Run {
-    let mut boot = Boot::new(Engine::Bochs)
-        .cmdline(&format!("guest.mem={GUEST_MIB} {hv_options}"))
-        .linux(&format!(
-            "hvtest.expect=hv hvtest.mem={GUEST_MIB} {kernel_options}"
-        ));
-    // The hypervisor's own memory on top of the guest's.
-    boot.memory_mib = GUEST_MIB + 256;
+    let mut boot = Boot::new(Engine::Bochs).cmdline(hv_options).linux_ram(
+        LINUX_GUEST_MIB,
+        &format!("hvtest.expect=hv {kernel_options}"),
+    );
     boot.timeout = Duration::from_secs(1200);
     boot.run()
 }
