@@ -183,19 +183,73 @@ pub fn flush(vm: &mut Vm, cpu: &mut impl Cpu, platform: &mut impl Platform, vcpu
             .shootdown(vcpu, |other| platform.kick(other, Kick::Nmi));
     }
     if vm.altp2m.has_dropped() {
-        let lost = vm.altp2m.drain_dropped(|d| report_drop(platform, d));
-        if lost > 0 {
-            log::warn!("monitor: {lost} dropped view entries were not logged (log full)");
-        }
+        report_drops(vm, platform);
     }
 }
 
-fn report_drop(platform: &mut impl Platform, d: Dropped) {
+/// Dropped entries alike but for their view, reported as one line: a page
+/// that leaves 511 views is one line, not 511 (each a synchronous log line
+/// of about 1.6 million instructions under Bochs, inside the guest's call).
+struct DropGroup {
+    first: Dropped,
+    views: ViewSet,
+}
+
+/// Groups kept while draining; when more kinds come, the groups so far are
+/// reported and the next ones start.
+const DROP_GROUPS: usize = 8;
+
+fn report_drops(vm: &mut Vm, platform: &mut impl Platform) {
+    let mut groups: heapless::Vec<DropGroup, DROP_GROUPS> = heapless::Vec::new();
+    let lost = vm.altp2m.drain_dropped(|d| {
+        let alike = |g: &&mut DropGroup| {
+            let f = &g.first;
+            (
+                f.gfn,
+                f.pages,
+                f.access,
+                f.suppress_ve,
+                f.remap_source,
+                f.reason,
+            ) == (
+                d.gfn,
+                d.pages,
+                d.access,
+                d.suppress_ve,
+                d.remap_source,
+                d.reason,
+            )
+        };
+        if let Some(group) = groups.iter_mut().find(alike) {
+            group.views.insert(d.view);
+            return;
+        }
+        if groups.is_full() {
+            for group in &groups {
+                report_drop(platform, group);
+            }
+            groups.clear();
+        }
+        let mut views = ViewSet::default();
+        views.insert(d.view);
+        // Cannot fail: the groups were emptied if full.
+        let _ = groups.push(DropGroup { first: d, views });
+    });
+    for group in &groups {
+        report_drop(platform, group);
+    }
+    if lost > 0 {
+        log::warn!("monitor: {lost} dropped view entries were not logged (log full)");
+    }
+}
+
+fn report_drop(platform: &mut impl Platform, group: &DropGroup) {
+    let d = &group.first;
     monitor_event(
         platform,
         format_args!(
             "dropped view={} gfn={:#x} pages={} access={} reason={:?}{}",
-            d.view,
+            group.views,
             d.gfn.0,
             d.pages,
             access_name(d.access),
@@ -203,6 +257,46 @@ fn report_drop(platform: &mut impl Platform, d: Dropped) {
             RemapOf(d.remap_source)
         ),
     );
+}
+
+/// A set of view indexes, shown as ranges (`1-3,7`).
+#[derive(Default)]
+struct ViewSet([u64; 8]);
+
+impl ViewSet {
+    fn insert(&mut self, view: u16) {
+        let view = usize::from(view) % 512;
+        self.0[view / 64] |= 1 << (view % 64);
+    }
+
+    fn contains(&self, view: usize) -> bool {
+        view < 512 && self.0[view / 64] & (1 << (view % 64)) != 0
+    }
+}
+
+impl core::fmt::Display for ViewSet {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let mut sep = "";
+        let mut view = 0;
+        while view < 512 {
+            if !self.contains(view) {
+                view += 1;
+                continue;
+            }
+            let start = view;
+            while self.contains(view + 1) {
+                view += 1;
+            }
+            if start == view {
+                write!(f, "{sep}{start}")?;
+            } else {
+                write!(f, "{sep}{start}-{view}")?;
+            }
+            sep = ",";
+            view += 1;
+        }
+        Ok(())
+    }
 }
 
 /// ` remap-of=G` for an alias's source, nothing otherwise.

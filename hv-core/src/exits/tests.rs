@@ -825,6 +825,46 @@ fn a_guests_own_breakpoint_is_delivered_to_it() {
 }
 
 #[test]
+fn a_page_dropped_from_many_views_is_one_report_line_per_kind() {
+    let mut m = Machine::new();
+    m.call(call::ALTP2M_SET_STATE, &[1]);
+    let views: std::vec::Vec<u64> = (0..5)
+        .map(|_| m.call(call::ALTP2M_CREATE_VIEW, &[access::RWX]) as u64)
+        .collect();
+    for &v in &views {
+        // Each view holds the page (a restriction) and an alias of it.
+        assert_eq!(
+            m.call(call::ALTP2M_SET_MEM_ACCESS, &[v, 0x300, access::RX]),
+            0
+        );
+        assert_eq!(m.call(call::ALTP2M_CHANGE_GFN, &[v, 0x301, 0x300]), 0);
+    }
+    assert_eq!(m.call(call::ALTP2M_DESTROY_VIEW, &[views[3]]), 0);
+    m.platform.events.clear();
+    assert_eq!(m.call(call::BALLOON_RELEASE, &[0x300]), 0);
+    let dropped: std::vec::Vec<_> = m
+        .platform
+        .events
+        .iter()
+        .filter(|e| e.contains("dropped"))
+        .collect();
+    assert_eq!(dropped.len(), 2, "{dropped:?}");
+    assert!(
+        dropped
+            .iter()
+            .any(|e| e.contains("dropped view=1-3,5 gfn=0x300 pages=1 access=rx")),
+        "{dropped:?}"
+    );
+    assert!(
+        dropped.iter().any(
+            |e| e.contains("dropped view=1-3,5 gfn=0x301 pages=1 access=rx")
+                && e.contains("remap-of=0x300")
+        ),
+        "{dropped:?}"
+    );
+}
+
+#[test]
 fn a_ballooned_page_leaves_every_view_and_its_frame_is_freed_once() {
     let mut m = Machine::new();
     m.call(call::ALTP2M_SET_STATE, &[1]);
