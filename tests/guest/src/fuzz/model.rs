@@ -45,7 +45,7 @@ pub fn marker(gfn: u64) -> u64 {
 /// nop; nop`, or with INT3 in place of the `mov` opcode.
 pub fn code(gfn: u64, breakpoint: bool) -> u64 {
     let opcode = if breakpoint { 0xcc } else { 0xb8 };
-    opcode | (gfn & 0xffff_ffff) << 8 | 0x9090_c3 << 40
+    opcode | (gfn & 0xffff_ffff) << 8 | 0x0090_90c3 << 40
 }
 
 pub fn tag_of(word: u64) -> Option<u64> {
