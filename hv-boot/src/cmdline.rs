@@ -5,6 +5,7 @@
 use core::fmt;
 
 use hv_abi::{Altp2mMode, BootViews, LinuxEntry};
+use hv_core::vmx::caps::Masked;
 use log::LevelFilter;
 
 /// A way to end the run on purpose, so tests can check the failure paths.
@@ -39,10 +40,10 @@ pub struct Options {
     /// All guest RAM under log-dirty tracking, fetched on every tick
     /// (`guest.logdirty=all`).
     pub logdirty_all: bool,
-    /// VMX features the guest is not given although the CPU has them
-    /// (`vmx.mask=`, a comma-separated list): `pml` makes log-dirty use
-    /// write protection.
-    pub mask_pml: bool,
+    /// VMX features the hypervisor behaves as if the CPU lacked
+    /// (`vmx.mask=`, a comma-separated list of `vmfunc ve pml ept1g eptad`),
+    /// to test the fallbacks.
+    pub vmx_mask: Masked,
     /// The guest's vCPUs at most, one per CPU (`guest.cpus=`; default: all).
     pub guest_cpus: usize,
     /// Serve the control channel on COM3 if the machine has one
@@ -74,7 +75,7 @@ impl Default for Options {
             boot_views: BootViews::Host,
             linux_entry: LinuxEntry::Auto,
             logdirty_all: false,
-            mask_pml: false,
+            vmx_mask: Masked::empty(),
             guest_cpus: usize::MAX,
             control: true,
             guest_frames: DEFAULT_GUEST_FRAMES,
@@ -123,7 +124,7 @@ const CONTROL: &str = "com3|off";
 const GUEST_FRAMES: &str = "frames beyond guest RAM, 0 to 268435456";
 const GUEST_HEAP: &str = "KiB of heap, 0 to 1048576";
 const LOGDIRTY: &str = "all|off";
-const VMX_MASK: &str = "a comma-separated list of: pml";
+const VMX_MASK: &str = "a comma-separated list of: vmfunc ve pml ept1g eptad";
 const GUEST_CPUS: &str = "a number of vCPUs, 1 to 64";
 
 impl Options {
@@ -237,9 +238,9 @@ impl Options {
                 },
                 "vmx.mask" => {
                     for feature in value.split(',') {
-                        match feature {
-                            "pml" => options.mask_pml = true,
-                            _ => report(Problem::BadValue {
+                        match Masked::parse(feature) {
+                            Some(bit) => options.vmx_mask |= bit,
+                            None => report(Problem::BadValue {
                                 key,
                                 value: feature,
                                 expected: VMX_MASK,
@@ -334,9 +335,13 @@ mod tests {
     #[test]
     fn vmx_features_can_be_masked() {
         let (options, problems) = parse("vmx.mask=pml");
-        assert!(problems.is_empty() && options.mask_pml);
+        assert!(problems.is_empty());
+        assert_eq!(options.vmx_mask, Masked::PML);
+        let (options, problems) = parse("vmx.mask=vmfunc,ve,pml,ept1g,eptad");
+        assert!(problems.is_empty());
+        assert_eq!(options.vmx_mask, Masked::all());
         let (options, problems) = parse("vmx.mask=pml,vpid");
-        assert!(options.mask_pml);
+        assert_eq!(options.vmx_mask, Masked::PML);
         assert_eq!(
             problems,
             [Problem::BadValue {
@@ -345,7 +350,7 @@ mod tests {
                 expected: VMX_MASK
             }]
         );
-        assert!(!parse("vmx.mask=").0.mask_pml);
+        assert_eq!(parse("vmx.mask=").0.vmx_mask, Masked::empty());
     }
 
     #[test]

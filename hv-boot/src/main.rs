@@ -64,6 +64,14 @@ extern "C" fn kmain(magic: u32, info_address: u32) -> ! {
     let caps = match hv_core::vmx::caps::probe_this_cpu() {
         Ok(caps) => {
             log::debug!("vmx: capability MSRs {:x?}", caps.msrs);
+            // Masked before anything looks at them: the report, the
+            // controls and every feature decision see the same CPU.
+            let caps = if options.vmx_mask.is_empty() {
+                caps
+            } else {
+                info!("{}", options.vmx_mask.report());
+                caps.mask(options.vmx_mask)
+            };
             for line in alloc::format!("{}", caps.report()).lines() {
                 info!("{line}");
             }

@@ -48,7 +48,7 @@ pub(crate) fn config(image: &[u8]) -> GuestConfig<'_> {
 
 /// The same CPU with PML masked: log-dirty by write protection.
 fn caps_without_pml() -> VmxCaps {
-    caps().without_pml()
+    caps().mask(crate::vmx::caps::Masked::PML)
 }
 
 fn new_guest(platform: &mut SimPlatform) -> Vm {
@@ -1472,3 +1472,5 @@ fn the_guest_is_stopped_only_when_every_vcpu_is_halted_for_good() {
         Some(GuestEnd::Stopped(StopReason::Halted))
     );
 }
+
+mod masked;

@@ -92,8 +92,24 @@ pub struct Features {
     pub wait_for_sipi: bool,
     /// Page-modification logging with EPT A/D flags: writes to log-dirty
     /// pages are logged by the CPU, without a write fault (`vcpu::pml`).
-    /// Without it (or with `VmxCaps::without_pml`), write protection.
+    /// Without it (or with `vmx.mask=pml`), write protection.
     pub pml: bool,
+}
+
+impl Features {
+    /// These features as the guest learns them (CPUID leaf 0x40000001 EBX).
+    pub fn abi_bits(&self) -> u32 {
+        use hv_abi::feature;
+        [
+            (self.vmfunc, feature::VMFUNC),
+            (self.ve, feature::VE),
+            (self.mtf, feature::MTF),
+            (self.pml, feature::PML),
+        ]
+        .into_iter()
+        .filter(|(on, _)| *on)
+        .fold(0, |bits, (_, bit)| bits | bit)
+    }
 }
 
 /// The pages of the machine's interrupt hardware a guest gets: its I/O
