@@ -5,7 +5,6 @@
 use core::fmt;
 
 use hv_abi::{Altp2mMode, BootViews, LinuxEntry};
-use hv_core::vmx::caps::Masked;
 use log::LevelFilter;
 
 /// A way to end the run on purpose, so tests can check the failure paths.
@@ -42,8 +41,10 @@ pub struct Options {
     pub logdirty_all: bool,
     /// VMX features the hypervisor behaves as if the CPU lacked
     /// (`vmx.mask=`, a comma-separated list of `vmfunc ve pml ept1g eptad`),
-    /// to test the fallbacks.
-    pub vmx_mask: Masked,
+    /// to test the fallbacks: bit `i` for [`VMX_MASK_NAMES`]`[i]`, the
+    /// bits of `hv_core::vmx::caps::Masked` (this library is the test
+    /// guest's too, which has no heap for hv-core; a test holds them equal).
+    pub vmx_mask: u8,
     /// The guest's vCPUs at most, one per CPU (`guest.cpus=`; default: all).
     pub guest_cpus: usize,
     /// Serve the control channel on COM3 if the machine has one
@@ -75,7 +76,7 @@ impl Default for Options {
             boot_views: BootViews::Host,
             linux_entry: LinuxEntry::Auto,
             logdirty_all: false,
-            vmx_mask: Masked::empty(),
+            vmx_mask: 0,
             guest_cpus: usize::MAX,
             control: true,
             guest_frames: DEFAULT_GUEST_FRAMES,
@@ -125,6 +126,8 @@ const GUEST_FRAMES: &str = "frames beyond guest RAM, 0 to 268435456";
 const GUEST_HEAP: &str = "KiB of heap, 0 to 1048576";
 const LOGDIRTY: &str = "all|off";
 const VMX_MASK: &str = "a comma-separated list of: vmfunc ve pml ept1g eptad";
+/// The features `vmx.mask=` names, in the order of their bits.
+pub const VMX_MASK_NAMES: [&str; 5] = ["vmfunc", "ve", "pml", "ept1g", "eptad"];
 const GUEST_CPUS: &str = "a number of vCPUs, 1 to 64";
 
 impl Options {
@@ -238,8 +241,8 @@ impl Options {
                 },
                 "vmx.mask" => {
                     for feature in value.split(',') {
-                        match Masked::parse(feature) {
-                            Some(bit) => options.vmx_mask |= bit,
+                        match VMX_MASK_NAMES.iter().position(|&n| n == feature) {
+                            Some(i) => options.vmx_mask |= 1 << i,
                             None => report(Problem::BadValue {
                                 key,
                                 value: feature,
@@ -334,14 +337,19 @@ mod tests {
 
     #[test]
     fn vmx_features_can_be_masked() {
+        use hv_core::vmx::caps::Masked;
         let (options, problems) = parse("vmx.mask=pml");
         assert!(problems.is_empty());
-        assert_eq!(options.vmx_mask, Masked::PML);
+        assert_eq!(Masked::from_bits(options.vmx_mask), Some(Masked::PML));
         let (options, problems) = parse("vmx.mask=vmfunc,ve,pml,ept1g,eptad");
         assert!(problems.is_empty());
-        assert_eq!(options.vmx_mask, Masked::all());
+        assert_eq!(Masked::from_bits(options.vmx_mask), Some(Masked::all()));
+        // The kernel hands the bits to hv-core as they are.
+        for (i, name) in VMX_MASK_NAMES.iter().enumerate() {
+            assert_eq!(Masked::parse(name), Masked::from_bits(1 << i), "{name}");
+        }
         let (options, problems) = parse("vmx.mask=pml,vpid");
-        assert_eq!(options.vmx_mask, Masked::PML);
+        assert_eq!(Masked::from_bits(options.vmx_mask), Some(Masked::PML));
         assert_eq!(
             problems,
             [Problem::BadValue {
@@ -350,7 +358,7 @@ mod tests {
                 expected: VMX_MASK
             }]
         );
-        assert_eq!(parse("vmx.mask=").0.vmx_mask, Masked::empty());
+        assert_eq!(parse("vmx.mask=").0.vmx_mask, 0);
     }
 
     #[test]

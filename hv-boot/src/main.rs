@@ -66,11 +66,12 @@ extern "C" fn kmain(magic: u32, info_address: u32) -> ! {
             log::debug!("vmx: capability MSRs {:x?}", caps.msrs);
             // Masked before anything looks at them: the report, the
             // controls and every feature decision see the same CPU.
-            let caps = if options.vmx_mask.is_empty() {
+            let masked = hv_core::vmx::caps::Masked::from_bits_truncate(options.vmx_mask);
+            let caps = if masked.is_empty() {
                 caps
             } else {
-                info!("{}", options.vmx_mask.report());
-                caps.mask(options.vmx_mask)
+                info!("{}", masked.report());
+                caps.mask(masked)
             };
             for line in alloc::format!("{}", caps.report()).lines() {
                 info!("{line}");
