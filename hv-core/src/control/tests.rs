@@ -302,7 +302,8 @@ fn capabilities_follow_the_masked_cpu_and_the_notify_commands_refuse_without_ve(
     let cases = [
         (Masked::PML, feature::VMFUNC | feature::VE),
         (Masked::VMFUNC, feature::VE | feature::PML),
-        (Masked::VE | Masked::PML, 0),
+        (Masked::VE | Masked::PML, feature::VMFUNC),
+        (Masked::VMFUNC | Masked::VE | Masked::PML, 0),
     ];
     for (mask, want) in cases {
         let mut m = Machine::on(&crate::exits::tests::caps().mask(mask), |_| {});

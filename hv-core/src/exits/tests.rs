@@ -1417,7 +1417,7 @@ fn a_view_another_vcpu_switched_to_by_vmfunc_cannot_be_destroyed() {
     let coherence = m.vm.coherence;
     // vCPU 1 VMFUNCs to the view without an exit: altp2m does not know.
     assert_eq!(coherence.enter(1), None);
-    m.platform.kicked_exit = Some((coherence, v as u16));
+    m.platform.kicked_exit = Some((coherence, v));
     assert_eq!(
         m.call(call::ALTP2M_DESTROY_VIEW, &[v]),
         error::EBUSY,

@@ -79,8 +79,9 @@ pub struct LogdirtyTotals {
 /// What the CPU lets the hypervisor offer this guest beyond the base set.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Features {
-    /// VMFUNC EPTP switching. Only with `ve` too: the view a vCPU switched
-    /// to is read back from the EPTP-index field, which comes with #VE.
+    /// VMFUNC EPTP switching. The view a vCPU switched to is read back from
+    /// the EPTP-index field where the CPU has #VE (the field comes with
+    /// it), else from the EPTP field (`views::where_hardware_is`).
     pub vmfunc: bool,
     /// EPT-violation #VE.
     pub ve: bool,
@@ -275,7 +276,7 @@ impl Vm {
         platform: &mut impl Platform,
     ) -> Result<Self, VmError> {
         let features = Features {
-            vmfunc: caps.eptp_switching() && caps.ept_violation_ve(),
+            vmfunc: caps.eptp_switching(),
             ve: caps.ept_violation_ve(),
             mtf: caps
                 .procbased()

@@ -35,12 +35,13 @@ fn the_guest_learns_what_each_mask_leaves_it() {
     let cases = [
         (Masked::empty(), all),
         (Masked::VMFUNC, feature::VE | feature::PML),
-        // The view a VMFUNC went to is read from #VE's EPTP index.
-        (Masked::VE, feature::PML),
+        // Without #VE the view a VMFUNC went to is read from the EPTP.
+        (Masked::VE, feature::VMFUNC | feature::PML),
         (Masked::PML, feature::VMFUNC | feature::VE),
         (Masked::EPT_1G, all),
         (Masked::EPT_AD, feature::VMFUNC | feature::VE),
-        (Masked::VE | Masked::PML, 0),
+        (Masked::VE | Masked::PML, feature::VMFUNC),
+        (Masked::VMFUNC | Masked::VE | Masked::PML, 0),
     ];
     for (mask, want) in cases {
         let mut m = masked(mask);
@@ -107,7 +108,7 @@ fn without_vmfunc_views_switch_by_hypercall_and_the_eptp_list_is_not_used() {
 #[test]
 fn without_ve_the_notify_calls_are_refused_and_denied_accesses_exit() {
     let mut m = masked(Masked::VE);
-    assert!(!m.vm.features.ve && !m.vm.features.vmfunc);
+    assert!(!m.vm.features.ve && m.vm.features.vmfunc);
     m.call(call::ALTP2M_SET_STATE, &[1]);
     assert_eq!(
         m.call(call::ALTP2M_VCPU_ENABLE_NOTIFY, &[0x300]),
@@ -200,4 +201,59 @@ fn without_ept_unrestricted_guest_or_the_preemption_timer_no_guest_runs() {
         why.as_deref(),
         Some("this CPU's VMX lacks the VMX-preemption timer, which the hypervisor needs")
     );
+}
+
+#[test]
+fn without_ve_a_vmfunc_switch_is_read_from_the_eptp_and_the_eptp_list_is_used() {
+    let mut m = masked(Masked::VE);
+    assert!(m.vm.features.vmfunc && !m.vm.features.ve);
+    assert_eq!(m.call(call::ALTP2M_SET_STATE, &[1]), 0);
+    let v = m.call(call::ALTP2M_CREATE_VIEW, &[access::RWX]) as u64;
+    assert_eq!(m.vmcs.read(control::VM_FUNCTION_CONTROLS_FULL), 1);
+    assert_eq!(
+        m.vmcs.read(control::EPTP_LIST_ADDR_FULL),
+        m.vm.altp2m.visible_list().hpa()
+    );
+    let features = m.vm.features;
+    let sync = |m: &mut Machine| {
+        let hardware = crate::views::where_hardware_is(&features, &m.vmcs);
+        crate::views::sync(&mut m.vm, &m.vcpu, hardware)
+    };
+    // No VMFUNC since the entry: the EPTP the hypervisor wrote.
+    assert_eq!(
+        crate::views::where_hardware_is(&features, &m.vmcs),
+        m.vm.p2m.eptp()
+    );
+    sync(&mut m).unwrap();
+    assert_eq!(m.vm.altp2m.vcpu_view(0), Ok(0));
+    // A VMFUNC to the view loads its EPTP.
+    let there = m.vm.altp2m.eptp(&m.vm.p2m, v as u16).unwrap();
+    m.vmcs.write(control::EPTP_FULL, there);
+    sync(&mut m).unwrap();
+    assert_eq!(m.vm.altp2m.vcpu_view(0), Ok(v as u16));
+    m.vmcs.write(control::EPTP_FULL, m.vm.p2m.eptp());
+    sync(&mut m).unwrap();
+    assert_eq!(m.vm.altp2m.vcpu_view(0), Ok(0), "and back to view 0");
+    // An EPTP no view has: corrupt state.
+    m.vmcs.write(control::EPTP_FULL, there ^ 0x1000);
+    assert!(sync(&mut m).is_err());
+}
+
+#[test]
+fn without_ve_a_view_another_vcpu_vmfunced_to_cannot_be_destroyed() {
+    let mut m = Machine::on(&caps().mask(Masked::VE), |c| c.apic_ids = &[0, 1]);
+    m.call(call::ALTP2M_SET_STATE, &[1]);
+    let v = m.call(call::ALTP2M_CREATE_VIEW, &[access::RWX]) as u64;
+    let there = m.vm.altp2m.eptp(&m.vm.p2m, v as u16).unwrap();
+    let coherence = m.vm.coherence;
+    assert_eq!(coherence.enter(1), None);
+    // vCPU 1's exit publishes the EPTP its VMFUNC loaded.
+    m.platform.kicked_exit = Some((coherence, there));
+    assert_eq!(m.call(call::ALTP2M_DESTROY_VIEW, &[v]), error::EBUSY);
+    assert_eq!(m.vm.altp2m.is_visible(v as u16), Ok(true));
+    if let Some(epoch) = coherence.enter(1) {
+        coherence.flushed(1, epoch);
+    }
+    m.platform.kicked_exit = Some((coherence, m.vm.p2m.eptp()));
+    assert_eq!(m.call(call::ALTP2M_DESTROY_VIEW, &[v]), 0);
 }
