@@ -445,16 +445,6 @@ fn vmfunc_not_offered() -> Outcome {
     disable()
 }
 
-/// Switches views the way an agent in the guest does: with VMFUNC where
-/// the hypervisor offers it, else by hypercall.
-pub(crate) fn switch_in_guest(view: u64) -> Outcome {
-    if offers(feature::VMFUNC) {
-        vmfunc_to(view)
-    } else {
-        switch(view)
-    }
-}
-
 /// What the #VE handler saw, for the scenario to check.
 static VE_COUNT: AtomicU32 = AtomicU32::new(0);
 static VE_GPA: AtomicU64 = AtomicU64::new(0);
@@ -502,10 +492,14 @@ pub(crate) fn ve_count() -> u32 {
     VE_COUNT.load(Ordering::Relaxed)
 }
 
-/// Switches views the way an in-guest agent does, with VMFUNC. (The #VE
-/// scenario uses it: Bochs 2.7 reports in the #VE information the EPTP index
-/// of the last VMFUNC, not the one the hypervisor writes to the VMCS.)
+/// Switches views the way an in-guest agent does, with VMFUNC where the
+/// hypervisor offers it, else by hypercall. (The #VE scenario uses it:
+/// Bochs 2.7 reports in the #VE information the EPTP index of the last
+/// VMFUNC, not the one the hypervisor writes to the VMCS.)
 pub(crate) fn vmfunc_to(view: u64) -> Outcome {
+    if !offers(feature::VMFUNC) {
+        return switch(view);
+    }
     probe::vmfunc(view as u32).map_err(|_| "VMFUNC to a visible view faulted")
 }
 
@@ -554,7 +548,13 @@ pub fn ve() -> Outcome {
         q & (1 << 3) != 0 && q & (1 << 4) == 0,
         "#VE qualification: wrong entry rights (expected r-x)",
     )?;
-    if view as u64 != v {
+    if view as u64 != v && !offers(feature::VMFUNC) {
+        // Switched by hypercall: Bochs 2.7 reports the last VMFUNC's index
+        // (none: 0), real CPUs the VMCS field.
+        println!(
+            "ve: #VE reported view {view} after hypercall switches to {v}: not checked (Bochs)"
+        );
+    } else if view as u64 != v {
         println!("ve: #VE reported view {view}, the write ran in view {v}");
         return Err("#VE reported the wrong view");
     }
@@ -587,6 +587,9 @@ pub fn ve() -> Outcome {
         "the write the hypervisor handled did not happen",
     )?;
     VE_REARM.store(1, Ordering::Relaxed);
+    // Re-armed for whoever registers the page next (`ve-and-timer`).
+    // SAFETY: the semaphore dword of the registered #VE page.
+    unsafe { core::ptr::write_volatile((VE_PAGE + ve_info::SEMAPHORE as u64) as *mut u32, 0) };
     ok(
         hypercall(call::ALTP2M_VCPU_DISABLE_NOTIFY, &[]),
         "DISABLE_NOTIFY",
@@ -830,9 +833,9 @@ pub fn display(late: bool) -> Outcome {
     }
     let other = create(access::RWX)?;
     // As an agent in the guest switches: VMFUNC where offered.
-    switch_in_guest(other)?;
+    vmfunc_to(other)?;
     draw(4, 0..4);
-    switch_in_guest(v)?;
+    vmfunc_to(v)?;
     draw(5, 2..6);
     refresh_and_compare(5)?;
     switch(0)?;
