@@ -213,14 +213,22 @@ pub fn altp2m(
     }
 }
 
+/// Both notify calls need EPT-violation #VE: without it they answer
+/// `EOPNOTSUPP` (as Xen's do), so a guest cannot believe it is notified.
+pub fn notify_supported(vm: &Vm) -> Result<(), i64> {
+    if vm.features.ve {
+        Ok(())
+    } else {
+        Err(error::EOPNOTSUPP)
+    }
+}
+
 /// The frame of a #VE information page at `gfn`, if it may be one. The CPU
 /// writes #VE information by physical address, past any view's rights: the
 /// page must be guest RAM that every view lets the guest write itself, not
 /// a remap and not a page a monitor protects.
 pub fn notify_page(vm: &Vm, platform: &impl Platform, gfn: Gfn) -> Result<Mfn, i64> {
-    if !vm.features.ve {
-        return Err(error::EOPNOTSUPP);
-    }
+    notify_supported(vm)?;
     let mfn = vm.ram_page(platform, gfn).ok_or(error::EINVAL)?;
     let writable = |view: usize| {
         vm.altp2m

@@ -13,7 +13,7 @@ use x86::vmx::vmcs::{control, guest};
 use crate::platform::{Kick, Platform, monitor_event};
 use crate::vcpu::events::{BLOCKING_STI_MOVSS, PENDING_BS, vector};
 use crate::vcpu::{Step, Vcpu};
-use crate::vm::Vm;
+use crate::vm::{Features, Vm};
 use crate::vmx::Cpu;
 use crate::vmx::vmcs::Vmcs;
 
@@ -101,15 +101,63 @@ pub fn apply(vmcs: &mut impl Vmcs, vm: &Vm, vcpu: &Vcpu) {
     vmcs.write(control::EXCEPTION_BITMAP, exceptions);
 }
 
-/// After a VM exit: the guest may have switched views with VMFUNC; the
-/// EPTP-index field says where it is now. An index the altp2m state cannot
-/// have produced means corrupt state: `Err`.
-/// `index` is that field as read after the exit.
-pub fn sync(vm: &mut Vm, vcpu: &Vcpu, index: u64) -> Result<(), hv_altp2m::Error> {
+/// Where a vCPU's hardware is after a VM exit, read without the VM lock
+/// (the vCPU publishes it, `smp::Coherence::exit`, and [`sync`] takes it):
+/// the EPTP-index field where the CPU has #VE (the field comes with it),
+/// else the EPTP itself (as Xen does without #VE). `u64::MAX` without
+/// VMFUNC: nothing but the hypervisor moves the vCPU then.
+pub fn where_hardware_is(features: &Features, vmcs: &impl Vmcs) -> u64 {
+    match (features.vmfunc, features.ve) {
+        (false, _) => u64::MAX,
+        (true, true) => vmcs.read(control::EPTP_INDEX),
+        (true, false) => vmcs.read(control::EPTP_FULL),
+    }
+}
+
+/// What [`where_hardware_is`] reads for a vCPU whose hardware is on `view`.
+fn where_hardware_is_on(vm: &Vm, view: u16) -> Result<u64, hv_altp2m::Error> {
+    if vm.features.ve {
+        Ok(u64::from(view))
+    } else {
+        vm.altp2m.eptp(&vm.p2m, view)
+    }
+}
+
+/// After a VM exit: the guest may have switched views with VMFUNC;
+/// `hardware` ([`where_hardware_is`]) says where it is now. An index or EPTP
+/// the altp2m state cannot have produced means corrupt state: `Err`.
+pub fn sync(vm: &mut Vm, vcpu: &Vcpu, hardware: u64) -> Result<(), hv_altp2m::Error> {
     if !(vm.features.vmfunc && vm.altp2m.is_enabled()) {
         return Ok(());
     }
-    vm.altp2m.sync_vcpu_view(vcpu.id.index(), index)
+    let id = vcpu.id.index();
+    let index = if vm.features.ve {
+        hardware
+    } else {
+        // Without #VE the EPTP: the one `apply` wrote (the vCPU's view's,
+        // or the host's during a step in view 0) means no VMFUNC since;
+        // another is the view the guest VMFUNCed to. (A VMFUNC to view 0
+        // during a step in view 0 is not seen; the #VE index would see it.)
+        let stepping = matches!(
+            vcpu.step,
+            Some(Step {
+                for_tool: false,
+                ..
+            })
+        );
+        if hardware == vm.altp2m.vcpu_eptp(&vm.p2m, id)? || (stepping && hardware == vm.p2m.eptp())
+        {
+            return Ok(());
+        }
+        let view = vm
+            .altp2m
+            .active_views()
+            .iter()
+            .find(|&v| u16::try_from(v).is_ok_and(|v| vm.altp2m.eptp(&vm.p2m, v) == Ok(hardware)))
+            .ok_or(hv_altp2m::Error::BadView)?;
+        view as u64
+    };
+    vm.altp2m.sync_vcpu_view(id, index)
 }
 
 /// After a change to other vCPUs' views (a switch of all or one, altp2m on
@@ -143,10 +191,12 @@ pub fn destroy_view(
     }
     // The hardware of a vCPU that VMFUNCed to the view is on it, whatever
     // altp2m's record says until that vCPU's exit is handled.
-    let on_it = vm.features.vmfunc
-        && (0..vm.vcpus())
+    let on_it = vm.features.vmfunc && {
+        let there = where_hardware_is_on(vm, view)?;
+        (0..vm.vcpus())
             .filter(|&v| v != vcpu)
-            .any(|v| vm.coherence.last_view(v) == view);
+            .any(|v| vm.coherence.last_view(v) == there)
+    };
     let destroyed = if on_it {
         Err(hv_altp2m::Error::Busy)
     } else {

@@ -1,7 +1,8 @@
 //! Debian's stock kernel boots under the hypervisor in Bochs to our init
 //! program, which checks what it sees (CPUID, memory, timer interrupts, a
 //! memory test) and ends the run through port 0xF4 with its status: on the
-//! host p2m, on a fresh view made before its first instruction, switched
+//! host p2m, on a fresh view made before its first instruction (also on
+//! Bochs's Ivy Bridge, without VMFUNC, #VE, PML, 1G pages or A/D), switched
 //! between two views on every tick, and under log-dirty tracking of all its
 //! RAM. The last two are the long suite's (`scripts/test --long`).
 
@@ -55,6 +56,26 @@ fn linux_boots_on_a_fresh_view_through_the_32_bit_entry() {
         "a fresh view fills by EPT violations: {violations}\n{}",
         run.report()
     );
+    run.clean_up();
+}
+
+/// On a CPU without VMFUNC, #VE, PML, 1 GiB EPT pages or EPT A/D flags
+/// (Bochs's Ivy Bridge, issue 16), on a fresh view: the lazy copy with the
+/// largest pages that CPU has.
+#[test]
+fn linux_boots_on_ivy_bridge_on_a_fresh_view() {
+    let mut boot = Boot::new(Engine::Bochs)
+        .cmdline(&format!("guest.mem={GUEST_MIB} guest.views=fresh"))
+        .linux(&format!("hvtest.expect=hv hvtest.mem={GUEST_MIB}"));
+    boot.cpu_model = "corei7_ivy_bridge_3770k".into();
+    boot.memory_mib = GUEST_MIB + 256;
+    boot.timeout = Duration::from_secs(1200);
+    let run = boot.run();
+    all_checks_passed(&run);
+    run.expect_line("ept-1g=0 ept-ad=0")
+        .expect_line("boot views Fresh")
+        .expect_line("log-dirty by write protection, view switches by hypercall");
+    assert!(exits_of(&run, "EPT violation") >= 64, "{}", run.report());
     run.clean_up();
 }
 

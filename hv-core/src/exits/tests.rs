@@ -48,7 +48,7 @@ pub(crate) fn config(image: &[u8]) -> GuestConfig<'_> {
 
 /// The same CPU with PML masked: log-dirty by write protection.
 fn caps_without_pml() -> VmxCaps {
-    caps().without_pml()
+    caps().mask(crate::vmx::caps::Masked::PML)
 }
 
 fn new_guest(platform: &mut SimPlatform) -> Vm {
@@ -1497,7 +1497,7 @@ fn a_view_another_vcpu_switched_to_by_vmfunc_cannot_be_destroyed() {
     let coherence = m.vm.coherence;
     // vCPU 1 VMFUNCs to the view without an exit: altp2m does not know.
     assert_eq!(coherence.enter(1), None);
-    m.platform.kicked_exit = Some((coherence, v as u16));
+    m.platform.kicked_exit = Some((coherence, v));
     assert_eq!(
         m.call(call::ALTP2M_DESTROY_VIEW, &[v]),
         error::EBUSY,
@@ -1552,3 +1552,5 @@ fn the_guest_is_stopped_only_when_every_vcpu_is_halted_for_good() {
         Some(GuestEnd::Stopped(StopReason::Halted))
     );
 }
+
+mod masked;

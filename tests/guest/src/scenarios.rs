@@ -1,7 +1,9 @@
-//! The scenarios. Each prints `PASS name` or `FAIL name: why`.
+//! The scenarios. Each prints `PASS name`, `FAIL name: why`, or `SKIP
+//! name: why` when what it tests cannot run here (the hypervisor does not
+//! offer the feature on this CPU, [`offers`]).
 
 use core::arch::x86_64::__cpuid;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use hv_abi::{call, error};
 use hv_boot::bootinfo::{BootInfo, RegionKind};
@@ -48,6 +50,7 @@ impl Options {
 pub fn run_all(boot: &BootInfo) -> u8 {
     let mut failed = 0u32;
     let mut passed = 0u32;
+    let mut skipped = 0u32;
     // A leading image path (loaders pass one) is not a scenario.
     let given = || {
         boot.cmdline
@@ -71,11 +74,19 @@ pub fn run_all(boot: &BootInfo) -> u8 {
     let scenarios = given()
         .filter(|w| !w.contains('='))
         .chain(default.split_ascii_whitespace());
+    if hypervisor_present() {
+        println!("features offered: {}", FeatureNames(offered()));
+    }
     for word in scenarios {
+        SKIPPED.store(false, Ordering::Relaxed);
         match run_one(word, boot, &options) {
             Ok(()) => {
                 passed += 1;
                 println!("PASS {word}");
+            }
+            Err(why) if SKIPPED.load(Ordering::Relaxed) => {
+                skipped += 1;
+                println!("SKIP {word}: {why}");
             }
             Err(why) => {
                 failed += 1;
@@ -83,7 +94,11 @@ pub fn run_all(boot: &BootInfo) -> u8 {
             }
         }
     }
-    println!("result: {passed} passed, {failed} failed");
+    if skipped > 0 {
+        println!("result: {passed} passed, {failed} failed, {skipped} skipped");
+    } else {
+        println!("result: {passed} passed, {failed} failed");
+    }
     options.status.unwrap_or(u8::from(failed > 0))
 }
 
@@ -139,6 +154,54 @@ fn run_one(word: &str, boot: &BootInfo, options: &Options) -> Outcome {
         "fuzz-end" => fuzz::run_end(boot, options),
         "hostile-bench" => fuzz::bench::hostile_bench(boot),
         _ => Err("no such scenario"),
+    }
+}
+
+static SKIPPED: AtomicBool = AtomicBool::new(false);
+
+/// The scenario cannot run here, for `why`: it ends as `SKIP name: why`
+/// (neither passed nor failed). Only for what truly cannot run.
+pub fn skip(why: &'static str) -> Outcome {
+    SKIPPED.store(true, Ordering::Relaxed);
+    Err(why)
+}
+
+/// The [`hv_abi::feature`] bits the hypervisor offers this guest (CPUID
+/// leaf 0x40000001 EBX); none without the hypervisor.
+pub fn offered() -> u32 {
+    if hypervisor_present() {
+        __cpuid(hv_abi::CPUID_FEATURES).ebx
+    } else {
+        0
+    }
+}
+
+/// Whether the hypervisor offers `feature` (an [`hv_abi::feature`] bit).
+pub fn offers(feature: u32) -> bool {
+    offered() & feature != 0
+}
+
+/// The names of [`hv_abi::feature`] bits, for the log.
+struct FeatureNames(u32);
+
+impl core::fmt::Display for FeatureNames {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        use hv_abi::feature;
+        write!(f, "{:#x} (", self.0)?;
+        let mut first = true;
+        for (bit, name) in [
+            (feature::VMFUNC, "vmfunc"),
+            (feature::VE, "ve"),
+            (feature::MTF, "mtf"),
+            (feature::PML, "pml"),
+        ] {
+            if self.0 & bit != 0 {
+                f.write_str(if first { "" } else { " " })?;
+                f.write_str(name)?;
+                first = false;
+            }
+        }
+        f.write_str(if first { "none)" } else { ")" })
     }
 }
 
