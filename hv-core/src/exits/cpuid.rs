@@ -240,7 +240,7 @@ mod tests {
         ];
         let all = |_, _| [u32::MAX; 4];
         for (cr4_bit, (leaf, reg, bit)) in CR4_FEATURES {
-            let shown = guest_cpuid(leaf, 0, all, 0)[reg] & 1 << bit != 0;
+            let shown = guest_cpuid(leaf, 0, all, 0, 0)[reg] & 1 << bit != 0;
             assert_eq!(
                 CR4_HIDDEN & 1 << cr4_bit == 0,
                 shown,
