@@ -868,6 +868,7 @@ impl Fuzzer {
         let bad = match self.rng.below(20) {
             0 => {
                 gfns = self.buffer_arg(n * 8);
+                self.defuse_gfns(gfns, n);
                 true
             }
             1 => {
@@ -904,6 +905,26 @@ impl Fuzzer {
             expect,
         )
         .map(|_| ())
+    }
+
+    /// A gfn array whose content is whatever a pointer finds there (earlier
+    /// operations' arrays) may name the guest's own pages, and a restriction
+    /// of its GDT, IDT or stack in view 0 stops the guest (an event's
+    /// delivery through a denied page needs MTF: docs/limits.md). Keeps the
+    /// found values, but for those that name the guest's image or a buffer
+    /// page.
+    fn defuse_gfns(&mut self, gfns: u64, n: u64) {
+        if !self.model.writable(&self.layout, gfns, n * 8) {
+            return;
+        }
+        let (start, end) = self.layout.image;
+        for i in 0..n {
+            let at = gfns + 8 * i;
+            let Ok(g) = probe::read(at) else { continue };
+            if (start..end).contains(&g) || self.layout.is_buffer(g) {
+                self.put(at, self.layout.end());
+            }
+        }
     }
 
     /// A range from an arena page (or an edge), at most 512 pages, or a
