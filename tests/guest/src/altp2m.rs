@@ -517,14 +517,7 @@ pub fn ve() -> Outcome {
     let page = gfn(target);
     VE_FIX_VIEW.store(v, Ordering::Relaxed);
     for round in 1..=2u32 {
-        ok(
-            hypercall(call::ALTP2M_SET_MEM_ACCESS, &[v, page, access::RX]),
-            "making the page read-only",
-        )?;
-        ok(
-            hypercall(call::ALTP2M_SET_SUPPRESS_VE, &[v, page, 0]),
-            "allowing #VE",
-        )?;
+        read_only_with_ve(v, page)?;
         vmfunc_to(v)?;
         write_u8(target + 0x10, round as u8);
         vmfunc_to(0)?;
@@ -619,14 +612,7 @@ fn ve_not_offered() -> Outcome {
     let ves = ve_count();
     let mut violations = 0;
     for round in 1..=2u8 {
-        ok(
-            hypercall(call::ALTP2M_SET_MEM_ACCESS, &[v, page, access::RX]),
-            "making the page read-only",
-        )?;
-        ok(
-            hypercall(call::ALTP2M_SET_SUPPRESS_VE, &[v, page, 0]),
-            "clearing suppress-#VE",
-        )?;
+        read_only_with_ve(v, page)?;
         switch(v)?;
         let before = counts();
         write_u8(target + 0x10 * u64::from(round), round);
@@ -1189,6 +1175,20 @@ pub fn memory_calls() -> Outcome {
     ok(
         hypercall(call::DISPLAY_SET, &[0, 0]),
         "stopping the display",
+    )
+    .map(|_| ())
+}
+
+/// Makes `page` read-only in view `v` with suppress-#VE clear: a write
+/// there is a #VE where the CPU has it.
+fn read_only_with_ve(v: u64, page: u64) -> Outcome {
+    ok(
+        hypercall(call::ALTP2M_SET_MEM_ACCESS, &[v, page, access::RX]),
+        "making the page read-only",
+    )?;
+    ok(
+        hypercall(call::ALTP2M_SET_SUPPRESS_VE, &[v, page, 0]),
+        "clearing suppress-#VE",
     )
     .map(|_| ())
 }
