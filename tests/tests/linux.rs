@@ -65,10 +65,9 @@ fn linux_boots_on_a_fresh_view_through_the_32_bit_entry() {
 #[test]
 fn linux_boots_on_ivy_bridge_on_a_fresh_view() {
     let mut boot = Boot::new(Engine::Bochs)
-        .cmdline(&format!("guest.mem={GUEST_MIB} guest.views=fresh"))
-        .linux(&format!("hvtest.expect=hv hvtest.mem={GUEST_MIB}"));
+        .cmdline("guest.views=fresh")
+        .linux_ram(LINUX_GUEST_MIB, "hvtest.expect=hv");
     boot.cpu_model = "corei7_ivy_bridge_3770k".into();
-    boot.memory_mib = GUEST_MIB + 256;
     boot.timeout = Duration::from_secs(1200);
     let run = boot.run();
     all_checks_passed(&run);
