@@ -433,6 +433,18 @@ impl Altp2m {
         self.views[i].as_ref().map(|v| &v.p2m)
     }
 
+    /// The views besides view 0 and the frames of their tables now (the
+    /// two EPTP list frames, held from [`Altp2m::new`] on, not counted):
+    /// what lazily copied views cost the hypervisor, for a run's report.
+    pub fn view_tables<M: EptMemory + ?Sized>(&self, mem: &M) -> (usize, u64) {
+        self.views
+            .iter()
+            .flatten()
+            .fold((0, 0), |(views, frames), view| {
+                (views + 1, frames + view.p2m.table_frames(mem))
+            })
+    }
+
     pub(crate) fn check_enabled(&self) -> Result<(), Error> {
         if self.enabled {
             Ok(())

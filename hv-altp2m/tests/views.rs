@@ -194,6 +194,40 @@ fn fresh_views_cost_one_table_each_plus_two_lists() {
 }
 
 #[test]
+fn view_tables_are_the_frames_lazy_copies_took() {
+    let mut w = guest(1);
+    assert_eq!(w.alt.view_tables(&w.mem), (0, 0));
+    let host_and_lists = w.mem.outstanding();
+    let a = w.create(P2mAccess::Rwx);
+    let b = w.create(P2mAccess::Rwx);
+    assert_eq!(
+        w.alt.view_tables(&w.mem),
+        (2, 2),
+        "a fresh view is its root"
+    );
+    // View a copies a 4K page (directory pointers, directory, page table),
+    // then the 2M and 1G pages into the tables it has; view b the 1G page
+    // (a directory-pointer table).
+    w.switch(0, a);
+    for gfn in [5, M2 + 3, G1 + 7] {
+        assert!(matches!(w.read(0, gfn), End::Ok(_)));
+    }
+    w.switch(0, b);
+    assert!(matches!(w.read(0, G1), End::Ok(_)));
+    assert_eq!(w.alt.view_tables(&w.mem), (2, (1 + 3) + (1 + 1)));
+    assert_eq!(
+        w.alt.view_tables(&w.mem).1,
+        (w.mem.outstanding() - host_and_lists) as u64,
+        "every frame the views took is a table of theirs"
+    );
+    w.switch(0, 0);
+    w.alt.disable(&mut w.mem).unwrap();
+    assert_eq!(w.alt.view_tables(&w.mem), (0, 0));
+    w.flush();
+    teardown(w);
+}
+
+#[test]
 fn lists_visibility_and_switch_paths() {
     let mut w = guest(2);
     let a = w.create(P2mAccess::Rwx);

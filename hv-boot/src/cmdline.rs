@@ -39,10 +39,12 @@ pub struct Options {
     /// All guest RAM under log-dirty tracking, fetched on every tick
     /// (`guest.logdirty=all`).
     pub logdirty_all: bool,
-    /// VMX features the guest is not given although the CPU has them
-    /// (`vmx.mask=`, a comma-separated list): `pml` makes log-dirty use
-    /// write protection.
-    pub mask_pml: bool,
+    /// VMX features the hypervisor behaves as if the CPU lacked
+    /// (`vmx.mask=`, a comma-separated list of `vmfunc ve pml ept1g eptad`),
+    /// to test the fallbacks: bit `i` for [`VMX_MASK_NAMES`]`[i]`, the
+    /// bits of `hv_core::vmx::caps::Masked` (this library is the test
+    /// guest's too, which has no heap for hv-core; a test holds them equal).
+    pub vmx_mask: u8,
     /// The guest's vCPUs at most, one per CPU (`guest.cpus=`; default: all).
     pub guest_cpus: usize,
     /// Serve the control channel on COM3 if the machine has one
@@ -74,7 +76,7 @@ impl Default for Options {
             boot_views: BootViews::Host,
             linux_entry: LinuxEntry::Auto,
             logdirty_all: false,
-            mask_pml: false,
+            vmx_mask: 0,
             guest_cpus: usize::MAX,
             control: true,
             guest_frames: DEFAULT_GUEST_FRAMES,
@@ -123,7 +125,9 @@ const CONTROL: &str = "com3|off";
 const GUEST_FRAMES: &str = "frames beyond guest RAM, 0 to 268435456";
 const GUEST_HEAP: &str = "KiB of heap, 0 to 1048576";
 const LOGDIRTY: &str = "all|off";
-const VMX_MASK: &str = "a comma-separated list of: pml";
+const VMX_MASK: &str = "a comma-separated list of: vmfunc ve pml ept1g eptad";
+/// The features `vmx.mask=` names, in the order of their bits.
+pub const VMX_MASK_NAMES: [&str; 5] = ["vmfunc", "ve", "pml", "ept1g", "eptad"];
 const GUEST_CPUS: &str = "a number of vCPUs, 1 to 64";
 
 impl Options {
@@ -237,9 +241,9 @@ impl Options {
                 },
                 "vmx.mask" => {
                     for feature in value.split(',') {
-                        match feature {
-                            "pml" => options.mask_pml = true,
-                            _ => report(Problem::BadValue {
+                        match VMX_MASK_NAMES.iter().position(|&n| n == feature) {
+                            Some(i) => options.vmx_mask |= 1 << i,
+                            None => report(Problem::BadValue {
                                 key,
                                 value: feature,
                                 expected: VMX_MASK,
@@ -333,10 +337,19 @@ mod tests {
 
     #[test]
     fn vmx_features_can_be_masked() {
+        use hv_core::vmx::caps::Masked;
         let (options, problems) = parse("vmx.mask=pml");
-        assert!(problems.is_empty() && options.mask_pml);
+        assert!(problems.is_empty());
+        assert_eq!(Masked::from_bits(options.vmx_mask), Some(Masked::PML));
+        let (options, problems) = parse("vmx.mask=vmfunc,ve,pml,ept1g,eptad");
+        assert!(problems.is_empty());
+        assert_eq!(Masked::from_bits(options.vmx_mask), Some(Masked::all()));
+        // The kernel hands the bits to hv-core as they are.
+        for (i, name) in VMX_MASK_NAMES.iter().enumerate() {
+            assert_eq!(Masked::parse(name), Masked::from_bits(1 << i), "{name}");
+        }
         let (options, problems) = parse("vmx.mask=pml,vpid");
-        assert!(options.mask_pml);
+        assert_eq!(Masked::from_bits(options.vmx_mask), Some(Masked::PML));
         assert_eq!(
             problems,
             [Problem::BadValue {
@@ -345,7 +358,7 @@ mod tests {
                 expected: VMX_MASK
             }]
         );
-        assert!(!parse("vmx.mask=").0.mask_pml);
+        assert_eq!(parse("vmx.mask=").0.vmx_mask, 0);
     }
 
     #[test]

@@ -64,6 +64,15 @@ extern "C" fn kmain(magic: u32, info_address: u32) -> ! {
     let caps = match hv_core::vmx::caps::probe_this_cpu() {
         Ok(caps) => {
             log::debug!("vmx: capability MSRs {:x?}", caps.msrs);
+            // Masked before anything looks at them: the report, the
+            // controls and every feature decision see the same CPU.
+            let masked = hv_core::vmx::caps::Masked::from_bits_truncate(options.vmx_mask);
+            let caps = if masked.is_empty() {
+                caps
+            } else {
+                info!("{}", masked.report());
+                caps.mask(masked)
+            };
             for line in alloc::format!("{}", caps.report()).lines() {
                 info!("{line}");
             }

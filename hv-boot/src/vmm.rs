@@ -242,18 +242,10 @@ pub fn run_guest(
             return exit::BOOT_FAILED;
         }
     };
-    let masked;
-    let guest_caps = if options.mask_pml {
-        info!("vmx: PML masked (vmx.mask=pml): log-dirty by write protection");
-        masked = caps.without_pml();
-        &masked
-    } else {
-        caps
-    };
     let ram_frames = options.guest_memory_mib * 256;
     quota::limit(ram_frames + options.guest_frames);
     let heap_before = crate::heap::limit_guest(options.guest_heap_kib as usize * 1024);
-    let status = run_vm(guest_caps, &config, options, &mut platform);
+    let status = run_vm(caps, &config, options, &mut platform);
     let heap_peak = crate::heap::unlimit();
     let frames_peak = quota::unlimit();
     info!(
@@ -383,7 +375,7 @@ fn run_vm(
         return GUEST_STOPPED;
     }
     info!(
-        "vmm: guest of {} MiB ({} frames), {} vCPU(s), {}, altp2m mode {:?}, boot views {:?}, log-dirty by {}, command line '{}', {} module(s)",
+        "vmm: guest of {} MiB ({} frames), {} vCPU(s), {}, altp2m mode {:?}, boot views {:?}, log-dirty by {}, view switches by {}, #VE {}, command line '{}', {} module(s)",
         options.guest_memory_mib,
         vm.ram_frames(),
         vm.vcpus(),
@@ -394,6 +386,16 @@ fn run_vm(
             "PML"
         } else {
             "write protection"
+        },
+        if vm.features.vmfunc {
+            "VMFUNC and hypercall"
+        } else {
+            "hypercall (VMFUNC raises #UD)"
+        },
+        if vm.features.ve {
+            "on"
+        } else {
+            "off (denied accesses exit)"
         },
         config.cmdline,
         config.modules.len()
@@ -449,6 +451,13 @@ fn run_vm(
     };
     let vm = machine.into_inner();
     report_exits(&vm.counters);
+    // Views fill lazily: their tables at the end say what the guest made
+    // them copy, next to the host p2m's, which maps all of its RAM.
+    let (views, frames) = vm.altp2m.view_tables(&*platform);
+    info!(
+        "views: {views} view(s) besides view 0 held {frames} table frames at teardown, the host p2m {}",
+        vm.p2m.table_frames(&*platform)
+    );
     if let Some(totals) = vm.logdirty_all {
         info!(
             "logdirty: {} fetches of all guest RAM found {} dirty pages",

@@ -213,14 +213,22 @@ pub fn altp2m(
     }
 }
 
+/// Both notify calls need EPT-violation #VE: without it they answer
+/// `EOPNOTSUPP` (as Xen's do), so a guest cannot believe it is notified.
+pub fn notify_supported(vm: &Vm) -> Result<(), i64> {
+    if vm.features.ve {
+        Ok(())
+    } else {
+        Err(error::EOPNOTSUPP)
+    }
+}
+
 /// The frame of a #VE information page at `gfn`, if it may be one. The CPU
 /// writes #VE information by physical address, past any view's rights: the
 /// page must be guest RAM that every view lets the guest write itself, not
 /// a remap and not a page a monitor protects.
 pub fn notify_page(vm: &Vm, platform: &impl Platform, gfn: Gfn) -> Result<Mfn, i64> {
-    if !vm.features.ve {
-        return Err(error::EOPNOTSUPP);
-    }
+    notify_supported(vm)?;
     let mfn = vm.ram_page(platform, gfn).ok_or(error::EINVAL)?;
     let writable = |view: usize| {
         vm.altp2m
@@ -291,12 +299,26 @@ pub fn logdirty_fetch(
         .map_err(errno)?;
     views::flush(vm, cpu, platform, caller);
     let mut dirty = 0;
-    vm.altp2m
-        .fetch_dirty(&mut vm.dirty, &armed, |gfn| {
-            let i = (gfn.0 - first.0) as usize;
+    let mut mark = |gfn: Gfn| {
+        let i = (gfn.0 - first.0) as usize;
+        if bitmap[i / 8] & (1 << (i % 8)) == 0 {
             bitmap[i / 8] |= 1 << (i % 8);
             dirty += 1;
+        }
+    };
+    let display = &mut vm.display;
+    vm.altp2m
+        .fetch_dirty(&mut vm.dirty, &armed, |gfn| {
+            mark(gfn);
+            // The display's copy still needs what the guest takes.
+            if let Some(display) = display.as_mut() {
+                display.guest_took(gfn);
+            }
         })
         .map_err(errno)?;
+    // And the guest gets what the display's refreshes took.
+    if let Some(display) = vm.display.as_mut() {
+        display.give_guest(first, last, &mut mark);
+    }
     Ok(dirty)
 }

@@ -76,9 +76,9 @@
 //!   entry either.
 
 #[cfg(not(loom))]
-use core::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering, fence};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
 #[cfg(loom)]
-use loom::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering, fence};
+use loom::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
 
 /// Most vCPUs a VM may have (the EPTP list and the MADT would allow more).
 pub const MAX_VCPUS: usize = 16;
@@ -91,8 +91,10 @@ pub struct CpuState {
     seen: AtomicU64,
     /// A kick is on its way: its NMI is not the guest's.
     kick: AtomicBool,
-    /// The view the hardware ran on at the vCPU's last exit (EPTP index).
-    view: AtomicU16,
+    /// Where the hardware ran at the vCPU's last exit: the EPTP index where
+    /// the CPU has #VE (the index comes with it), else the EPTP itself
+    /// (`views::where_hardware_is`).
+    view: AtomicU64,
     /// The vCPU must write its view-related VMCS fields again before entry
     /// (another vCPU switched its view).
     reapply: AtomicBool,
@@ -107,7 +109,7 @@ impl CpuState {
             in_guest: AtomicBool::new(false),
             seen: AtomicU64::new(0),
             kick: AtomicBool::new(false),
-            view: AtomicU16::new(0),
+            view: AtomicU64::new(0),
             reapply: AtomicBool::new(false),
             parked: AtomicBool::new(false),
         }
@@ -164,8 +166,8 @@ impl Coherence {
         self.cpus[vcpu].parked.load(Ordering::SeqCst)
     }
 
-    /// After a VM exit of `vcpu`, running on `view`.
-    pub fn exit(&self, vcpu: usize, view: u16) {
+    /// After a VM exit of `vcpu`, running on `view` (see [`CpuState`]).
+    pub fn exit(&self, vcpu: usize, view: u64) {
         let cpu = &self.cpus[vcpu];
         cpu.view.store(view, Ordering::SeqCst);
         cpu.parked.store(false, Ordering::SeqCst);
@@ -239,7 +241,7 @@ impl Coherence {
     }
 
     /// The view `vcpu`'s hardware was on at its last exit.
-    pub fn last_view(&self, vcpu: usize) -> u16 {
+    pub fn last_view(&self, vcpu: usize) -> u64 {
         self.cpus[vcpu].view.load(Ordering::SeqCst)
     }
 }
@@ -367,7 +369,7 @@ mod loom_tests {
     fn a_view_is_never_destroyed_under_a_vcpu_that_vmfuncs_to_it() {
         loom::model(|| {
             use loom::sync::atomic::AtomicBool;
-            const VIEW: u16 = 1;
+            const VIEW: u64 = 1;
             let shared = Arc::new((
                 Coherence::new(2),
                 AtomicBool::new(true),

@@ -27,7 +27,7 @@ pub struct SimPlatform {
     pub kicks: Vec<(usize, crate::platform::Kick)>,
     /// The other vCPUs' side of a kick: each kicked vCPU leaves guest mode
     /// on the view given here (as its exit would publish it).
-    pub kicked_exit: Option<(&'static crate::smp::Coherence, u16)>,
+    pub kicked_exit: Option<(&'static crate::smp::Coherence, u64)>,
     /// The machine has a control line: bytes the tool sent, and bytes the
     /// hypervisor sent.
     pub control_line: bool,

@@ -13,7 +13,7 @@ use x86::vmx::vmcs::{control, guest};
 use crate::platform::{Kick, Platform, monitor_event};
 use crate::vcpu::events::{BLOCKING_STI_MOVSS, PENDING_BS, vector};
 use crate::vcpu::{Step, Vcpu};
-use crate::vm::Vm;
+use crate::vm::{Features, Vm};
 use crate::vmx::Cpu;
 use crate::vmx::vmcs::Vmcs;
 
@@ -101,17 +101,64 @@ pub fn apply(vmcs: &mut impl Vmcs, vm: &Vm, vcpu: &Vcpu) {
     vmcs.write(control::EXCEPTION_BITMAP, exceptions);
 }
 
-/// After a VM exit: the guest may have switched views with VMFUNC; the
-/// EPTP-index field says where it is now. An index the altp2m state cannot
-/// have produced means corrupt state: `Err`.
-/// `index` is that field as read after the exit. Not while another vCPU's
-/// switch of this one waits to be written to its VMCS: the index is then
-/// older than the switch, which stands.
-pub fn sync(vm: &mut Vm, vcpu: &Vcpu, index: u64) -> Result<(), hv_altp2m::Error> {
+/// Where a vCPU's hardware is after a VM exit, read without the VM lock
+/// (the vCPU publishes it, `smp::Coherence::exit`, and [`sync`] takes it):
+/// the EPTP-index field where the CPU has #VE (the field comes with it),
+/// else the EPTP itself (as Xen does without #VE). `u64::MAX` without
+/// VMFUNC: nothing but the hypervisor moves the vCPU then.
+pub fn where_hardware_is(features: &Features, vmcs: &impl Vmcs) -> u64 {
+    match (features.vmfunc, features.ve) {
+        (false, _) => u64::MAX,
+        (true, true) => vmcs.read(control::EPTP_INDEX),
+        (true, false) => vmcs.read(control::EPTP_FULL),
+    }
+}
+
+/// What [`where_hardware_is`] reads for a vCPU whose hardware is on `view`.
+fn where_hardware_is_on(vm: &Vm, view: u16) -> Result<u64, hv_altp2m::Error> {
+    if vm.features.ve {
+        Ok(u64::from(view))
+    } else {
+        vm.altp2m.eptp(&vm.p2m, view)
+    }
+}
+
+/// After a VM exit: the guest may have switched views with VMFUNC;
+/// `hardware` ([`where_hardware_is`]) says where it is now. An index or EPTP
+/// the altp2m state cannot have produced means corrupt state: `Err`.
+/// Not while another vCPU's switch of this one waits to be written to its
+/// VMCS: `hardware` is then older than the switch, which stands.
+pub fn sync(vm: &mut Vm, vcpu: &Vcpu, hardware: u64) -> Result<(), hv_altp2m::Error> {
     let id = vcpu.id.index();
     if !(vm.features.vmfunc && vm.altp2m.is_enabled()) || vm.coherence.must_reapply(id) {
         return Ok(());
     }
+    let index = if vm.features.ve {
+        hardware
+    } else {
+        // Without #VE the EPTP: the one `apply` wrote (the vCPU's view's,
+        // or the host's during a step in view 0) means no VMFUNC since;
+        // another is the view the guest VMFUNCed to. (A VMFUNC to view 0
+        // during a step in view 0 is not seen; the #VE index would see it.)
+        let stepping = matches!(
+            vcpu.step,
+            Some(Step {
+                for_tool: false,
+                ..
+            })
+        );
+        if hardware == vm.altp2m.vcpu_eptp(&vm.p2m, id)? || (stepping && hardware == vm.p2m.eptp())
+        {
+            return Ok(());
+        }
+        let view = vm
+            .altp2m
+            .active_views()
+            .iter()
+            .find(|&v| u16::try_from(v).is_ok_and(|v| vm.altp2m.eptp(&vm.p2m, v) == Ok(hardware)))
+            .ok_or(hv_altp2m::Error::BadView)?;
+        view as u64
+    };
     vm.altp2m.sync_vcpu_view(id, index)
 }
 
@@ -147,10 +194,12 @@ pub fn destroy_view(
     }
     // The hardware of a vCPU that VMFUNCed to the view is on it, whatever
     // altp2m's record says until that vCPU's exit is handled.
-    let on_it = vm.features.vmfunc
-        && (0..vm.vcpus())
+    let on_it = vm.features.vmfunc && {
+        let there = where_hardware_is_on(vm, view)?;
+        (0..vm.vcpus())
             .filter(|&v| v != vcpu)
-            .any(|v| vm.coherence.last_view(v) == view);
+            .any(|v| vm.coherence.last_view(v) == there)
+    };
     let destroyed = if on_it {
         Err(hv_altp2m::Error::Busy)
     } else {
@@ -187,19 +236,73 @@ pub fn flush(vm: &mut Vm, cpu: &mut impl Cpu, platform: &mut impl Platform, vcpu
             .shootdown(vcpu, |other| platform.kick(other, Kick::Nmi));
     }
     if vm.altp2m.has_dropped() {
-        let lost = vm.altp2m.drain_dropped(|d| report_drop(platform, d));
-        if lost > 0 {
-            log::warn!("monitor: {lost} dropped view entries were not logged (log full)");
-        }
+        report_drops(vm, platform);
     }
 }
 
-fn report_drop(platform: &mut impl Platform, d: Dropped) {
+/// Dropped entries alike but for their view, reported as one line: a page
+/// that leaves 511 views is one line, not 511 (each a synchronous log line
+/// of about 1.6 million instructions under Bochs, inside the guest's call).
+struct DropGroup {
+    first: Dropped,
+    views: ViewSet,
+}
+
+/// Groups kept while draining; when more kinds come, the groups so far are
+/// reported and the next ones start.
+const DROP_GROUPS: usize = 8;
+
+fn report_drops(vm: &mut Vm, platform: &mut impl Platform) {
+    let mut groups: heapless::Vec<DropGroup, DROP_GROUPS> = heapless::Vec::new();
+    let lost = vm.altp2m.drain_dropped(|d| {
+        let alike = |g: &&mut DropGroup| {
+            let f = &g.first;
+            (
+                f.gfn,
+                f.pages,
+                f.access,
+                f.suppress_ve,
+                f.remap_source,
+                f.reason,
+            ) == (
+                d.gfn,
+                d.pages,
+                d.access,
+                d.suppress_ve,
+                d.remap_source,
+                d.reason,
+            )
+        };
+        if let Some(group) = groups.iter_mut().find(alike) {
+            group.views.insert(d.view);
+            return;
+        }
+        if groups.is_full() {
+            for group in &groups {
+                report_drop(platform, group);
+            }
+            groups.clear();
+        }
+        let mut views = ViewSet::default();
+        views.insert(d.view);
+        // Cannot fail: the groups were emptied if full.
+        let _ = groups.push(DropGroup { first: d, views });
+    });
+    for group in &groups {
+        report_drop(platform, group);
+    }
+    if lost > 0 {
+        log::warn!("monitor: {lost} dropped view entries were not logged (log full)");
+    }
+}
+
+fn report_drop(platform: &mut impl Platform, group: &DropGroup) {
+    let d = &group.first;
     monitor_event(
         platform,
         format_args!(
             "dropped view={} gfn={:#x} pages={} access={} reason={:?}{}",
-            d.view,
+            group.views,
             d.gfn.0,
             d.pages,
             access_name(d.access),
@@ -207,6 +310,46 @@ fn report_drop(platform: &mut impl Platform, d: Dropped) {
             RemapOf(d.remap_source)
         ),
     );
+}
+
+/// A set of view indexes, shown as ranges (`1-3,7`).
+#[derive(Default)]
+struct ViewSet([u64; 8]);
+
+impl ViewSet {
+    fn insert(&mut self, view: u16) {
+        let view = usize::from(view) % 512;
+        self.0[view / 64] |= 1 << (view % 64);
+    }
+
+    fn contains(&self, view: usize) -> bool {
+        view < 512 && self.0[view / 64] & (1 << (view % 64)) != 0
+    }
+}
+
+impl core::fmt::Display for ViewSet {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let mut sep = "";
+        let mut view = 0;
+        while view < 512 {
+            if !self.contains(view) {
+                view += 1;
+                continue;
+            }
+            let start = view;
+            while self.contains(view + 1) {
+                view += 1;
+            }
+            if start == view {
+                write!(f, "{sep}{start}")?;
+            } else {
+                write!(f, "{sep}{start}-{view}")?;
+            }
+            sep = ",";
+            view += 1;
+        }
+        Ok(())
+    }
 }
 
 /// ` remap-of=G` for an alias's source, nothing otherwise.

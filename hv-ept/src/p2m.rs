@@ -751,6 +751,13 @@ impl P2m {
         self.max_mapped_pfn = Gfn(0);
     }
 
+    /// The frames of its tables, the root included, as they are now: what
+    /// the p2m holds of the hypervisor's memory (a view fills lazily, so
+    /// this says how much of the guest it copied). Reads every table once.
+    pub fn table_frames<M: EptMemory + ?Sized>(&self, mem: &M) -> u64 {
+        tables_from(mem, self.root, ROOT_LEVEL)
+    }
+
     /// Frees every table, the root included. The caller must have stopped all
     /// use of the EPTP (and flushed it) before the frames are reused.
     pub fn destroy<M: EptMemory + ?Sized>(mut self, mem: &mut M) {
@@ -775,6 +782,19 @@ pub(crate) fn fill_empty<M: EptMemory + ?Sized>(mem: &mut M, table: Mfn) {
     for i in 0..ENTRIES {
         write(mem, table, i, EptEntry::EMPTY);
     }
+}
+
+/// `table` (at `level`) and the tables below it: their number.
+fn tables_from<M: EptMemory + ?Sized>(mem: &M, table: Mfn, level: u8) -> u64 {
+    if level == 0 {
+        return 1;
+    }
+    let below = (0..ENTRIES)
+        .map(|i| read(mem, table, i))
+        .filter(|e| e.is_valid() && !e.is_leaf(level))
+        .map(|e| tables_from(mem, e.mfn(), level - 1))
+        .sum::<u64>();
+    1 + below
 }
 
 /// Frees `table` (at `level`) and every table below it.

@@ -272,6 +272,32 @@ fn a_superpage_over_a_subtree_frees_its_tables() {
 }
 
 #[test]
+fn table_frames_counts_what_the_tables_hold_of_memory() {
+    // The p2m's frames are all tables here: the count must follow every
+    // allocation and every freed subtree exactly.
+    let (mut mem, mut p2m) = setup();
+    let held = |mem: &hv_ept::sim::SimMemory| mem.outstanding() as u64;
+    assert_eq!(p2m.table_frames(&mem), 1, "the root alone");
+    for i in 0..4 {
+        map(&mut mem, &mut p2m, G1 + i * M2 + 1, Order::PAGE_4K, 0);
+    }
+    map(&mut mem, &mut p2m, 3, Order::PAGE_4K, 0);
+    map(&mut mem, &mut p2m, 5 * G1, Order::PAGE_1G, 0);
+    assert_eq!(p2m.table_frames(&mem), 1 + 1 + 2 + 4 + 1);
+    assert_eq!(p2m.table_frames(&mem), held(&mem));
+    // A 2M page replaces a page table; a 1G page a directory and its tables.
+    map(&mut mem, &mut p2m, G1, Order::PAGE_2M, 0);
+    assert_eq!(p2m.table_frames(&mem), held(&mem));
+    map(&mut mem, &mut p2m, G1, Order::PAGE_1G, 0);
+    assert_eq!(p2m.table_frames(&mem), 1 + 1 + 1 + 1);
+    assert_eq!(p2m.table_frames(&mem), held(&mem));
+    p2m.reset(&mut mem);
+    assert_eq!(p2m.table_frames(&mem), 1);
+    p2m.destroy(&mut mem);
+    assert_eq!(mem.outstanding(), 0);
+}
+
+#[test]
 fn removing_from_a_hole_allocates_nothing() {
     let (mut mem, mut p2m) = setup();
     map(&mut mem, &mut p2m, 0, Order::PAGE_4K, 0);

@@ -140,6 +140,15 @@ pub struct SerialPort {
 /// COM1, and its layout stays fixed so that System.map addresses hold.
 pub const LINUX_CONSOLE: &str = "console=ttyS0,115200 nokaslr";
 
+/// Guest RAM of a Linux guest unless told otherwise: the kernel, the
+/// initramfs and the init's memory test (256 MiB) with room to spare.
+pub const LINUX_GUEST_MIB: u32 = 512;
+/// The machine's memory beyond a Linux guest's: the hypervisor's own.
+pub const HYPERVISOR_MIB: u32 = 256;
+/// The first line of our Linux `/init` (`tests/linux-init`), with its TSC:
+/// under Bochs, the instructions from power-on to user space.
+pub const LINUX_INIT_LINE: &str = "hv-linux-init: started";
+
 /// Debian's kernel and the initramfs with our checks, as `scripts/linux-assets`
 /// leaves them in `target/linux/`.
 #[derive(Clone, Debug)]
@@ -247,6 +256,18 @@ impl Boot {
         );
         self.modules.insert(1, (assets.initramfs, String::new()));
         self
+    }
+
+    /// [`Boot::linux`] on `guest_mib` of guest RAM: the hypervisor gives
+    /// the guest that much (`guest.mem=`, put before the command line so
+    /// far), the init expects it (`hvtest.mem=`), and the machine has
+    /// [`HYPERVISOR_MIB`] more.
+    pub fn linux_ram(mut self, guest_mib: u32, kernel_cmdline: &str) -> Self {
+        self.cmdline = format!("guest.mem={guest_mib} {}", self.cmdline)
+            .trim_end()
+            .into();
+        self.memory_mib = guest_mib + HYPERVISOR_MIB;
+        self.linux(&format!("hvtest.mem={guest_mib} {kernel_cmdline}"))
     }
 
     /// Boots the test guest directly, without the hypervisor, with
@@ -617,9 +638,11 @@ impl Running {
             Err(why) => Waited {
                 end: EmulatorEnd::NotStarted(why.clone()),
                 ready_after: None,
+                init_after: None,
+                init_cpu: None,
             },
         };
-        Run::read(engine, self.dir, end.end, end.ready_after, self.started)
+        Run::read(engine, self.dir, end, self.started)
     }
 
     /// Ends the emulator now (a test that is done with a guest that would
@@ -728,6 +751,10 @@ struct Waited {
     end: EmulatorEnd,
     /// When the serial log first showed `hv: ready`, counted from `started`.
     ready_after: Option<Duration>,
+    /// When the guest's console first showed [`LINUX_INIT_LINE`].
+    init_after: Option<Duration>,
+    /// The emulator's CPU time by then.
+    init_cpu: Option<Duration>,
 }
 
 /// A serial file followed as it grows, whole lines at a time.
@@ -786,12 +813,22 @@ fn wait(
         Tail::new(dir, HV_LOG, ""),
         Tail::new(dir, GUEST_CONSOLE, GUEST_PREFIX),
     ];
-    let mut ready_after = None;
+    let (mut ready_after, mut init_after, mut init_cpu) = (None, None, None);
+    let pid = child.id();
     let mut watch = |at_end: bool| {
         for (i, tail) in tails.iter_mut().enumerate() {
             let lines = tail.lines(at_end);
-            if i == 0 && ready_after.is_none() && lines.iter().any(|l| l.contains(READY_LINE)) {
-                ready_after = Some(started.elapsed());
+            let (seen, text) = match i {
+                0 => (&mut ready_after, READY_LINE),
+                _ => (&mut init_after, LINUX_INIT_LINE),
+            };
+            if seen.is_none() && lines.iter().any(|l| l.contains(text)) {
+                *seen = Some(started.elapsed());
+                // Its CPU time, unlike the wall time, hardly depends on
+                // what else the machine runs.
+                if i == 1 {
+                    init_cpu = cpu_time(pid);
+                }
             }
             if stream && !lines.is_empty() {
                 let mut out = std::io::stdout().lock();
@@ -810,6 +847,8 @@ fn wait(
                 return Waited {
                     end: EmulatorEnd::from_status(status),
                     ready_after,
+                    init_after,
+                    init_cpu,
                 };
             }
             None if started.elapsed() >= timeout => {
@@ -819,11 +858,33 @@ fn wait(
                 return Waited {
                     end: EmulatorEnd::StoppedAtTimeout(timeout),
                     ready_after,
+                    init_after,
+                    init_cpu,
                 };
             }
             None => std::thread::sleep(Duration::from_millis(10)),
         }
     }
+}
+
+/// The CPU time (user and system) process `pid` has used so far, from
+/// /proc: the emulator's own, as Bochs and QEMU run under `unshare` and
+/// Debian's `bochs` wrapper by `exec`.
+fn cpu_time(pid: u32) -> Option<Duration> {
+    parse_cpu_time(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// utime + stime of a /proc/PID/stat line, in clock ticks of 1/100 s (the
+/// USER_HZ of Linux's ABI). The command name may hold spaces and
+/// parentheses: the fields are counted from the last `)`.
+fn parse_cpu_time(stat: &str) -> Option<Duration> {
+    let fields: Vec<&str> = stat
+        .get(stat.rfind(')')? + 1..)?
+        .split_whitespace()
+        .collect();
+    // After the name: state (field 3), ..., utime (14), stime (15).
+    let ticks = |field: usize| fields.get(field - 3)?.parse::<u64>().ok();
+    Some(Duration::from_millis((ticks(14)? + ticks(15)?) * 10))
 }
 
 /// The bytes of `path` from offset `from` on (none if it does not exist yet).
@@ -892,19 +953,19 @@ pub struct Run {
     pub emulator_stderr: String,
     /// Wall time from starting the emulator to the `hv: ready` line.
     pub ready_after: Option<Duration>,
+    /// Wall time from starting the emulator to Linux's `/init`
+    /// ([`LINUX_INIT_LINE`]).
+    pub init_after: Option<Duration>,
+    /// The emulator's CPU time by then (none where /proc does not say).
+    pub init_cpu: Option<Duration>,
     pub wall: Duration,
     pub dir: PathBuf,
 }
 
 impl Run {
     /// Reads back what a run left in `dir`.
-    fn read(
-        engine: Engine,
-        dir: PathBuf,
-        emulator: EmulatorEnd,
-        ready_after: Option<Duration>,
-        started: Instant,
-    ) -> Self {
+    fn read(engine: Engine, dir: PathBuf, waited: Waited, started: Instant) -> Self {
+        let emulator = waited.end;
         let stem = engine.file_stem();
         let serial = read_text(&dir.join(SERIAL_PORTS[HV_LOG].file));
         let guest = read_text(&dir.join(SERIAL_PORTS[GUEST_CONSOLE].file));
@@ -922,7 +983,9 @@ impl Run {
             emulator_stderr: read_text(&dir.join(format!("{stem}.err"))),
             serial,
             guest,
-            ready_after,
+            ready_after: waited.ready_after,
+            init_after: waited.init_after,
+            init_cpu: waited.init_cpu,
             wall: started.elapsed(),
             dir,
         }

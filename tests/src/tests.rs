@@ -182,6 +182,51 @@ fn the_exit_line_gives_the_status_whatever_the_emulator_exit_code() {
 }
 
 #[test]
+fn the_time_to_linux_init_is_when_its_first_line_reached_the_guest_console() {
+    // The hypervisor is ready at once; init starts about a second later,
+    // and the emulator runs on, as Linux does after init's first line.
+    let run = fake_run(
+        Engine::Bochs,
+        "echo 'hv: ready' > serial.txt\nsleep 1\n\
+         echo 'hv-linux-init: started (tsc 6000, uptime 2.00)' > guest.txt\nsleep 1\n\
+         echo 'hv: exit 0' >> serial.txt",
+        10 * SECOND,
+    );
+    run.expect_exit(0);
+    let (ready, init) = (run.ready_after.unwrap(), run.init_after.unwrap());
+    assert!(ready < init, "{ready:?}, {init:?}");
+    assert!(
+        init >= SECOND && init <= run.wall,
+        "{init:?} of {:?}",
+        run.wall
+    );
+    // The fake emulator slept: it used far less CPU than wall time.
+    let cpu = run.init_cpu.expect("the emulator's CPU time from /proc");
+    assert!(cpu < init / 2, "{cpu:?} of CPU in {init:?}");
+    run.clean_up();
+    // Only the guest's console counts: the line in the hypervisor's log is not init.
+    let run = fake_run(
+        Engine::Bochs,
+        "printf 'hv-linux-init: started\\nhv: exit 0\\n' > serial.txt",
+        10 * SECOND,
+    );
+    assert_eq!(run.init_after, None);
+    run.clean_up();
+}
+
+#[test]
+fn cpu_time_is_utime_plus_stime_whatever_the_command_name() {
+    // Fields 14 and 15 after a name with spaces and a parenthesis.
+    let stat = "4242 (bochs (x) bin) R 1 2 3 4 5 6 7 8 9 10 1234 66 0 0 20 0 1 0";
+    assert_eq!(parse_cpu_time(stat), Some(Duration::from_millis(13_000)));
+    assert_eq!(parse_cpu_time("4242 (short) R 1 2"), None);
+    assert_eq!(parse_cpu_time("garbage"), None);
+    // This process's own line parses.
+    let own = fs::read_to_string("/proc/self/stat").unwrap();
+    assert!(parse_cpu_time(&own).is_some(), "{own}");
+}
+
+#[test]
 fn an_emulator_still_running_at_the_timeout_is_stopped_and_reported() {
     let run = fake_run(
         Engine::Bochs,

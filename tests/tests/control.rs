@@ -401,12 +401,11 @@ fn a_tool_hides_a_breakpoint_in_debians_kernel_and_linux_never_sees_it() {
     let map = std::fs::read_to_string(&assets.system_map).unwrap();
     let function = system_map_address(&map, FUNCTION).expect("the function in System.map");
     let mut boot = Boot::new(Engine::Bochs)
-        .cmdline(&format!("guest.mem={GUEST_MIB}"))
-        .linux(&format!(
-            "hvtest.expect=hv hvtest.mem={GUEST_MIB} hvtest.memtest=0 hvtest.probe={CALLS}"
-        ))
+        .linux_ram(
+            GUEST_MIB,
+            &format!("hvtest.expect=hv hvtest.memtest=0 hvtest.probe={CALLS}"),
+        )
         .control(true);
-    boot.memory_mib = GUEST_MIB + 256;
     boot.timeout = Duration::from_secs(1500);
     let mut running = boot.start();
     let mut c = running.connect_tool(Duration::from_secs(300));

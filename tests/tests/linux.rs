@@ -1,29 +1,24 @@
 //! Debian's stock kernel boots under the hypervisor in Bochs to our init
 //! program, which checks what it sees (CPUID, memory, timer interrupts, a
 //! memory test) and ends the run through port 0xF4 with its status: on the
-//! host p2m, on a fresh view made before its first instruction, switched
+//! host p2m, on a fresh view made before its first instruction (also on
+//! Bochs's Ivy Bridge, without VMFUNC, #VE, PML, 1G pages or A/D), switched
 //! between two views on every tick, and under log-dirty tracking of all its
 //! RAM. The last two are the long suite's (`scripts/test --long`).
 
 use std::time::Duration;
 
-use hv_tests::{Boot, Engine, Run, exit};
-
-/// Guest RAM: the kernel, the initramfs and a few hundred MiB to test.
-const GUEST_MIB: u32 = 512;
+use hv_tests::{Boot, Engine, LINUX_GUEST_MIB, Run, exit};
 
 fn linux(hv_options: &str, kernel_options: &str) -> Run {
     linux_on(1, hv_options, kernel_options)
 }
 
 fn linux_on(cpus: u32, hv_options: &str, kernel_options: &str) -> Run {
-    let mut boot = Boot::new(Engine::Bochs)
-        .cmdline(&format!("guest.mem={GUEST_MIB} {hv_options}"))
-        .linux(&format!(
-            "hvtest.expect=hv hvtest.mem={GUEST_MIB} {kernel_options}"
-        ));
-    // The hypervisor's own memory on top of the guest's.
-    boot.memory_mib = GUEST_MIB + 256;
+    let mut boot = Boot::new(Engine::Bochs).cmdline(hv_options).linux_ram(
+        LINUX_GUEST_MIB,
+        &format!("hvtest.expect=hv {kernel_options}"),
+    );
     boot.cpus = cpus;
     boot.timeout = Duration::from_secs(1200 * u64::from(cpus));
     boot.run()
@@ -103,6 +98,25 @@ fn linux_boots_on_a_fresh_view_through_the_32_bit_entry() {
         "a fresh view fills by EPT violations: {violations}\n{}",
         run.report()
     );
+    run.clean_up();
+}
+
+/// On a CPU without VMFUNC, #VE, PML, 1 GiB EPT pages or EPT A/D flags
+/// (Bochs's Ivy Bridge, issue 16), on a fresh view: the lazy copy with the
+/// largest pages that CPU has.
+#[test]
+fn linux_boots_on_ivy_bridge_on_a_fresh_view() {
+    let mut boot = Boot::new(Engine::Bochs)
+        .cmdline("guest.views=fresh")
+        .linux_ram(LINUX_GUEST_MIB, "hvtest.expect=hv");
+    boot.cpu_model = "corei7_ivy_bridge_3770k".into();
+    boot.timeout = Duration::from_secs(1200);
+    let run = boot.run();
+    all_checks_passed(&run);
+    run.expect_line("ept-1g=0 ept-ad=0")
+        .expect_line("boot views Fresh")
+        .expect_line("log-dirty by write protection, view switches by hypercall");
+    assert!(exits_of(&run, "EPT violation") >= 64, "{}", run.report());
     run.clean_up();
 }
 

@@ -135,10 +135,8 @@ fn volatility_finds_debians_kernel_in_a_dump_of_the_running_guest() {
         })
         .expect("linux_banner in System.map");
     let mut boot = Boot::new(Engine::Bochs)
-        .cmdline("guest.mem=256")
-        .linux("hvtest.expect=hv hvtest.mem=256 hvtest.memtest=0 hvtest.probe=1")
+        .linux_ram(256, "hvtest.expect=hv hvtest.memtest=0 hvtest.probe=1")
         .control(true);
-    boot.memory_mib = 512;
     boot.timeout = Duration::from_secs(1500);
     let mut running = boot.start();
     let mut client = running.connect_tool(Duration::from_secs(300));

@@ -15,12 +15,30 @@
 
 /// First of the hypervisor's CPUID leaves (0x40000000..=0x400000FF).
 pub const CPUID_BASE: u32 = 0x4000_0000;
-/// Leaf 0x40000001, EAX: interface version.
+/// Leaf 0x40000001, EAX: interface version; EBX: the [`feature`] bits
+/// the hypervisor offers this guest.
 pub const CPUID_FEATURES: u32 = 0x4000_0001;
 /// EBX, ECX, EDX of leaf 0x40000000.
 pub const CPUID_SIGNATURE: [u8; 12] = *b"RustAltp2mHV";
 /// Interface version reported in leaf 0x40000001 EAX and by [`call::VERSION`].
 pub const VERSION: u64 = 1;
+
+/// What the hypervisor offers a guest on this CPU (leaf 0x40000001 EBX),
+/// so a guest takes the path that exists. The same bits as the control
+/// channel's `CAPABILITIES` features.
+pub mod feature {
+    /// VMFUNC EPTP switching: views switch without a VM exit. Without it
+    /// views switch by hypercall and VMFUNC raises #UD.
+    pub const VMFUNC: u32 = 1 << 0;
+    /// EPT-violation #VE. Without it the notify calls answer `EOPNOTSUPP`
+    /// and every access a view denies exits to the hypervisor.
+    pub const VE: u32 = 1 << 1;
+    /// The monitor trap flag: the hypervisor's single steps leave RFLAGS.TF alone.
+    pub const MTF: u32 = 1 << 2;
+    /// Page-modification logging: log-dirty writes cost no exit. Without
+    /// it the first write to a tracked page faults.
+    pub const PML: u32 = 1 << 3;
+}
 
 /// Writing a byte here ends the run with that byte as its status
 /// (QEMU's `isa-debug-exit` convention).

@@ -352,6 +352,7 @@ fn execute<C: Cpu, P: Platform>(
         }
         Command::VcpuDisableNotify { vcpu } => {
             let v = one(vm, vcpu)?;
+            operations::notify_supported(vm).map_err(hv_error)?;
             vm.control.vcpus[v].notify = Some(None);
             vm.coherence
                 .request_reapply(v, |v| platform.kick(v, Kick::Nmi));
@@ -513,17 +514,8 @@ fn altp2m<C: Cpu, P: Platform>(
 }
 
 fn capabilities(vm: &Vm) -> Capabilities {
-    let f = &vm.features;
-    let features = [
-        (f.vmfunc, feature::VMFUNC),
-        (f.ve, feature::VE),
-        (f.mtf, feature::MTF),
-        (f.pml, feature::PML),
-        (true, feature::SHADOW_PAGES),
-    ]
-    .into_iter()
-    .filter(|(on, _)| *on)
-    .fold(0, |bits, (_, bit)| bits | bit);
+    // The guest's feature bits are the protocol's (a test holds them equal).
+    let features = vm.features.abi_bits() | feature::SHADOW_PAGES;
     Capabilities {
         features,
         events: supported_classes(vm),

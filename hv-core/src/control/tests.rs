@@ -286,6 +286,48 @@ fn garbage_corruption_and_cut_frames_get_errors_and_the_next_frame_is_found() {
 }
 
 #[test]
+fn capabilities_follow_the_masked_cpu_and_the_notify_commands_refuse_without_ve() {
+    use crate::vmx::caps::Masked;
+    use hv_control::feature;
+    // The guest's bits (CPUID) are the protocol's.
+    assert_eq!(
+        [
+            crate::abi::feature::VMFUNC,
+            crate::abi::feature::VE,
+            crate::abi::feature::MTF,
+            crate::abi::feature::PML
+        ],
+        [feature::VMFUNC, feature::VE, feature::MTF, feature::PML]
+    );
+    let cases = [
+        (Masked::PML, feature::VMFUNC | feature::VE),
+        (Masked::VMFUNC, feature::VE | feature::PML),
+        (Masked::VE | Masked::PML, feature::VMFUNC),
+        (Masked::VMFUNC | Masked::VE | Masked::PML, 0),
+    ];
+    for (mask, want) in cases {
+        let mut m = Machine::on(&crate::exits::tests::caps().mask(mask), |_| {});
+        line_on(&mut m);
+        let mut t = Tool::new(m);
+        t.hello();
+        let caps = t.call(Command::Capabilities).unwrap();
+        let features = u32::from_le_bytes(caps[0..4].try_into().unwrap());
+        assert_eq!(features, want | feature::SHADOW_PAGES, "{mask:?}");
+        let events = u32::from_le_bytes(caps[4..8].try_into().unwrap());
+        assert_eq!(events & class::VE != 0, want & feature::VE != 0, "{mask:?}");
+        if want & feature::VE == 0 {
+            let enable = Command::VcpuEnableNotify {
+                vcpu: 0,
+                gfn: 0x300,
+            };
+            assert_eq!(t.call(enable), Err(ErrorCode::NotSupported));
+            let disable = Command::VcpuDisableNotify { vcpu: 0 };
+            assert_eq!(t.call(disable), Err(ErrorCode::NotSupported));
+        }
+    }
+}
+
+#[test]
 fn capabilities_and_memory_map_describe_the_vm() {
     let mut t = Tool::new(Tool::machine());
     t.hello();

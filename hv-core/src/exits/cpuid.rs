@@ -98,13 +98,14 @@ const FEATURE_MSRS: &[(FeatureBit, &[u32])] = &[
 ];
 
 /// What the guest sees for `leaf`/`subleaf`, given the real CPU's answer
-/// (`native`, only called for leaves outside the hypervisor range) and the
-/// guest's CR4.
+/// (`native`, only called for leaves outside the hypervisor range), the
+/// guest's CR4 and the [`abi::feature`] bits its VM has.
 pub fn guest_cpuid(
     leaf: u32,
     subleaf: u32,
     native: impl FnOnce(u32, u32) -> [u32; 4],
     cr4: u64,
+    features: u32,
 ) -> [u32; 4] {
     match leaf {
         abi::CPUID_BASE => {
@@ -112,7 +113,7 @@ pub fn guest_cpuid(
             let word = |i: usize| u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]]);
             [abi::CPUID_FEATURES, word(0), word(4), word(8)]
         }
-        abi::CPUID_FEATURES => [abi::VERSION as u32, 0, 0, 0],
+        abi::CPUID_FEATURES => [abi::VERSION as u32, features, 0, 0],
         0x4000_0002..=0x4000_00ff => [0; 4],
         // MONITOR/MWAIT, thermal and power management, the architectural
         // PMU, RDT monitoring and allocation, SGX, Intel PT: not offered.
@@ -147,7 +148,8 @@ pub fn handle<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Flow {
     let (leaf, subleaf) = (ctx.vcpu.regs.rax as u32, ctx.vcpu.regs.rcx as u32);
     let cpu = &*ctx.cpu;
     let cr4 = if leaf == 1 { guest_cr4(&*ctx.cpu) } else { 0 };
-    let [a, b, c, d] = guest_cpuid(leaf, subleaf, |l, s| cpu.cpuid(l, s), cr4);
+    let features = ctx.vm.features.abi_bits();
+    let [a, b, c, d] = guest_cpuid(leaf, subleaf, |l, s| cpu.cpuid(l, s), cr4, features);
     (
         ctx.vcpu.regs.rax,
         ctx.vcpu.regs.rbx,
@@ -165,7 +167,7 @@ mod tests {
 
     #[test]
     fn hypervisor_leaf_carries_our_signature() {
-        let [max, b, c, d] = guest_cpuid(abi::CPUID_BASE, 0, |_, _| unreachable!(), 0);
+        let [max, b, c, d] = guest_cpuid(abi::CPUID_BASE, 0, |_, _| unreachable!(), 0, 0);
         assert_eq!(max, abi::CPUID_FEATURES);
         let mut sig = [0u8; 12];
         sig[..4].copy_from_slice(&b.to_le_bytes());
@@ -175,9 +177,18 @@ mod tests {
     }
 
     #[test]
+    fn the_feature_leaf_carries_the_version_and_the_vms_features() {
+        let unused = |_, _| unreachable!();
+        let features = abi::feature::VMFUNC | abi::feature::PML;
+        let [version, ebx, ecx, edx] = guest_cpuid(abi::CPUID_FEATURES, 0, unused, 0, features);
+        assert_eq!(u64::from(version), abi::VERSION);
+        assert_eq!((ebx, ecx, edx), (features, 0, 0));
+    }
+
+    #[test]
     fn leaf1_hides_vmx_and_sets_the_hypervisor_bit() {
         let native = |_, _| [0x906ea, 0, u32::MAX, 0];
-        let [_, _, ecx, _] = guest_cpuid(1, 0, native, 0);
+        let [_, _, ecx, _] = guest_cpuid(1, 0, native, 0, 0);
         assert_eq!(ecx & 1 << 5, 0, "VMX");
         assert_eq!(ecx & 1 << 21, 0, "x2APIC");
         assert_eq!(
@@ -186,7 +197,7 @@ mod tests {
             "OSXSAVE follows the guest's CR4"
         );
         assert_ne!(ecx & LEAF1_ECX_HYPERVISOR, 0);
-        let [_, _, ecx, _] = guest_cpuid(1, 0, native, CR4_OSXSAVE);
+        let [_, _, ecx, _] = guest_cpuid(1, 0, native, CR4_OSXSAVE, 0);
         assert_ne!(ecx & LEAF1_ECX_OSXSAVE, 0);
     }
 
@@ -197,7 +208,7 @@ mod tests {
         let all = |_, _| [u32::MAX; 4];
         let mut advertised = 0;
         for &((leaf, subleaf, reg, bit), msrs) in FEATURE_MSRS {
-            let regs = guest_cpuid(leaf, subleaf, all, CR4_OSXSAVE);
+            let regs = guest_cpuid(leaf, subleaf, all, CR4_OSXSAVE, 0);
             if regs[reg] & 1 << bit == 0 {
                 continue;
             }
@@ -211,5 +222,30 @@ mod tests {
         }
         // TSC, APIC, SEP, MTRR, PAT, SYSCALL and RDTSCP stay.
         assert_eq!(advertised, 7, "the table covers the basic features too");
+    }
+
+    /// A feature CPUID hides has its CR4 bit refused (`vcpu::cr::CR4_HIDDEN`),
+    /// as on a CPU without it; one it shows has its bit free.
+    #[test]
+    fn cr4_bits_of_hidden_features_are_refused() {
+        use crate::vcpu::cr::CR4_HIDDEN;
+        // CR4 bit, and the CPUID bit that offers its feature.
+        const CR4_FEATURES: [(u32, (u32, usize, u32)); 6] = [
+            (6, (1, 3, 7)),   // MCE
+            (14, (1, 2, 6)),  // SMXE
+            (24, (7, 2, 31)), // PKS
+            (22, (7, 2, 3)),  // PKE
+            (20, (7, 1, 7)),  // SMEP
+            (16, (7, 1, 0)),  // FSGSBASE
+        ];
+        let all = |_, _| [u32::MAX; 4];
+        for (cr4_bit, (leaf, reg, bit)) in CR4_FEATURES {
+            let shown = guest_cpuid(leaf, 0, all, 0, 0)[reg] & 1 << bit != 0;
+            assert_eq!(
+                CR4_HIDDEN & 1 << cr4_bit == 0,
+                shown,
+                "CR4 bit {cr4_bit}: CPUID {leaf:#x} reg {reg} bit {bit} shown {shown}"
+            );
+        }
     }
 }

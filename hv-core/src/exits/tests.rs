@@ -48,7 +48,7 @@ pub(crate) fn config(image: &[u8]) -> GuestConfig<'_> {
 
 /// The same CPU with PML masked: log-dirty by write protection.
 fn caps_without_pml() -> VmxCaps {
-    caps().without_pml()
+    caps().mask(crate::vmx::caps::Masked::PML)
 }
 
 fn new_guest(platform: &mut SimPlatform) -> Vm {
@@ -844,6 +844,46 @@ fn a_guests_own_breakpoint_is_delivered_to_it() {
 }
 
 #[test]
+fn a_page_dropped_from_many_views_is_one_report_line_per_kind() {
+    let mut m = Machine::new();
+    m.call(call::ALTP2M_SET_STATE, &[1]);
+    let views: std::vec::Vec<u64> = (0..5)
+        .map(|_| m.call(call::ALTP2M_CREATE_VIEW, &[access::RWX]) as u64)
+        .collect();
+    for &v in &views {
+        // Each view holds the page (a restriction) and an alias of it.
+        assert_eq!(
+            m.call(call::ALTP2M_SET_MEM_ACCESS, &[v, 0x300, access::RX]),
+            0
+        );
+        assert_eq!(m.call(call::ALTP2M_CHANGE_GFN, &[v, 0x301, 0x300]), 0);
+    }
+    assert_eq!(m.call(call::ALTP2M_DESTROY_VIEW, &[views[3]]), 0);
+    m.platform.events.clear();
+    assert_eq!(m.call(call::BALLOON_RELEASE, &[0x300]), 0);
+    let dropped: std::vec::Vec<_> = m
+        .platform
+        .events
+        .iter()
+        .filter(|e| e.contains("dropped"))
+        .collect();
+    assert_eq!(dropped.len(), 2, "{dropped:?}");
+    assert!(
+        dropped
+            .iter()
+            .any(|e| e.contains("dropped view=1-3,5 gfn=0x300 pages=1 access=rx")),
+        "{dropped:?}"
+    );
+    assert!(
+        dropped.iter().any(
+            |e| e.contains("dropped view=1-3,5 gfn=0x301 pages=1 access=rx")
+                && e.contains("remap-of=0x300")
+        ),
+        "{dropped:?}"
+    );
+}
+
+#[test]
 fn a_ballooned_page_leaves_every_view_and_its_frame_is_freed_once() {
     let mut m = Machine::new();
     m.call(call::ALTP2M_SET_STATE, &[1]);
@@ -964,6 +1004,46 @@ fn log_dirty_fetch_checks_its_buffer(caps: &VmxCaps) {
     m.vm.read(&m.platform, 0x60_0000, &mut bitmap).unwrap();
     assert_eq!(bitmap[0], 1 << 3);
     assert_eq!(m.call(call::LOGDIRTY_FETCH, &[0x500, 8, 0x60_0000]), 0);
+}
+
+#[test]
+fn the_display_and_the_guests_log_dirty_fetch_do_not_take_each_others_writes() {
+    for caps in [caps(), caps_without_pml()] {
+        display_and_fetch_share_the_dirty_log(&caps);
+    }
+}
+
+fn display_and_fetch_share_the_dirty_log(caps: &VmxCaps) {
+    let mut m = Machine::on(caps, |_| {});
+    let fb = 0x400u64;
+    let checksum = |m: &Machine| {
+        let mut bytes = std::vec![0u8; 4 * 4096];
+        m.vm.read(&m.platform, fb << 12, &mut bytes).unwrap();
+        crate::abi::display_checksum(bytes.iter().copied())
+    };
+    assert_eq!(m.call(call::DISPLAY_SET, &[fb, 4]), 0);
+    assert_eq!(m.call(call::LOGDIRTY_TRACK, &[fb, 4]), 0);
+    // The guest's fetch takes a write first: the next refresh still copies it.
+    m.write_guest((fb + 1) << 12);
+    m.vm.write(&mut m.platform, (fb + 1) << 12, b"one").unwrap();
+    assert_eq!(m.call(call::LOGDIRTY_FETCH, &[fb, 4, 0x60_0000]), 1);
+    assert_eq!(m.call(call::DISPLAY_REFRESH, &[]), 1, "page 1 still copied");
+    assert_eq!(m.call(call::DISPLAY_CHECKSUM, &[]) as u64, checksum(&m));
+    assert_eq!(m.call(call::DISPLAY_REFRESH, &[]), 0, "and only once");
+    // A refresh takes a write first: the guest's next fetch still sees it,
+    // once, and a fetch of another range does not.
+    m.write_guest((fb + 3) << 12);
+    assert_eq!(m.call(call::DISPLAY_REFRESH, &[]), 1);
+    assert_eq!(m.call(call::LOGDIRTY_FETCH, &[fb, 3, 0x60_0000]), 0);
+    m.vm.write(&mut m.platform, 0x60_0000, &[0]).unwrap();
+    assert_eq!(m.call(call::LOGDIRTY_FETCH, &[fb, 4, 0x60_0000]), 1);
+    let mut bitmap = [0u8];
+    m.vm.read(&m.platform, 0x60_0000, &mut bitmap).unwrap();
+    assert_eq!(bitmap[0], 1 << 3);
+    assert_eq!(m.call(call::LOGDIRTY_FETCH, &[fb, 4, 0x60_0000]), 0);
+    assert_eq!(m.call(call::DISPLAY_SET, &[0, 0]), 0);
+    let platform = m.destroy();
+    assert_eq!(platform.outstanding(), 0);
 }
 
 #[test]
@@ -1488,7 +1568,7 @@ fn a_view_another_vcpu_switched_to_by_vmfunc_cannot_be_destroyed() {
     let coherence = m.vm.coherence;
     // vCPU 1 VMFUNCs to the view without an exit: altp2m does not know.
     assert_eq!(coherence.enter(1), None);
-    m.platform.kicked_exit = Some((coherence, v as u16));
+    m.platform.kicked_exit = Some((coherence, v));
     assert_eq!(
         m.call(call::ALTP2M_DESTROY_VIEW, &[v]),
         error::EBUSY,
@@ -1543,3 +1623,5 @@ fn the_guest_is_stopped_only_when_every_vcpu_is_halted_for_good() {
         Some(GuestEnd::Stopped(StopReason::Halted))
     );
 }
+
+mod masked;

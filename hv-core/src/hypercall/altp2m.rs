@@ -59,6 +59,7 @@ fn run<C: Cpu, P: Platform>(
             return Ok(0);
         }
         call::ALTP2M_VCPU_DISABLE_NOTIFY => {
+            operations::notify_supported(ctx.vm)?;
             ctx.vcpu.ve_page = None;
             return Ok(0);
         }

@@ -16,7 +16,14 @@ pub const CR0_NW: u64 = 1 << 29;
 pub const CR0_CD: u64 = 1 << 30;
 pub const CR0_PG: u64 = 1 << 31;
 pub const CR4_PAE: u64 = 1 << 5;
+pub const CR4_MCE: u64 = 1 << 6;
 pub const CR4_VMXE: u64 = 1 << 13;
+pub const CR4_SMXE: u64 = 1 << 14;
+pub const CR4_PKS: u64 = 1 << 24;
+/// CR4 bits of features CPUID hides from guests (`exits::cpuid`: MCE, SMX,
+/// PKS): reserved for a guest, as on a CPU without the feature, whatever
+/// the VMX fixed bits allow.
+pub const CR4_HIDDEN: u64 = CR4_MCE | CR4_SMXE | CR4_PKS;
 pub const EFER_LME: u64 = 1 << 8;
 pub const EFER_LMA: u64 = 1 << 10;
 /// VM-entry control "IA-32e mode guest".
@@ -47,8 +54,10 @@ impl Fixed {
         self.cr0_ones() | (!self.cr0_fixed1 & 0xffff_ffff) | CR0_CD | CR0_NW
     }
 
+    /// Also the bits of hidden features, so that setting one exits and is
+    /// refused.
     pub fn cr4_mask(&self) -> u64 {
-        self.cr4_fixed0 | (!self.cr4_fixed1 & 0xffff_ffff)
+        self.cr4_fixed0 | (!self.cr4_fixed1 & 0xffff_ffff) | CR4_HIDDEN
     }
 }
 
@@ -134,7 +143,7 @@ pub fn mov_to_cr4(vmcs: &mut impl Vmcs, fixed: &Fixed, value: u64) -> Result<(),
     if value & CR4_VMXE != 0 {
         return Err(Refused::Vmx);
     }
-    if value & !(fixed.cr4_fixed1 | fixed.cr4_fixed0) != 0 {
+    if value & !(fixed.cr4_fixed1 | fixed.cr4_fixed0) != 0 || value & CR4_HIDDEN != 0 {
         return Err(Refused::Unsupported);
     }
     let long_mode = vmcs.read(guest::IA32_EFER_FULL) & EFER_LMA != 0;
@@ -179,6 +188,11 @@ pub(crate) mod tests {
         );
         assert_eq!(BOCHS.cr4_mask() & CR4_VMXE, CR4_VMXE);
         assert_eq!(BOCHS.cr4_mask() & CR4_PAE, 0);
+        assert_eq!(
+            BOCHS.cr4_mask() & CR4_HIDDEN,
+            CR4_HIDDEN,
+            "setting a hidden feature's bit exits, to be refused"
+        );
     }
 
     #[test]
@@ -248,6 +262,11 @@ pub(crate) mod tests {
             Err(Refused::NotWriteThroughWithoutCacheDisable)
         );
         assert_eq!(mov_to_cr4(&mut vmcs, &BOCHS, CR4_VMXE), Err(Refused::Vmx));
+        // Bochs allows MCE in VMX operation, but CPUID hides it from guests.
+        assert_eq!(
+            mov_to_cr4(&mut vmcs, &BOCHS, CR4_PAE | CR4_MCE),
+            Err(Refused::Unsupported)
+        );
         vmcs.write(guest::IA32_EFER_FULL, EFER_LME);
         assert_eq!(
             mov_to_cr0(&mut vmcs, &BOCHS, CR0_PE | CR0_PG),

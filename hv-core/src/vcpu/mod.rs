@@ -175,9 +175,9 @@ impl Vcpu {
     pub fn run(&mut self, machine: &spin::Mutex<Vm>, platform: &mut impl Platform) -> GuestEnd {
         let mut cpu = ThisCpu;
         let id = self.id.index();
-        let (coherence, vmfunc) = {
+        let (coherence, features) = {
             let vm = machine.lock();
-            (vm.coherence, vm.features.vmfunc)
+            (vm.coherence, vm.features)
         };
         loop {
             {
@@ -226,12 +226,12 @@ impl Vcpu {
             let entered = unsafe { entry::enter(&mut self.regs, self.launched) };
             // Where a VMFUNC may have taken the hardware, published before
             // leaving guest mode (a view's destroyer checks it).
-            let index = if vmfunc && entered == Entry::Exited {
-                cpu.read(control::EPTP_INDEX)
+            let index = if entered == Entry::Exited {
+                views::where_hardware_is(&features, &cpu)
             } else {
                 u64::MAX
             };
-            coherence.exit(id, index as u16);
+            coherence.exit(id, index);
             let mut guard = machine.lock();
             let vm = &mut *guard;
             if entered != Entry::Exited {

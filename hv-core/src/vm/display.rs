@@ -24,11 +24,42 @@ pub struct Display {
     copy: Mfn,
     pub refreshes: u64,
     pub pages_copied: u64,
+    /// The display and the guest's `LOGDIRTY_FETCH` share one dirty log, and
+    /// each fetch clears what it takes. So that neither loses a write to the
+    /// other, each keeps what the other took for it (bit i: page first + i):
+    /// pages the guest's fetch found dirty, still to be copied...
+    for_display: u64,
+    /// ...and pages a refresh found dirty, still to be reported to the guest.
+    for_guest: u64,
 }
 
 impl Display {
     fn last(&self) -> Gfn {
         Gfn(self.first.0 + self.pages - 1)
+    }
+
+    fn bit(&self, gfn: Gfn) -> Option<u64> {
+        let i = gfn.0.checked_sub(self.first.0)?;
+        (i < self.pages).then(|| 1 << i)
+    }
+
+    /// The guest's fetch took `gfn`'s dirty bit: the copy still needs it.
+    pub fn guest_took(&mut self, gfn: Gfn) {
+        if let Some(bit) = self.bit(gfn) {
+            self.for_display |= bit;
+        }
+    }
+
+    /// Hands the guest's fetch of `[first, last]` the pages of the display
+    /// that a refresh found dirty since, and forgets them.
+    pub fn give_guest(&mut self, first: Gfn, last: Gfn, mut f: impl FnMut(Gfn)) {
+        for i in 0..self.pages {
+            let gfn = Gfn(self.first.0 + i);
+            if self.for_guest & (1 << i) != 0 && (first.0..=last.0).contains(&gfn.0) {
+                self.for_guest &= !(1 << i);
+                f(gfn);
+            }
+        }
     }
 
     pub fn destroy(self, platform: &mut impl Platform) {
@@ -100,6 +131,8 @@ pub fn set(
         copy,
         refreshes: 0,
         pages_copied: pages,
+        for_display: 0,
+        for_guest: 0,
     });
     log::info!("display: tracking {pages} pages from gfn {:#x}", first.0);
     Ok(())
@@ -155,9 +188,18 @@ pub fn refresh(
             count += 1;
         }
     })?;
-    for &gfn in &dirty[..count] {
-        copy_page(guest, platform, copy, gfn - first.0, Gfn(gfn));
+    let Some(display) = guest.display.as_mut() else {
+        return Ok(0);
+    };
+    let fetched = dirty[..count]
+        .iter()
+        .fold(0, |m, &g| m | 1u64 << (g - first.0));
+    display.for_guest |= fetched;
+    let pages = fetched | core::mem::take(&mut display.for_display);
+    for index in (0..MAX_PAGES).filter(|i| pages & (1 << i) != 0) {
+        copy_page(guest, platform, copy, index, Gfn(first.0 + index));
     }
+    let count = pages.count_ones() as usize;
     let mut text = [0u8; TEXT_BYTES];
     platform.read_phys(copy.hpa(), &mut text);
     platform.show_text(&text);

@@ -79,8 +79,9 @@ pub struct LogdirtyTotals {
 /// What the CPU lets the hypervisor offer this guest beyond the base set.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Features {
-    /// VMFUNC EPTP switching. Only with `ve` too: the view a vCPU switched
-    /// to is read back from the EPTP-index field, which comes with #VE.
+    /// VMFUNC EPTP switching. The view a vCPU switched to is read back from
+    /// the EPTP-index field where the CPU has #VE (the field comes with
+    /// it), else from the EPTP field (`views::where_hardware_is`).
     pub vmfunc: bool,
     /// EPT-violation #VE.
     pub ve: bool,
@@ -92,8 +93,24 @@ pub struct Features {
     pub wait_for_sipi: bool,
     /// Page-modification logging with EPT A/D flags: writes to log-dirty
     /// pages are logged by the CPU, without a write fault (`vcpu::pml`).
-    /// Without it (or with `VmxCaps::without_pml`), write protection.
+    /// Without it (or with `vmx.mask=pml`), write protection.
     pub pml: bool,
+}
+
+impl Features {
+    /// These features as the guest learns them (CPUID leaf 0x40000001 EBX).
+    pub fn abi_bits(&self) -> u32 {
+        use hv_abi::feature;
+        [
+            (self.vmfunc, feature::VMFUNC),
+            (self.ve, feature::VE),
+            (self.mtf, feature::MTF),
+            (self.pml, feature::PML),
+        ]
+        .into_iter()
+        .filter(|(on, _)| *on)
+        .fold(0, |bits, (_, bit)| bits | bit)
+    }
 }
 
 /// The pages of the machine's interrupt hardware a guest gets: its I/O
@@ -259,7 +276,7 @@ impl Vm {
         platform: &mut impl Platform,
     ) -> Result<Self, VmError> {
         let features = Features {
-            vmfunc: caps.eptp_switching() && caps.ept_violation_ve(),
+            vmfunc: caps.eptp_switching(),
             ve: caps.ept_violation_ve(),
             mtf: caps
                 .procbased()
@@ -496,8 +513,14 @@ impl Vm {
                 self.altp2m
                     .arm_dirty(platform, &mut self.p2m, &mut self.dirty, first, last)?;
             crate::views::flush(self, cpu, platform, vcpu);
-            self.altp2m
-                .fetch_dirty(&mut self.dirty, &armed, |_| dirty += 1)?;
+            // The display's copy still needs what this takes of it.
+            let display = &mut self.display;
+            self.altp2m.fetch_dirty(&mut self.dirty, &armed, |gfn| {
+                dirty += 1;
+                if let Some(display) = display.as_mut() {
+                    display.guest_took(gfn);
+                }
+            })?;
         }
         if let Some(totals) = self.logdirty_all.as_mut() {
             totals.fetches += 1;

@@ -46,6 +46,73 @@ const BASIC_TRUE_CONTROLS: u64 = 1 << 55;
 /// IA32_VMX_PROCBASED_CTLS2 exists when this primary control may be 1.
 const VMFUNC_EPTP_SWITCHING: u64 = 1 << 0;
 
+bitflags! {
+    /// VMX features the hypervisor behaves as if the CPU lacked
+    /// (`vmx.mask=`), so that each fallback runs on a CPU that has them.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Masked: u8 {
+        const VMFUNC = 1 << 0;
+        const VE = 1 << 1;
+        const PML = 1 << 2;
+        const EPT_1G = 1 << 3;
+        const EPT_AD = 1 << 4;
+    }
+}
+
+impl Masked {
+    /// The names `vmx.mask=` takes, in report order.
+    pub const NAMES: [(&'static str, Masked); 5] = [
+        ("vmfunc", Masked::VMFUNC),
+        ("ve", Masked::VE),
+        ("pml", Masked::PML),
+        ("ept1g", Masked::EPT_1G),
+        ("eptad", Masked::EPT_AD),
+    ];
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::NAMES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|&(_, bit)| bit)
+    }
+
+    /// What the named features take with them: PML logs through the EPT
+    /// dirty flags, so no A/D means no PML. (No #VE leaves VMFUNC: the
+    /// hypervisor then reads the view a VMFUNC went to from the EPTP.)
+    pub fn with_implied(self) -> Self {
+        if self.contains(Masked::EPT_AD) {
+            self | Masked::PML
+        } else {
+            self
+        }
+    }
+
+    /// The boot report's line: what was asked for and what it implied.
+    pub fn report(self) -> MaskReport {
+        MaskReport(self)
+    }
+}
+
+/// Display adapter for [`Masked::report`].
+pub struct MaskReport(Masked);
+
+impl fmt::Display for MaskReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let asked = self.0;
+        let implied = asked.with_implied() & !asked;
+        f.write_str("vmx: masked (vmx.mask=, as if the CPU lacked them):")?;
+        for (name, bit) in Masked::NAMES {
+            if asked.contains(bit) {
+                write!(f, " {name}")?;
+            }
+        }
+        if implied.contains(Masked::PML) {
+            f.write_str("; pml too (it needs EPT A/D)")?;
+        }
+        Ok(())
+    }
+}
+
 /// A VMX control MSR: which bits must be 1 (low half) and which may be 1 (high half).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AllowedBits {
@@ -229,10 +296,30 @@ impl VmxCaps {
         self.secondary(SecondaryControls::ENABLE_PML)
     }
 
-    /// These capabilities with PML taken away (`vmx.mask=pml`, tests): guests
-    /// then log their writes through write protection.
-    pub fn without_pml(mut self) -> Self {
-        self.msrs.procbased2 &= !(u64::from(SecondaryControls::ENABLE_PML.bits()) << 32);
+    /// These capabilities as a CPU without the `masked` features would
+    /// report them (`vmx.mask=`, to test every fallback on a CPU that has
+    /// it all): their allowed-1 control bits and capability bits cleared, so
+    /// every consumer sees the same smaller CPU. What the features imply
+    /// goes too ([`Masked::with_implied`]).
+    pub fn mask(mut self, masked: Masked) -> Self {
+        let masked = masked.with_implied();
+        let secondary = |control: SecondaryControls| u64::from(control.bits()) << 32;
+        if masked.contains(Masked::VMFUNC) {
+            self.msrs.procbased2 &= !secondary(SecondaryControls::ENABLE_VM_FUNCTIONS);
+            self.msrs.vmfunc = 0;
+        }
+        if masked.contains(Masked::VE) {
+            self.msrs.procbased2 &= !secondary(SecondaryControls::EPT_VIOLATION_VE);
+        }
+        if masked.contains(Masked::PML) {
+            self.msrs.procbased2 &= !secondary(SecondaryControls::ENABLE_PML);
+        }
+        if masked.contains(Masked::EPT_1G) {
+            self.msrs.ept_vpid_cap &= !EptVpidCap::PAGE_1G.bits();
+        }
+        if masked.contains(Masked::EPT_AD) {
+            self.msrs.ept_vpid_cap &= !EptVpidCap::ACCESSED_DIRTY.bits();
+        }
         self
     }
 
@@ -435,6 +522,80 @@ pub(crate) mod tests {
         assert!(!caps.pml());
         assert!(caps.ept_violation_ve());
         assert!(caps.report().to_string().contains("pml=0"));
+    }
+
+    /// The `vmx: features` line of the report, without its prefix.
+    fn features(caps: &VmxCaps) -> std::string::String {
+        let report = caps.report().to_string();
+        let line = report.lines().last().unwrap_or_default();
+        line.trim_start_matches("vmx: features ").into()
+    }
+
+    #[test]
+    fn each_mask_takes_away_exactly_its_feature_and_what_needs_it() {
+        let all = VmxCaps::new(bochs_skylake_x(), 39);
+        let cases = [
+            (
+                Masked::VMFUNC,
+                "vmfunc=0 eptp-switching=0 ve=1 pml=1",
+                "ept-1g=1 ept-ad=1",
+            ),
+            (
+                Masked::VE,
+                "vmfunc=1 eptp-switching=1 ve=0 pml=1",
+                "ept-1g=1 ept-ad=1",
+            ),
+            (
+                Masked::PML,
+                "vmfunc=1 eptp-switching=1 ve=1 pml=0",
+                "ept-1g=1 ept-ad=1",
+            ),
+            (
+                Masked::EPT_1G,
+                "vmfunc=1 eptp-switching=1 ve=1 pml=1",
+                "ept-1g=0 ept-ad=1",
+            ),
+            (
+                Masked::EPT_AD,
+                "vmfunc=1 eptp-switching=1 ve=1 pml=0",
+                "ept-1g=1 ept-ad=0",
+            ),
+        ];
+        for (masked, vmx, ept) in cases {
+            let features = features(&all.mask(masked));
+            assert!(features.contains(vmx), "{masked:?}: {features}");
+            assert!(features.contains(ept), "{masked:?}: {features}");
+            // What no mask touches stays.
+            assert!(features.contains("ept=1 ept-2m=1"), "{features}");
+            assert!(features.contains("vpid=1 unrestricted=1"), "{features}");
+            assert!(features.ends_with("preemption-timer=1"), "{features}");
+        }
+        assert_eq!(
+            all.mask(Masked::empty()),
+            all,
+            "an empty mask changes nothing"
+        );
+        let ivy = all.mask(Masked::all());
+        assert!(!ivy.vmfunc() && !ivy.ept_violation_ve() && !ivy.pml());
+        assert!(!ivy.ept_cap(EptVpidCap::PAGE_1G) && !ivy.ept_cap(EptVpidCap::ACCESSED_DIRTY));
+        assert!(ivy.ept_cap(EptVpidCap::PAGE_2M));
+    }
+
+    #[test]
+    fn the_mask_report_names_what_was_asked_and_what_it_implied() {
+        let line = (Masked::VE | Masked::PML).report().to_string();
+        assert!(
+            line.ends_with("as if the CPU lacked them): ve pml"),
+            "{line}"
+        );
+        assert!(!line.contains("too"), "{line}");
+        let line = Masked::EPT_AD.report().to_string();
+        assert!(
+            line.ends_with("): eptad; pml too (it needs EPT A/D)"),
+            "{line}"
+        );
+        assert_eq!(Masked::parse("ept1g"), Some(Masked::EPT_1G));
+        assert_eq!(Masked::parse("vpid"), None);
     }
 
     #[test]

@@ -424,7 +424,7 @@ pub(crate) mod tests {
             0,
             "PML only when wanted"
         );
-        let masked = VmxCaps::new(bochs_skylake_x(), 39).without_pml();
+        let masked = VmxCaps::new(bochs_skylake_x(), 39).mask(crate::vmx::caps::Masked::PML);
         assert_eq!(
             Controls::compute(&masked, wants),
             Err(MissingFeature("PML"))

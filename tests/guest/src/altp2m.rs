@@ -6,9 +6,9 @@
 
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use hv_abi::{access, call, error, ve_info};
+use hv_abi::{access, call, error, feature, ve_info};
 
-use crate::scenarios::{Outcome, check, counts, hypercall};
+use crate::scenarios::{Outcome, check, counts, exits_since, hypercall, offers, reason};
 use crate::{println, probe, rdtsc};
 
 /// Hidden-breakpoint code page and its shadow.
@@ -270,14 +270,20 @@ pub fn calls() -> Outcome {
         EINVAL,
         "visibility 2",
     )?;
+    // Without #VE every notify call answers EOPNOTSUPP, whatever its page.
+    let bad_page = if offers(feature::VE) {
+        EINVAL
+    } else {
+        error::EOPNOTSUPP
+    };
     expect(
         hypercall(call::ALTP2M_VCPU_ENABLE_NOTIFY, &[gfn(NOT_RAM)]),
-        EINVAL,
+        bad_page,
         "#VE page in the MMIO hole",
     )?;
     expect(
         hypercall(call::ALTP2M_VCPU_ENABLE_NOTIFY, &[1 << 40]),
-        EINVAL,
+        bad_page,
         "#VE page beyond RAM",
     )?;
     switch(0)?;
@@ -310,7 +316,14 @@ pub fn refused(notify_allowed: bool) -> Outcome {
         "CREATE_VIEW allowed",
     )?;
     let notify = hypercall(call::ALTP2M_VCPU_ENABLE_NOTIFY, &[gfn(VE_PAGE)]);
-    if notify_allowed {
+    if notify_allowed && !offers(feature::VE) {
+        expect(notify, error::EOPNOTSUPP, "ENABLE_NOTIFY without #VE")?;
+        expect(
+            hypercall(call::ALTP2M_VCPU_DISABLE_NOTIFY, &[]),
+            error::EOPNOTSUPP,
+            "DISABLE_NOTIFY without #VE",
+        )
+    } else if notify_allowed {
         ok(notify, "ENABLE_NOTIFY refused")?;
         ok(
             hypercall(call::ALTP2M_VCPU_DISABLE_NOTIFY, &[]),
@@ -323,7 +336,12 @@ pub fn refused(notify_allowed: bool) -> Outcome {
 }
 
 /// VMFUNC switches views without a VM exit; an invalid or hidden slot gives #UD.
+/// Where the hypervisor does not offer VMFUNC: it raises #UD for every
+/// slot and views switch by hypercall ([`vmfunc_not_offered`]).
 pub fn vmfunc() -> Outcome {
+    if !offers(feature::VMFUNC) {
+        return vmfunc_not_offered();
+    }
     enable()?;
     let (a, b) = (create(access::RWX)?, create(access::RWX)?);
     // Fresh views copy the pages the loop touches on first use (lazy-copy
@@ -369,6 +387,55 @@ pub fn vmfunc() -> Outcome {
         b as i64,
         "a refused VMFUNC moved the vCPU",
     )?;
+    expect(
+        hypercall(call::ALTP2M_SWITCH_VIEW, &[a]),
+        error::EINVAL,
+        "hypercall switch to a hidden view",
+    )?;
+    ok(hypercall(call::ALTP2M_SET_VISIBILITY, &[a, 1]), "showing a")?;
+    disable()
+}
+
+/// The `vmfunc` scenario without VMFUNC: the instruction raises #UD and
+/// moves nothing, and the path that exists, the switch hypercall, does
+/// what VMFUNC would have done (one exit per switch), hidden views included.
+fn vmfunc_not_offered() -> Outcome {
+    enable()?;
+    let (a, b) = (create(access::RWX)?, create(access::RWX)?);
+    for slot in [a, b, 0, 300] {
+        check(
+            probe::vmfunc(slot as u32) == Err(UD),
+            "VMFUNC did not raise #UD although the hypervisor does not offer it",
+        )?;
+    }
+    expect(
+        hypercall(call::ALTP2M_GET_VCPU_VIEW, &[0]),
+        0,
+        "a refused VMFUNC moved the vCPU",
+    )?;
+    for _ in 0..2 {
+        switch(a)?;
+        switch(b)?;
+    }
+    switch(0)?;
+    let before = counts();
+    for _ in 0..50 {
+        switch(a)?;
+        switch(b)?;
+    }
+    switch(0)?;
+    let calls = exits_since(&before)[reason::VMCALL];
+    println!(
+        "vmfunc: not offered: VMFUNC raises #UD; 101 switches by hypercall cost {calls} VMCALL exits"
+    );
+    check(calls == 101, "not one exit per hypercall switch")?;
+    switch(b)?;
+    expect(
+        hypercall(call::ALTP2M_GET_VCPU_VIEW, &[0]),
+        b as i64,
+        "the hypercall switch to b did not move the vCPU",
+    )?;
+    ok(hypercall(call::ALTP2M_SET_VISIBILITY, &[a, 0]), "hiding a")?;
     expect(
         hypercall(call::ALTP2M_SWITCH_VIEW, &[a]),
         error::EINVAL,
@@ -425,14 +492,21 @@ pub(crate) fn ve_count() -> u32 {
     VE_COUNT.load(Ordering::Relaxed)
 }
 
-/// Switches views the way an in-guest agent does, with VMFUNC. (The #VE
-/// scenario uses it: Bochs 2.7 reports in the #VE information the EPTP index
-/// of the last VMFUNC, not the one the hypervisor writes to the VMCS.)
+/// Switches views the way an in-guest agent does, with VMFUNC where the
+/// hypervisor offers it, else by hypercall. (The #VE scenario uses it:
+/// Bochs 2.7 reports in the #VE information the EPTP index of the last
+/// VMFUNC, not the one the hypervisor writes to the VMCS.)
 pub(crate) fn vmfunc_to(view: u64) -> Outcome {
+    if !offers(feature::VMFUNC) {
+        return switch(view);
+    }
     probe::vmfunc(view as u32).map_err(|_| "VMFUNC to a visible view faulted")
 }
 
 pub fn ve() -> Outcome {
+    if !offers(feature::VE) {
+        return ve_not_offered();
+    }
     enable()?;
     ok(
         hypercall(call::ALTP2M_VCPU_ENABLE_NOTIFY, &[gfn(VE_PAGE)]),
@@ -443,14 +517,7 @@ pub fn ve() -> Outcome {
     let page = gfn(target);
     VE_FIX_VIEW.store(v, Ordering::Relaxed);
     for round in 1..=2u32 {
-        ok(
-            hypercall(call::ALTP2M_SET_MEM_ACCESS, &[v, page, access::RX]),
-            "making the page read-only",
-        )?;
-        ok(
-            hypercall(call::ALTP2M_SET_SUPPRESS_VE, &[v, page, 0]),
-            "allowing #VE",
-        )?;
+        read_only_with_ve(v, page)?;
         vmfunc_to(v)?;
         write_u8(target + 0x10, round as u8);
         vmfunc_to(0)?;
@@ -474,7 +541,13 @@ pub fn ve() -> Outcome {
         q & (1 << 3) != 0 && q & (1 << 4) == 0,
         "#VE qualification: wrong entry rights (expected r-x)",
     )?;
-    if view as u64 != v {
+    if view as u64 != v && !offers(feature::VMFUNC) {
+        // Switched by hypercall: Bochs 2.7 reports the last VMFUNC's index
+        // (none: 0), real CPUs the VMCS field.
+        println!(
+            "ve: #VE reported view {view} after hypercall switches to {v}: not checked (Bochs)"
+        );
+    } else if view as u64 != v {
         println!("ve: #VE reported view {view}, the write ran in view {v}");
         return Err("#VE reported the wrong view");
     }
@@ -507,10 +580,60 @@ pub fn ve() -> Outcome {
         "the write the hypervisor handled did not happen",
     )?;
     VE_REARM.store(1, Ordering::Relaxed);
+    // Re-armed for whoever registers the page next (`ve-and-timer`).
+    // SAFETY: the semaphore dword of the registered #VE page.
+    unsafe { core::ptr::write_volatile((VE_PAGE + ve_info::SEMAPHORE as u64) as *mut u32, 0) };
     ok(
         hypercall(call::ALTP2M_VCPU_DISABLE_NOTIFY, &[]),
         "DISABLE_NOTIFY",
     )?;
+    disable()
+}
+
+/// The `ve` scenario without #VE: both notify calls answer EOPNOTSUPP, and
+/// a write a view denies (suppress-#VE cleared, as for a #VE) exits to the
+/// hypervisor, which steps it in view 0: the write happens, the page stays
+/// read-only in the view, no #VE arrives.
+fn ve_not_offered() -> Outcome {
+    enable()?;
+    expect(
+        hypercall(call::ALTP2M_VCPU_ENABLE_NOTIFY, &[gfn(VE_PAGE)]),
+        error::EOPNOTSUPP,
+        "ENABLE_NOTIFY without #VE",
+    )?;
+    expect(
+        hypercall(call::ALTP2M_VCPU_DISABLE_NOTIFY, &[]),
+        error::EOPNOTSUPP,
+        "DISABLE_NOTIFY without #VE",
+    )?;
+    let v = create(access::RWX)?;
+    let target = 0x40_5000;
+    let page = gfn(target);
+    let ves = ve_count();
+    let mut violations = 0;
+    for round in 1..=2u8 {
+        read_only_with_ve(v, page)?;
+        switch(v)?;
+        let before = counts();
+        write_u8(target + 0x10 * u64::from(round), round);
+        violations += exits_since(&before)[reason::EPT_VIOLATION];
+        switch(0)?;
+        check(
+            read_u8(target + 0x10 * u64::from(round)) == round,
+            "the denied write did not happen",
+        )?;
+    }
+    expect(
+        hypercall(call::ALTP2M_GET_MEM_ACCESS, &[v, page]),
+        access::RX as i64,
+        "the view lost its restriction",
+    )?;
+    println!(
+        "ve: not offered: the notify calls answer EOPNOTSUPP; 2 denied writes took {violations} EPT-violation exits and happened, {} #VEs",
+        ve_count() - ves
+    );
+    check(violations >= 2, "a denied write did not exit")?;
+    check(ve_count() == ves, "a #VE without #VE")?;
     disable()
 }
 
@@ -695,9 +818,10 @@ pub fn display(late: bool) -> Outcome {
         refresh_and_compare(frame)?;
     }
     let other = create(access::RWX)?;
-    probe::vmfunc(other as u32).map_err(|_| "VMFUNC to the second view")?;
+    // As an agent in the guest switches: VMFUNC where offered.
+    vmfunc_to(other)?;
     draw(4, 0..4);
-    probe::vmfunc(v as u32).map_err(|_| "VMFUNC back")?;
+    vmfunc_to(v)?;
     draw(5, 2..6);
     refresh_and_compare(5)?;
     switch(0)?;
@@ -725,21 +849,28 @@ pub fn display(late: bool) -> Outcome {
     disable()
 }
 
-/// Figure: VM exits and TSC ticks per view switch by VMFUNC and by hypercall.
+/// Figure: VM exits and TSC ticks per view switch by VMFUNC and by
+/// hypercall (by hypercall only where VMFUNC is not offered).
 pub fn vmfunc_bench() -> Outcome {
     const N: u64 = 1000;
+    let vmfunc = offers(feature::VMFUNC);
     enable()?;
     let (a, b) = (create(access::RWX)?, create(access::RWX)?);
     // Warm up: the first visits copy the loop's pages into the fresh views.
     for _ in 0..2 {
-        let _ = probe::vmfunc(a as u32);
-        let _ = probe::vmfunc(b as u32);
+        if vmfunc {
+            let _ = probe::vmfunc(a as u32);
+            let _ = probe::vmfunc(b as u32);
+        }
         hypercall(call::ALTP2M_SWITCH_VIEW, &[a]);
         hypercall(call::ALTP2M_SWITCH_VIEW, &[b]);
     }
     let before = counts();
     let start = rdtsc();
     for _ in 0..N / 2 {
+        if !vmfunc {
+            break;
+        }
         let _ = probe::vmfunc(a as u32);
         let _ = probe::vmfunc(b as u32);
     }
@@ -755,6 +886,14 @@ pub fn vmfunc_bench() -> Outcome {
     let sum =
         |x: &[u64; 80], y: &[u64; 80]| x.iter().zip(y.iter()).map(|(a, b)| a - b).sum::<u64>();
     let (e1, e2) = (sum(&mid, &before) - 1, sum(&after, &mid) - 1);
+    if !vmfunc {
+        println!(
+            "vmfunc-bench: per switch: VMFUNC not offered; hypercall {} exits, {} TSC ticks",
+            e2 as f64 / N as f64,
+            by_call / N
+        );
+        return disable();
+    }
     println!(
         "vmfunc-bench: per switch: VMFUNC {} exits, {} TSC ticks; hypercall {} exits, {} TSC ticks",
         e1 as f64 / N as f64,
@@ -1040,6 +1179,20 @@ pub fn memory_calls() -> Outcome {
     .map(|_| ())
 }
 
+/// Makes `page` read-only in view `v` with suppress-#VE clear: a write
+/// there is a #VE where the CPU has it.
+fn read_only_with_ve(v: u64, page: u64) -> Outcome {
+    ok(
+        hypercall(call::ALTP2M_SET_MEM_ACCESS, &[v, page, access::RX]),
+        "making the page read-only",
+    )?;
+    ok(
+        hypercall(call::ALTP2M_SET_SUPPRESS_VE, &[v, page, 0]),
+        "clearing suppress-#VE",
+    )
+    .map(|_| ())
+}
+
 /// Runs the hypervisor out of what it may spend on this guest (run with a
 /// small `guest.heap=` and `guest.frames=`): remaps of gfns in ever new
 /// 1 GiB regions (each costs the views' bookkeeping heap) and views (each
@@ -1110,4 +1263,47 @@ pub fn exhaust() -> Outcome {
         "the last view",
     )?;
     disable()
+}
+
+/// The display and the guest's own log-dirty calls share one dirty log: a
+/// guest LOGDIRTY_FETCH over the framebuffer takes the updates the display
+/// has not copied yet (its copy then stays stale), and a display refresh
+/// takes the dirty bits the guest has not fetched yet, unless each keeps
+/// what the other took for it (docs/limits.md). Both directions.
+pub fn display_vs_logdirty() -> Outcome {
+    const PAGES: u64 = 4;
+    static BITMAP: AtomicU64 = AtomicU64::new(0);
+    let bitmap = &BITMAP as *const AtomicU64 as u64;
+    let checksum = || {
+        // SAFETY: the framebuffer is guest RAM the scenario owns.
+        let bytes =
+            (0..PAGES * 4096).map(|i| unsafe { core::ptr::read_volatile((FB + i) as *const u8) });
+        hv_abi::display_checksum(bytes)
+    };
+    ok(
+        hypercall(call::DISPLAY_SET, &[gfn(FB), PAGES]),
+        "DISPLAY_SET",
+    )?;
+    write_u8(FB + 0x10, read_u8(FB + 0x10).wrapping_add(1));
+    let taken = hypercall(call::LOGDIRTY_FETCH, &[gfn(FB), PAGES, bitmap]);
+    let copied = hypercall(call::DISPLAY_REFRESH, &[]);
+    let (ours, theirs) = (checksum(), hypercall(call::DISPLAY_CHECKSUM, &[]) as u64);
+    write_u8(FB + 0x1010, read_u8(FB + 0x1010).wrapping_add(1));
+    let refreshed = hypercall(call::DISPLAY_REFRESH, &[]);
+    let seen = hypercall(call::LOGDIRTY_FETCH, &[gfn(FB), PAGES, bitmap]);
+    ok(
+        hypercall(call::DISPLAY_SET, &[0, 0]),
+        "stopping the display",
+    )?;
+    println!(
+        "display-vs-logdirty: a write, the guest's fetch ({taken} dirty), a refresh ({copied} copied): checksum {ours:#x} / display {theirs:#x}; a write, a refresh ({refreshed} copied), the guest's fetch: {seen} dirty"
+    );
+    check(
+        ours == theirs,
+        "the guest's LOGDIRTY_FETCH of the framebuffer left the display stale",
+    )?;
+    check(
+        seen == 1,
+        "the display's refresh took the guest's dirty bit",
+    )
 }

@@ -12,20 +12,24 @@
 //! (log-dirty, balloon and display calls with good and bad arguments),
 //! `exhaust` (runs the hypervisor out of the guest's heap and frame quotas),
 //! `logdirty-limit` (tracks ranges until the guest's heap quota is full;
-//! last); the
+//! last), `display-vs-logdirty` (the display and the guest's log-dirty
+//! calls must not take each other's dirty bits); the
 //! platform (`platform.rs`): `madt`, `lapic-timer`, `pit`, `hlt-wakes`,
 //! `self-ipi`, `nmi`, `ticking` (leaves a 1 kHz timer running),
 //! `irq-during-exit`, `ve-and-timer`, `apic-base`, `modules`, `cr0`, and
 //! the run's end: `reset-i8042`, `reset-cf9`, `reset-92`, `acpi-s5`;
 //! figures: `cpuid-bench`, `vmfunc-bench`, `lazy-copy-bench`,
 //! `display-bench`, `logdirty-bench` (last: it leaves 18,432 ranges
-//! tracked), `idle-bench`, `exit-bench`; `control` (the guest's half
-//! of the control channel's end-to-end test); on 2 CPUs (`smp_scenarios.rs`,
-//! the AP started through the local APIC, `smp.rs`): `smp`, `smp-views`,
-//! `smp-vmfunc`, `smp-balloon`, and the figure `smp-bench` (first: it
-//! measures before the AP starts). Options: `exit=N`,
+//! tracked), `idle-bench`, `exit-bench`, `hostile-bench`; `control` (the
+//! guest's half of the control channel's end-to-end test); the
+//! hostile-guest fuzzer: `fuzz`, and `fuzz-end` (a seed's operations, then
+//! one of the ways a guest ends the run) (`fuzz/mod.rs`); on 2 CPUs
+//! (`smp_scenarios.rs`, the AP started through the local APIC, `smp.rs`):
+//! `smp`, `smp-views`, `smp-vmfunc`, `smp-balloon`, and the figure
+//! `smp-bench` (first: it measures before the AP starts). Options: `exit=N`,
 //! `tsc-hz=`, `apic-hz=` (default 200 MHz, Bochs's), `module=SIZE:CHECKSUM[:WORD]`,
-//! `ap-start=init|sipi` (INIT-SIPI-SIPI, the default, or SIPI-SIPI).
+//! the fuzzer's `seed=N calls=N seeds=N trace=1`, and `ap-start=init|sipi`
+//! (INIT-SIPI-SIPI, the default, or SIPI-SIPI).
 //!
 //! It also runs on bare metal (GRUB booting it without the hypervisor),
 //! where the scenarios that need no hypervisor tell its bugs from the
@@ -39,6 +43,7 @@ mod console;
 mod control;
 mod figures;
 mod firmware;
+mod fuzz;
 mod interrupts;
 mod legacy;
 mod paging;
@@ -137,17 +142,21 @@ pub fn exit(status: u8) -> ! {
 const BOCHS_SHUTDOWN: u16 = 0x8900;
 
 extern "C" fn exception(frame: &mut ExceptionFrame) {
-    if probe::recover(frame) {
-        return;
-    }
+    // NMIs and #VEs first: one that arrives at a probe's instruction is no
+    // fault of the probe's (a #VE is handled and the access retried).
     match frame.vector as u8 {
         interrupts::NMI => return interrupts::note(interrupts::NMI),
         interrupts::VE => {
             interrupts::note(interrupts::VE);
-            altp2m::on_ve();
+            if !fuzz::on_ve() {
+                altp2m::on_ve();
+            }
             return;
         }
         _ => {}
+    }
+    if probe::recover(frame) {
+        return;
     }
     let cr2 = x86_64::registers::control::Cr2::read_raw();
     console::print(format_args!("test guest: unexpected {}", frame.report(cr2)));

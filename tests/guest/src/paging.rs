@@ -42,3 +42,35 @@ pub fn map_up_to_16_gib() {
         x86_64::instructions::tlb::flush_all();
     }
 }
+
+/// A page-directory-pointer table of its own, for 512 GiB..1 TiB.
+#[repr(C, align(4096))]
+struct Table([u64; 512]);
+
+static mut FAR_PDPT: Table = Table([0; 512]);
+
+unsafe extern "C" {
+    static mut boot_pml4: [u64; 512];
+}
+
+/// Maps 4 GiB..1 TiB with 1 GiB pages (the fuzzer's stray accesses reach
+/// that far). Entries beyond the CPU's physical-address width set reserved
+/// bits: an access through them is a #PF, not a guest-physical access.
+pub fn map_up_to_1_tib() {
+    // SAFETY: entries 4..512 of the entry code's PDPT and entry 1 of its
+    // PML4 are unused (or hold these same 1 GiB mappings); the new table is
+    // this module's own, identity-mapped; the TLB is flushed right after.
+    unsafe {
+        let pdpt = &raw mut boot_pdpt;
+        for gib in 4..512u64 {
+            (*pdpt)[gib as usize] = gib << 30 | 0x83;
+        }
+        let far = &raw mut FAR_PDPT;
+        for (i, entry) in (*far).0.iter_mut().enumerate() {
+            *entry = (512 + i as u64) << 30 | 0x83;
+        }
+        let pml4 = &raw mut boot_pml4;
+        (*pml4)[1] = far as u64 | 0x3;
+        x86_64::instructions::tlb::flush_all();
+    }
+}

@@ -14,13 +14,13 @@
 
 use core::sync::atomic::Ordering;
 
-use hv_abi::{access, call};
+use hv_abi::{access, call, feature};
 use hv_boot::bootinfo::{BootInfo, RegionKind};
 
 use crate::altp2m::{self, NOT_RAM, ok};
 use crate::interrupts::{self as irq, IPI, NMI, PIC_BASE, TIMER, VE};
 use crate::scenarios::{
-    Outcome, check, counts, exits_since, hypercall, hypervisor_present, reason,
+    Outcome, check, counts, exits_since, hypercall, hypervisor_present, offers, reason, skip,
 };
 use crate::{apic, firmware, legacy, ports, println, probe, rdtsc};
 
@@ -536,6 +536,11 @@ fn write_in_sti_shadow_on_fresh_stack(target: u64) {
 /// hypervisor.
 pub fn ve_and_timer() -> Outcome {
     check(hypervisor_present(), "needs the hypervisor")?;
+    if !offers(feature::VE) {
+        return skip(
+            "#VE is not offered (CPUID leaf 0x40000001): no #VE to order against interrupts",
+        );
+    }
     const TARGET: u64 = 0x40_6000;
     altp2m::enable()?;
     apic::init();

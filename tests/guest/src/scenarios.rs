@@ -1,12 +1,16 @@
-//! The scenarios. Each prints `PASS name` or `FAIL name: why`.
+//! The scenarios. Each prints `PASS name`, `FAIL name: why`, or `SKIP
+//! name: why` when what it tests cannot run here (the hypervisor does not
+//! offer the feature on this CPU, [`offers`]).
 
 use core::arch::x86_64::__cpuid;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use hv_abi::{call, error};
 use hv_boot::bootinfo::{BootInfo, RegionKind};
 
-use crate::{altp2m, apic, figures, paging, platform, ports, println, probe, rdtsc, smp_scenarios};
+use crate::{
+    altp2m, apic, figures, fuzz, paging, platform, ports, println, probe, rdtsc, smp_scenarios,
+};
 
 pub type Outcome = Result<(), &'static str>;
 
@@ -20,6 +24,8 @@ pub struct Options {
     pub clocks: platform::Clocks,
     /// `module=SIZE:CHECKSUM[:WORD]`: the Multiboot module to expect.
     pub module: Option<platform::ModuleSpec>,
+    /// `seed=`, `calls=`, `seeds=`, `trace=`: the fuzzer's.
+    pub fuzz: fuzz::Config,
     /// `ap-start=init` (INIT, SIPI, SIPI: the default) or `sipi` (SIPI,
     /// SIPI): how the SMP scenarios start the APs. Bochs 2.7 needs `sipi`:
     /// it keeps an INIT pending after the INIT VM exit (fixed in Bochs 2.8),
@@ -36,6 +42,10 @@ impl Options {
             "tsc-hz" => into.clocks.tsc_hz = number(value)?.max(1),
             "apic-hz" => into.clocks.apic_hz = number(value)?.max(1),
             "module" => into.module = Some(platform::ModuleSpec::parse(value)?),
+            "seed" => into.fuzz.seed = number(value)?,
+            "calls" => into.fuzz.calls = number(value)?,
+            "seeds" => into.fuzz.seeds = number(value)?.max(1),
+            "trace" => into.fuzz.trace = number(value)? != 0,
             "ap-start" => {
                 into.init_aps = match value {
                     "init" => true,
@@ -54,6 +64,7 @@ impl Options {
 pub fn run_all(boot: &BootInfo) -> u8 {
     let mut failed = 0u32;
     let mut passed = 0u32;
+    let mut skipped = 0u32;
     // A leading image path (loaders pass one) is not a scenario.
     let given = || {
         boot.cmdline
@@ -64,6 +75,7 @@ pub fn run_all(boot: &BootInfo) -> u8 {
         status: None,
         clocks: platform::Clocks::BOCHS,
         module: None,
+        fuzz: fuzz::Config::default(),
         init_aps: true,
     };
     for word in given().filter(|w| w.contains('=')) {
@@ -77,11 +89,19 @@ pub fn run_all(boot: &BootInfo) -> u8 {
     let scenarios = given()
         .filter(|w| !w.contains('='))
         .chain(default.split_ascii_whitespace());
+    if hypervisor_present() {
+        println!("features offered: {}", FeatureNames(offered()));
+    }
     for word in scenarios {
+        SKIPPED.store(false, Ordering::Relaxed);
         match run_one(word, boot, &options) {
             Ok(()) => {
                 passed += 1;
                 println!("PASS {word}");
+            }
+            Err(why) if SKIPPED.load(Ordering::Relaxed) => {
+                skipped += 1;
+                println!("SKIP {word}: {why}");
             }
             Err(why) => {
                 failed += 1;
@@ -89,7 +109,11 @@ pub fn run_all(boot: &BootInfo) -> u8 {
             }
         }
     }
-    println!("result: {passed} passed, {failed} failed");
+    if skipped > 0 {
+        println!("result: {passed} passed, {failed} failed, {skipped} skipped");
+    } else {
+        println!("result: {passed} passed, {failed} failed");
+    }
     options.status.unwrap_or(u8::from(failed > 0))
 }
 
@@ -115,6 +139,7 @@ fn run_one(word: &str, boot: &BootInfo, options: &Options) -> Outcome {
         "display" => altp2m::display(false),
         "display-late" => altp2m::display(true),
         "memory-calls" => altp2m::memory_calls(),
+        "display-vs-logdirty" => altp2m::display_vs_logdirty(),
         "vmfunc-bench" => altp2m::vmfunc_bench(),
         "lazy-copy-bench" => altp2m::lazy_copy_bench(),
         "display-bench" => altp2m::display_bench(),
@@ -140,12 +165,63 @@ fn run_one(word: &str, boot: &BootInfo, options: &Options) -> Outcome {
         "exit-bench" => figures::exit_bench(clocks),
         "control" => crate::control::scenario(),
         "exhaust" => altp2m::exhaust(),
+        "fuzz" => fuzz::run(boot, options),
+        "fuzz-end" => fuzz::run_end(boot, options),
+        "hostile-bench" => fuzz::bench::hostile_bench(boot),
         "smp" => smp_scenarios::bring_up(boot, options),
         "smp-views" => smp_scenarios::views(boot, options),
         "smp-vmfunc" => smp_scenarios::vmfunc(boot, options),
         "smp-balloon" => smp_scenarios::balloon(boot, options),
         "smp-bench" => smp_scenarios::bench(boot, options),
         _ => Err("no such scenario"),
+    }
+}
+
+static SKIPPED: AtomicBool = AtomicBool::new(false);
+
+/// The scenario cannot run here, for `why`: it ends as `SKIP name: why`
+/// (neither passed nor failed). Only for what truly cannot run.
+pub fn skip(why: &'static str) -> Outcome {
+    SKIPPED.store(true, Ordering::Relaxed);
+    Err(why)
+}
+
+/// The [`hv_abi::feature`] bits the hypervisor offers this guest (CPUID
+/// leaf 0x40000001 EBX); none without the hypervisor.
+pub fn offered() -> u32 {
+    if hypervisor_present() {
+        __cpuid(hv_abi::CPUID_FEATURES).ebx
+    } else {
+        0
+    }
+}
+
+/// Whether the hypervisor offers `feature` (an [`hv_abi::feature`] bit).
+pub fn offers(feature: u32) -> bool {
+    offered() & feature != 0
+}
+
+/// The names of [`hv_abi::feature`] bits, for the log.
+struct FeatureNames(u32);
+
+impl core::fmt::Display for FeatureNames {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        use hv_abi::feature;
+        write!(f, "{:#x} (", self.0)?;
+        let mut first = true;
+        for (bit, name) in [
+            (feature::VMFUNC, "vmfunc"),
+            (feature::VE, "ve"),
+            (feature::MTF, "mtf"),
+            (feature::PML, "pml"),
+        ] {
+            if self.0 & bit != 0 {
+                f.write_str(if first { "" } else { " " })?;
+                f.write_str(name)?;
+                first = false;
+            }
+        }
+        f.write_str(if first { "none)" } else { ")" })
     }
 }
 

@@ -4,15 +4,24 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use hv_tests::{Boot, Engine, Outcome, SERIAL_PORTS};
+use hv_tests::{Boot, Engine, LINUX_GUEST_MIB, Outcome, SERIAL_PORTS};
 
 const USAGE: &str =
     "usage: hv-run [--engine bochs|qemu-kvm|qemu-tcg] [--timeout SECONDS] [--memory MIB] \
-[--cpus N] [--cpu-model BOCHS_MODEL] [--direct-kernel] [--guest-args 'SCENARIOS...'] [--no-guest] \
-[--keep] [--control] [KERNEL COMMAND LINE...]
+[--cpus N] [--cpu-model BOCHS_MODEL] [--direct-kernel] [--guest-args 'WORDS...'] [--no-guest] \
+[--linux] [--keep] [--control] [KERNEL COMMAND LINE...]
 
 Boots the hypervisor with the test guest (tests/guest) as its guest, running the guest's
 default scenarios unless --guest-args names others; --no-guest boots the hypervisor alone.
+The words after the options are the hypervisor's command line (README, \"Kernel command line\").
+--linux boots Debian's kernel instead (target/linux, made by scripts/setup) with our
+initramfs, whose /init checks what Linux sees and ends the run with its status; the
+guest's console (its ttyS0) is streamed with the label `guest: `. Its kernel command line
+is `console=ttyS0,115200 nokaslr hvtest.mem=MIB` and the words of --guest-args. Unless
+the hypervisor's command line says guest.mem=, the guest has 512 MiB; the machine has
+256 MiB more unless --memory, and the timeout is 1200 s unless --timeout. For example
+  hv-run --linux --guest-args 'quiet hvtest.memtest=0' guest.views=fresh
+boots it on a fresh altp2m view (README, \"Linux under the hypervisor\", lists the cases).
 The engine is QEMU + KVM when KVM can run VMX guests, else Bochs. The run's files (ISO,
 serial log, the emulator's log and stderr) go to target/runs/ and are removed after a run
 that ended with an exit line, unless --keep. HV_BOCHS / HV_QEMU name other emulator programs.
@@ -47,6 +56,8 @@ fn main() -> ExitCode {
     let mut guest_args = Some(String::new());
     let mut keep = false;
     let mut control = false;
+    let mut linux = false;
+    let (mut timeout, mut memory) = (None, None);
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = |name: &str| {
@@ -61,8 +72,8 @@ fn main() -> ExitCode {
                         .unwrap_or_else(|| fail(&format!("unknown engine '{name}'"))),
                 );
             }
-            "--timeout" => boot.timeout = Duration::from_secs(number(&value("--timeout"))),
-            "--memory" => boot.memory_mib = number(&value("--memory")) as u32,
+            "--timeout" => timeout = Some(Duration::from_secs(number(&value("--timeout")))),
+            "--memory" => memory = Some(number(&value("--memory")) as u32),
             "--cpus" => boot.cpus = number(&value("--cpus")) as u32,
             "--cpu-model" => boot.cpu_model = value("--cpu-model"),
             "--direct-kernel" => boot.qemu_direct_kernel = true,
@@ -70,6 +81,7 @@ fn main() -> ExitCode {
             "--no-guest" => guest_args = None,
             "--keep" => keep = true,
             "--control" => control = true,
+            "--linux" => linux = true,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return ExitCode::SUCCESS;
@@ -77,6 +89,23 @@ fn main() -> ExitCode {
             other if other.starts_with("--") => fail(&format!("unknown option '{other}'")),
             word => cmdline.push(word.to_string()),
         }
+    }
+
+    if linux && guest_args.is_none() {
+        fail("--linux boots Linux as the guest: not with --no-guest");
+    }
+    // QEMU's loader splits its module list at commas, and Linux's console
+    // option has one.
+    if linux && boot.qemu_direct_kernel {
+        fail("--linux boots through GRUB: not with --direct-kernel");
+    }
+    // Linux boots in minutes where the test guest takes seconds.
+    boot.timeout = timeout.unwrap_or(Duration::from_secs(if linux { 1200 } else { 600 }));
+    // The guest's RAM goes to the init's command line too.
+    let linux_mib = linux.then(|| take_guest_mem(&mut cmdline).unwrap_or(LINUX_GUEST_MIB));
+    if linux && let Err(why) = hv_tests::linux_assets() {
+        eprintln!("hv-run: harness failure: {why}");
+        return ExitCode::from(HARNESS_FAILURE);
     }
 
     eprintln!("hv-run: building the hypervisor kernel and the test guest (target/emu)");
@@ -96,9 +125,12 @@ fn main() -> ExitCode {
         }
     };
     boot.cmdline = cmdline.join(" ");
-    if let Some(args) = guest_args {
-        boot = boot.guest(&args);
-    }
+    boot = match (linux_mib, guest_args) {
+        (Some(mib), Some(args)) => boot.linux_ram(mib, &args),
+        (None, Some(args)) => boot.guest(&args),
+        (_, None) => boot,
+    };
+    boot.memory_mib = memory.unwrap_or(boot.memory_mib);
     eprintln!("hv-run: engine {}: {why}", boot.engine);
     eprintln!(
         "hv-run: memory {} MiB, {} CPU(s), timeout {} s",
@@ -132,15 +164,25 @@ fn main() -> ExitCode {
         }
     }
     let run = running.wait();
+    if let Some(ready) = run.ready_after {
+        eprintln!(
+            "hv-run: ready after {:.2} s (wall, from starting {})",
+            ready.as_secs_f64(),
+            run.engine
+        );
+    }
+    if let Some(init) = run.init_after {
+        let cpu = run
+            .init_cpu
+            .map_or("?".into(), |cpu| format!("{:.2}", cpu.as_secs_f64()));
+        eprintln!(
+            "hv-run: Linux's init started after {:.2} s (wall, from starting {}), {cpu} s of its CPU time",
+            init.as_secs_f64(),
+            run.engine
+        );
+    }
     let code = match run.outcome {
         Outcome::Exit(status) => {
-            if let Some(ready) = run.ready_after {
-                eprintln!(
-                    "hv-run: ready after {:.2} s (wall, from starting {})",
-                    ready.as_secs_f64(),
-                    run.engine
-                );
-            }
             eprintln!(
                 "hv-run: exit status {status} after {:.2} s",
                 run.wall.as_secs_f64()
@@ -158,6 +200,15 @@ fn main() -> ExitCode {
     eprintln!("\nhv-run: {}\n{}", run.summary(), run.emulator_report());
     eprintln!("hv-run: {}; exit code {code}", run.summary());
     ExitCode::from(code)
+}
+
+/// Takes `guest.mem=MIB` out of the hypervisor's command line words: the
+/// Linux guest's RAM, which [`Boot::linux_ram`] puts back.
+fn take_guest_mem(words: &mut Vec<String>) -> Option<u32> {
+    let at = words.iter().position(|w| w.starts_with("guest.mem="))?;
+    let word = words.remove(at);
+    let mib = number(&word["guest.mem=".len()..]);
+    Some(u32::try_from(mib).unwrap_or_else(|_| fail(&format!("{word}: too large"))))
 }
 
 fn number(text: &str) -> u64 {
