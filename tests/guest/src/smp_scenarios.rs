@@ -202,9 +202,10 @@ fn views_part() -> Outcome {
 
 /// `smp-vmfunc`: both vCPUs switch views with VMFUNC at once, 200 times
 /// each, reading X through every view they land on (A shows Y's page, B
-/// Z's); vCPU 0 ends on A, vCPU 1 on B, and each asks GET_VCPU_VIEW of
-/// itself and of the other right after (the other made no exit since its
-/// last VMFUNC).
+/// Z's); vCPU 0 ends on A, vCPU 1 on B; each asks GET_VCPU_VIEW of itself
+/// (an exit: the hypervisor learns of its VMFUNCs there), then, once both
+/// did, of the other. (Another vCPU's view is as of its last VM exit, as
+/// in Xen: a VMFUNC exits nothing.)
 pub fn vmfunc(boot: &BootInfo, options: &Options) -> Outcome {
     two_cpus(boot, options)?;
     remapped_views(true)?;
@@ -244,17 +245,18 @@ fn vmfunc_part() -> Outcome {
             "after its VMFUNC a vCPU read through another view (the other vCPU's?)",
         )?;
     }
+    // This hypercall's exit is where the hypervisor learns of the VMFUNCs.
+    expect_view(me, last, "GET_VCPU_VIEW of this vCPU after its VMFUNCs")?;
     DONE_SWITCHING.fetch_or(1 << me, Ordering::SeqCst);
-    // Memory only, no exit: the other vCPU is asked about right after its VMFUNC.
     let both = smp::wait_for(|| DONE_SWITCHING.load(Ordering::SeqCst) == 0b11);
     check(both, "the other vCPU never finished its VMFUNCs")?;
+    // Each vCPU's VMFUNCs moved that vCPU alone.
     let yours = if you == 0 { a } else { b };
     expect_view(
         you,
         yours,
         "GET_VCPU_VIEW of the other vCPU after its VMFUNCs",
     )?;
-    expect_view(me, last, "GET_VCPU_VIEW of this vCPU after its VMFUNCs")?;
     check(
         read_u8(X) == shows(last),
         "not on the view of the last VMFUNC",
