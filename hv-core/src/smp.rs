@@ -341,7 +341,7 @@ mod loom_tests {
                             assert_eq!(fields, NEW, "ran on its old view after the switch");
                         }
                         c.take_kick(1);
-                        c.exit(1, fields);
+                        c.exit(1, u64::from(fields));
                         let mut record = record.lock().unwrap();
                         if !c.must_reapply(1) {
                             *record = fields;
