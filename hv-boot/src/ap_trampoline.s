@@ -1,13 +1,15 @@
 # The application processors' way from a start-up IPI to Rust.
 #
-# Copied to AP_TRAMPOLINE (0x8000, SIPI vector 0x08) before the INIT-SIPI-SIPI:
+# Copied by `ap_start::write_trampoline` to ap_start::TRAMPOLINE (0x8000,
+# SIPI vector 0x08) before the INIT-SIPI-SIPI (the hypervisor's CPUs and the
+# test guest's vCPUs alike):
 # a processor starts here in real mode with CS = 0x0800, IP = 0. It loads the
-# small GDT placed at AP_TRAMPOLINE + 0xE00, enters protected mode, turns on
+# small GDT placed at TRAMPOLINE + 0xE00, enters protected mode, turns on
 # PAE with the kernel's page tables (CR3 from the parameter block at
-# AP_TRAMPOLINE + 0xF00, below 4 GiB), long mode and paging, and calls the
+# TRAMPOLINE + 0xF00, below 4 GiB), long mode and paging, and calls the
 # 64-bit entry with the stack and the CPU index of the parameter block:
 #   +0xF00 u32 CR3   +0xF08 u64 stack top   +0xF10 u64 entry   +0xF18 u64 index
-# Position-dependent on purpose: every absolute address is AP_TRAMPOLINE
+# Position-dependent on purpose: every absolute address is TRAMPOLINE
 # plus an offset inside the copied page.
 
     .section .rodata.ap_trampoline, "a"

@@ -5,6 +5,7 @@
 #![no_std]
 
 pub mod acpi_tables;
+pub mod ap_start;
 pub mod bootinfo;
 pub mod cmdline;
 pub mod exception;

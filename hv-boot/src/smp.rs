@@ -8,18 +8,14 @@ use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, AtomicU32, Ordering};
 
 use log::{info, warn};
 
+use hv_boot::ap_start;
+
 use crate::platform::rdtsc;
 use crate::{arch, memory};
 
 /// CPUs the hypervisor runs on at most (vCPUs: `hv_core::smp::MAX_VCPUS`).
 pub const MAX_CPUS: usize = hv_core::smp::MAX_VCPUS;
 
-/// Where the trampoline runs: a page of the low megabyte, which the frame
-/// allocator never hands out; SIPI vector = page number.
-const AP_TRAMPOLINE: u64 = 0x8000;
-const SIPI_VECTOR: u32 = (AP_TRAMPOLINE >> 12) as u32;
-const GDT_OFFSET: u64 = 0xe00;
-const PARAMS_OFFSET: u64 = 0xf00;
 /// An AP's stack (and its fault stack): 64 KiB of frames.
 const STACK_FRAMES: u64 = 16;
 
@@ -28,17 +24,16 @@ const LAPIC: u64 = 0xfee0_0000;
 const ICR_LOW: u64 = 0x300;
 const ICR_HIGH: u64 = 0x310;
 const ICR_PENDING: u32 = 1 << 12;
-const ICR_INIT: u32 = 0x500 | 1 << 14;
-const ICR_STARTUP: u32 = 0x600 | 1 << 14;
 const ICR_NMI: u32 = 0x400 | 1 << 14;
+/// The highest APIC id an IPI reaches in xAPIC mode, the only mode the
+/// hypervisor drives its local APIC in (ICR_HIGH holds an 8-bit
+/// destination, and 0xff is the broadcast): a CPU the MADT lists with a
+/// higher (x2APIC) id is left out.
+const MAX_XAPIC_ID: u32 = 0xfe;
 
 unsafe extern "C" {
-    static ap_trampoline_start: u8;
-    static ap_trampoline_end: u8;
     static boot_pml4: u8;
 }
-
-core::arch::global_asm!(include_str!("ap_trampoline.s"));
 
 /// What each CPU publishes about itself.
 pub struct PerCpu {
@@ -112,14 +107,7 @@ pub fn send_ipi(apic_id: u32, command: u32) {
 /// CPU of vCPU `index` out of guest mode.
 pub fn kick(index: usize, sipi: bool) {
     let apic_id = CPUS[index].apic_id.load(Ordering::Acquire);
-    send_ipi(apic_id, if sipi { ICR_STARTUP } else { ICR_NMI });
-}
-
-fn delay(tsc_cycles: u64) {
-    let start = rdtsc();
-    while rdtsc().wrapping_sub(start) < tsc_cycles {
-        core::hint::spin_loop();
-    }
+    send_ipi(apic_id, if sipi { ap_start::ICR_STARTUP } else { ICR_NMI });
 }
 
 /// Starts every processor the MADT lists besides this one (the BSP, index
@@ -128,7 +116,10 @@ pub fn start_aps(bsp_apic_id: u32, listed: &[u32]) {
     CPUS[0].apic_id.store(bsp_apic_id, Ordering::Release);
     CPUS[0].state.store(ONLINE, Ordering::Release);
     let others = listed.iter().filter(|&&id| id != bsp_apic_id);
-    for (n, &apic_id) in others.enumerate() {
+    for &apic_id in others.clone().filter(|&&id| id > MAX_XAPIC_ID) {
+        warn!("smp: APIC id {apic_id} needs x2APIC, which the hypervisor does not use; left out");
+    }
+    for (n, &apic_id) in others.filter(|&&id| id <= MAX_XAPIC_ID).enumerate() {
         let index = n + 1;
         if index >= MAX_CPUS {
             warn!("smp: more than {MAX_CPUS} CPUs; the rest stay off");
@@ -144,67 +135,36 @@ pub fn start_aps(bsp_apic_id: u32, listed: &[u32]) {
     info!("smp: {} CPU(s) online, APIC ids {:?}", online(), apic_ids());
 }
 
-/// INIT-SIPI-SIPI (SDM Vol. 3A 9.4.4.1) to one AP, with a stack of its own.
+/// INIT-SIPI-SIPI to one AP (`hv_boot::ap_start`), with a stack of its own.
 fn start_ap(index: usize, apic_id: u32) -> bool {
     let Some(stack) = memory::alloc_frames(STACK_FRAMES, 1) else {
         return false;
     };
-    let stack_top = (stack + STACK_FRAMES) * hv_boot::PAGE_SIZE;
     CPUS[index].apic_id.store(apic_id, Ordering::Release);
-    write_trampoline(stack_top, index as u64);
-    // The delays the SDM asks for, in TSC cycles: generous for real CPUs,
-    // about what the emulators' clocks need.
-    send_ipi(apic_id, ICR_INIT);
-    delay(10_000_000);
-    for _ in 0..2 {
-        send_ipi(apic_id, ICR_STARTUP | SIPI_VECTOR);
-        delay(1_000_000);
-        if CPUS[index].state.load(Ordering::Acquire) == ONLINE {
-            return true;
-        }
-    }
-    let start = rdtsc();
-    while rdtsc().wrapping_sub(start) < 500_000_000 {
-        if CPUS[index].state.load(Ordering::Acquire) == ONLINE {
-            return true;
-        }
-        core::hint::spin_loop();
-    }
-    false
-}
-
-/// Copies the trampoline, its GDT and the parameters for the next AP.
-fn write_trampoline(stack_top: u64, index: u64) {
-    let start = &raw const ap_trampoline_start;
-    let len = &raw const ap_trampoline_end as usize - start as usize;
-    // Null, 32-bit code (0x08), data (0x10), 64-bit code (0x18).
-    let gdt: [u64; 4] = [
-        0,
-        0x00cf_9a00_0000_ffff,
-        0x00cf_9200_0000_ffff,
-        0x00af_9a00_0000_ffff,
-    ];
-    let gdt_base = (AP_TRAMPOLINE + GDT_OFFSET) as u32;
-    let params = AP_TRAMPOLINE + PARAMS_OFFSET;
-    let cr3 = &raw const boot_pml4 as u64;
-    // SAFETY: the page at AP_TRAMPOLINE is low memory nothing else uses
-    // (the frame allocator keeps out of the first megabyte), identity-mapped;
-    // the code is shorter than GDT_OFFSET (checked); no AP runs it now.
-    unsafe {
-        assert!(
-            len < GDT_OFFSET as usize,
-            "the AP trampoline outgrew its page"
-        );
-        core::ptr::copy_nonoverlapping(start, AP_TRAMPOLINE as *mut u8, len);
-        core::ptr::copy_nonoverlapping(gdt.as_ptr(), (AP_TRAMPOLINE + GDT_OFFSET) as *mut u64, 4);
-        let pointer = (AP_TRAMPOLINE + GDT_OFFSET + 0x40) as *mut u8;
-        core::ptr::write_unaligned(pointer.cast::<u16>(), 4 * 8 - 1);
-        core::ptr::write_unaligned(pointer.add(2).cast::<u32>(), gdt_base);
-        core::ptr::write_volatile(params as *mut u32, cr3 as u32);
-        core::ptr::write_volatile((params + 8) as *mut u64, stack_top);
-        core::ptr::write_volatile((params + 0x10) as *mut u64, ap_entry as *const () as u64);
-        core::ptr::write_volatile((params + 0x18) as *mut u64, index);
-    }
+    let params = ap_start::Params {
+        cr3: &raw const boot_pml4 as u32,
+        stack_top: (stack + STACK_FRAMES) * hv_boot::PAGE_SIZE,
+        entry: ap_entry,
+        index: index as u64,
+    };
+    // SAFETY: the trampoline's page is low memory nothing else uses (the
+    // frame allocator keeps out of the first megabyte), identity-mapped; the
+    // APs start one at a time, and the last one left it for Rust already.
+    unsafe { ap_start::write_trampoline(&params) };
+    ap_start::start(
+        true,
+        |command| send_ipi(apic_id, command),
+        |cycles| {
+            let start = rdtsc();
+            while rdtsc().wrapping_sub(start) < cycles {
+                if CPUS[index].state.load(Ordering::Acquire) == ONLINE {
+                    return true;
+                }
+                core::hint::spin_loop();
+            }
+            false
+        },
+    )
 }
 
 /// Where an AP arrives in 64-bit mode, on its own stack.

@@ -33,6 +33,47 @@
 //! it, as the hardware merges two NMIs that arrive before the first is
 //! delivered; a kick that lands while the vCPU is in root mode is absorbed
 //! by the host NMI handler ([`Coherence::take_kick`]).
+//!
+//! A view switch of another vCPU (the hypercall's or the control channel's
+//! "switch one vCPU", a switch of all, altp2m on or off) follows the same
+//! pattern with a per-vCPU request in place of the epoch: the switcher
+//! updates the altp2m record under the VM lock and calls
+//! [`Coherence::request_reapply`], which returns once the target is out of
+//! guest mode (kicked and waited for) or bound to see the request before
+//! it enters ([`Coherence::must_reapply`] after [`Coherence::enter`]: it
+//! backs out and writes its view fields first). Until it has, the EPTP
+//! index its exits report is older than the switch and is not taken for a
+//! VMFUNC (`views::sync`).
+//!
+//! # Locks: which protects what (the one place that says so)
+//!
+//! - **The VM lock** (the `spin::Mutex<Vm>` each vCPU's run loop is given,
+//!   `Vcpu::run`) protects everything in `Vm`: the host p2m, the views and
+//!   each vCPU's recorded view (`hv_altp2m`), devices and platform state,
+//!   the control channel's state (sessions, events, a stopped vCPU's
+//!   published registers), counters and the guest's end. A vCPU takes it
+//!   for each exit's handling and for its checks before entry, and drops
+//!   it before VM entry: **no lock is held across a VM entry** (the run
+//!   loop holds no guard when it calls `entry::enter`; a held vCPU,
+//!   `Vcpu::hold`, takes it per round). The control line's server takes it
+//!   per command and never across UART I/O.
+//! - **No lock: [`Coherence`]** (this module): the epoch and each vCPU's
+//!   in-guest, flushed-epoch, kick, reapply, parked and last-view words,
+//!   atomics written by their vCPU or by the initiator as described above.
+//!   An initiator waits for other vCPUs while it holds the VM lock; that
+//!   cannot deadlock, because what it waits for (leaving guest mode, or a
+//!   flush) a vCPU does before it takes the VM lock after an exit, and a
+//!   vCPU spinning on the VM lock is out of guest mode already.
+//! - **No lock: a vCPU's own state** (`Vcpu`: its VMCS, registers,
+//!   pending events, step state, #VE page) belongs to the run loop of its
+//!   CPU; other CPUs reach it only through `Coherence`'s requests and the
+//!   control state in `Vm`.
+//! - **Leaf locks of the kernel** (hv-boot): the frame allocator
+//!   (`memory::FRAMES`), the heap's allocator, the console (log lines; a
+//!   panic breaks it) and the control line's UART (`control_line::LINE`,
+//!   never under the VM lock). The first three may be taken while the VM
+//!   lock is held, never the other way round, and none is held across a VM
+//!   entry either.
 
 #[cfg(not(loom))]
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
@@ -148,26 +189,50 @@ impl Coherence {
         self.flushed(initiator, epoch);
         for vcpu in (0..self.vcpus).filter(|&v| v != initiator) {
             let cpu = &self.cpus[vcpu];
-            if !cpu.in_guest.load(Ordering::SeqCst) {
-                continue;
-            }
-            cpu.kick.store(true, Ordering::SeqCst);
-            kick(vcpu);
-            while cpu.in_guest.load(Ordering::SeqCst) && cpu.seen.load(Ordering::SeqCst) < epoch {
-                spin();
-            }
+            self.kick_out(vcpu, &mut kick, || cpu.seen.load(Ordering::SeqCst) >= epoch);
         }
     }
 
-    /// Asks `vcpu` to write its view-related VMCS fields again (its view was
-    /// switched by another vCPU) and kicks it out of guest mode if needed.
-    pub fn request_reapply(&self, vcpu: usize, kick: impl FnOnce(usize)) {
+    /// If `vcpu` is in guest mode, kicks it and waits until it left, or
+    /// until `done` says it has what it was kicked for.
+    fn kick_out(&self, vcpu: usize, kick: impl FnOnce(usize), done: impl Fn() -> bool) {
         let cpu = &self.cpus[vcpu];
-        cpu.reapply.store(true, Ordering::SeqCst);
-        if cpu.in_guest.load(Ordering::SeqCst) {
-            cpu.kick.store(true, Ordering::SeqCst);
-            kick(vcpu);
+        if !cpu.in_guest.load(Ordering::SeqCst) {
+            return;
         }
+        cpu.kick.store(true, Ordering::SeqCst);
+        kick(vcpu);
+        while cpu.in_guest.load(Ordering::SeqCst) && !done() {
+            spin();
+        }
+    }
+
+    /// Asks `vcpu` to write its view-related VMCS fields again (another
+    /// vCPU switched its view: the altp2m record is newer than its
+    /// hardware) and returns once it cannot run on the old fields any
+    /// more: it was out of guest mode (and sees the request before it
+    /// enters, [`Coherence::must_reapply`]), or it was kicked out. The same
+    /// store-buffering argument as for the epoch holds, with the request in
+    /// place of the epoch.
+    pub fn request_reapply(&self, vcpu: usize, kick: impl FnOnce(usize)) {
+        self.cpus[vcpu].reapply.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        self.kick_out(vcpu, kick, || false);
+    }
+
+    /// Whether `vcpu`'s view-related fields are older than its altp2m
+    /// record (another vCPU switched it): then its hardware's EPTP index
+    /// is no VMFUNC of its own, and it must not enter before it wrote them
+    /// again. Called after [`Coherence::enter`] (which orders the check
+    /// after "in guest"); the vCPU then backs out ([`Coherence::back_out`]).
+    pub fn must_reapply(&self, vcpu: usize) -> bool {
+        self.cpus[vcpu].reapply.load(Ordering::SeqCst)
+    }
+
+    /// `vcpu` announced "in guest" ([`Coherence::enter`]) but does not
+    /// enter after all: nothing ran since its last exit.
+    pub fn back_out(&self, vcpu: usize) {
+        self.cpus[vcpu].in_guest.store(false, Ordering::SeqCst);
     }
 
     /// Whether `vcpu` must write its view-related fields again (clears it).
@@ -234,6 +299,65 @@ mod loom_tests {
             c.shootdown(0, |_| {});
             done.store(1, Ordering::SeqCst);
             vcpu.join().unwrap();
+        });
+    }
+
+    /// Another vCPU's view switch: the switcher updates the vCPU's recorded
+    /// view under the VM lock and requests a reapply; the vCPU reads the
+    /// record into its fields before entry when asked to, and after an exit
+    /// takes its hardware's view for a VMFUNC (`views::sync`) unless a
+    /// reapply is pending. The switch is never lost, and once the request
+    /// returned the vCPU never runs on its old fields.
+    #[test]
+    fn another_vcpus_view_switch_is_never_lost_nor_run_around() {
+        loom::model(|| {
+            use loom::sync::Mutex;
+            use loom::sync::atomic::AtomicBool;
+            const NEW: u16 = 2;
+            // The VM lock over the recorded view; "switched" is set once
+            // the switcher's call returned.
+            let shared = Arc::new((Coherence::new(2), Mutex::new(1u16), AtomicBool::new(false)));
+            let vcpu = {
+                let shared = shared.clone();
+                thread::spawn(move || {
+                    let (c, record, switched) = &*shared;
+                    let mut fields = 1u16;
+                    for _ in 0..2 {
+                        {
+                            let record = record.lock().unwrap();
+                            if c.take_reapply(1) {
+                                fields = *record;
+                            }
+                        }
+                        if let Some(epoch) = c.enter(1) {
+                            c.flushed(1, epoch);
+                        }
+                        if c.must_reapply(1) {
+                            c.back_out(1);
+                            continue;
+                        }
+                        // In guest mode, on `fields`.
+                        if switched.load(Ordering::SeqCst) {
+                            assert_eq!(fields, NEW, "ran on its old view after the switch");
+                        }
+                        c.take_kick(1);
+                        c.exit(1, u64::from(fields));
+                        let mut record = record.lock().unwrap();
+                        if !c.must_reapply(1) {
+                            *record = fields;
+                        }
+                    }
+                })
+            };
+            let (c, record, switched) = &*shared;
+            {
+                let mut record = record.lock().unwrap();
+                *record = NEW;
+                c.request_reapply(1, |_| {});
+            }
+            switched.store(true, Ordering::SeqCst);
+            vcpu.join().unwrap();
+            assert_eq!(*record.lock().unwrap(), NEW, "the switch was lost");
         });
     }
 
@@ -318,5 +442,11 @@ mod tests {
         c.request_reapply(1, |_| panic!("not in guest mode: no kick"));
         assert!(c.take_reapply(1));
         assert!(!c.take_reapply(1));
+        // In guest mode (flushing for the shootdown first): kicked, and
+        // waited for until it left.
+        let epoch = c.enter(1).expect("the shootdown moved the epoch");
+        c.flushed(1, epoch);
+        c.request_reapply(1, |v| c.exit(v, 0));
+        assert!(c.must_reapply(1));
     }
 }

@@ -126,11 +126,13 @@ fn where_hardware_is_on(vm: &Vm, view: u16) -> Result<u64, hv_altp2m::Error> {
 /// After a VM exit: the guest may have switched views with VMFUNC;
 /// `hardware` ([`where_hardware_is`]) says where it is now. An index or EPTP
 /// the altp2m state cannot have produced means corrupt state: `Err`.
+/// Not while another vCPU's switch of this one waits to be written to its
+/// VMCS: `hardware` is then older than the switch, which stands.
 pub fn sync(vm: &mut Vm, vcpu: &Vcpu, hardware: u64) -> Result<(), hv_altp2m::Error> {
-    if !(vm.features.vmfunc && vm.altp2m.is_enabled()) {
+    let id = vcpu.id.index();
+    if !(vm.features.vmfunc && vm.altp2m.is_enabled()) || vm.coherence.must_reapply(id) {
         return Ok(());
     }
-    let id = vcpu.id.index();
     let index = if vm.features.ve {
         hardware
     } else {
@@ -162,7 +164,8 @@ pub fn sync(vm: &mut Vm, vcpu: &Vcpu, hardware: u64) -> Result<(), hv_altp2m::Er
 
 /// After a change to other vCPUs' views (a switch of all or one, altp2m on
 /// or off): each of them writes its view-related VMCS fields again before
-/// its next entry, and one in guest mode is kicked out to do so.
+/// its next entry, and one in guest mode is kicked out to do so; none runs
+/// on its old view once this returns.
 pub fn reapply_others(vm: &Vm, platform: &mut impl Platform, vcpu: usize) {
     for other in (0..vm.vcpus()).filter(|&v| v != vcpu) {
         vm.coherence

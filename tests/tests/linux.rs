@@ -11,12 +11,30 @@ use std::time::Duration;
 use hv_tests::{Boot, Engine, LINUX_GUEST_MIB, Run, exit};
 
 fn linux(hv_options: &str, kernel_options: &str) -> Run {
+    linux_on(1, hv_options, kernel_options)
+}
+
+fn linux_on(cpus: u32, hv_options: &str, kernel_options: &str) -> Run {
     let mut boot = Boot::new(Engine::Bochs).cmdline(hv_options).linux_ram(
         LINUX_GUEST_MIB,
         &format!("hvtest.expect=hv {kernel_options}"),
     );
-    boot.timeout = Duration::from_secs(1200);
+    boot.cpus = cpus;
+    boot.timeout = Duration::from_secs(1200 * u64::from(cpus));
     boot.run()
+}
+
+/// For the figures: where the run's time went up to the init program
+/// (Bochs's TSC counts instructions, so its TSC there is the instructions
+/// each CPU ran to reach init) and the wall time.
+fn print_boot_figures(run: &Run) {
+    if let Some(line) = run.line("hv-linux-init: started") {
+        println!("{line}");
+    }
+    if let Some(line) = run.line("exits: ") {
+        println!("{line}");
+    }
+    println!("{}; {:.0?}", run.summary(), run.wall);
 }
 
 /// The init program ran every check, all passed, and it ended the run.
@@ -40,6 +58,30 @@ fn linux_boots_to_its_checks_on_the_host_p2m() {
     all_checks_passed(&run);
     run.expect_line("Linux 64-bit entry")
         .expect_line("boot views Host");
+    print_boot_figures(&run);
+    run.clean_up();
+}
+
+/// Two vCPUs: Linux brings its AP up through the hypervisor's INIT and
+/// SIPI exits, and init's CPUID check runs on both online CPUs, as many as
+/// /proc/cpuinfo lists (the check compares the two).
+///
+/// Fails on Bochs 2.7, so `scripts/test --long` skips it: Bochs 2.7 keeps
+/// an INIT pending after the INIT VM exit (fixed in Bochs 2.8), so the AP's
+/// vCPU exits with INIT again after each SIPI ("smpboot: do_boot_cpu
+/// failed(-1) to wakeup CPU#1"); with the test guest, the stale INIT then
+/// reset the physical CPU once the guest ended (at its VMXOFF, it seems),
+/// which never finished its vCPU (one frame leaked). The test guest starts
+/// its AP with SIPI-SIPI for that reason (`tests/tests/smp.rs`).
+#[test]
+#[ignore = "needs Bochs 2.8 (Bochs 2.7 keeps a guest's INIT pending after its VM exit); not in scripts/test --long"]
+fn linux_boots_with_two_cpus_both_online() {
+    let run = linux_on(2, "", "hvtest.memtest=32");
+    all_checks_passed(&run);
+    run.expect_line("2 vCPU(s)")
+        .expect_line("2 CPUs: hypervisor bit set")
+        .expect_line("Linux flags hypervisor on 2");
+    print_boot_figures(&run);
     run.clean_up();
 }
 

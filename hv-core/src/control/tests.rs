@@ -730,6 +730,8 @@ fn pausing_another_vcpu_kicks_it_out_of_the_guest() {
     let coherence = t.m.vm.coherence;
     assert_eq!(coherence.enter(1), None);
     t.m.platform.kicks.clear();
+    // The kick makes vCPU 1 exit; the command waits for that.
+    t.m.platform.kicked_exit = Some((coherence, 0));
     t.send(Command::Pause { vcpu: 1 });
     t.serve();
     assert!(t.received().is_empty());

@@ -27,11 +27,16 @@ pub fn handle<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Flow {
     let info = ctx.cpu.read(ro::VMEXIT_INTERRUPTION_INFO);
     let vector = (info & 0xff) as u8;
     if (info >> 8) & 7 == TYPE_NMI {
+        // The exit leaves NMIs blocked until an IRET: end that now, so that
+        // the next NMI (a kick) is not held (Bochs 2.7 holds it in the
+        // guest too, until the vCPU exits for another reason).
+        ctx.cpu.unblock_nmis();
         // An NMI while the guest ran (NMI exiting): another CPU's kick
         // (`smp`: a shootdown, a reapply, a pause), which has done its job
         // by making the vCPU exit, or the guest's own (its local APIC,
-        // LINT1, the I/O APIC), which it gets as soon as it can take it. An
-        // event whose delivery the NMI cut short goes first.
+        // LINT1, the I/O APIC), which it gets as soon as it can take it.
+        // (Both at once merge, as two NMIs do on hardware.) An event whose
+        // delivery the NMI cut short goes first.
         if !ctx.vm.coherence.take_kick(ctx.vcpu.id.index()) {
             ctx.vcpu.pending.nmi = true;
         }

@@ -19,7 +19,13 @@ pub fn init<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Flow {
     if let Some(end) = ctx.vm.end.clone() {
         return Flow::Stop(end);
     }
-    log::info!("guest: INIT on vCPU {}: waiting for SIPI", ctx.vcpu.id.0);
+    // Not at info: a log line keeps the vCPU out of wait-for-SIPI for its
+    // time on the serial line (about 1.6 million instructions in Bochs, ms
+    // on hardware), longer than an OS waits between its two SIPIs, and a
+    // SIPI that finds the CPU in root mode is lost. It matters: an INIT
+    // held pending while the vCPU waited for SIPI (Bochs holds it) arrives
+    // right after the first SIPI, and the second must find it parked again.
+    log::debug!("guest: INIT on vCPU {}: waiting for SIPI", ctx.vcpu.id.0);
     // A processor reset ends any step, a tool's too (no event: INIT wins).
     crate::views::cancel_step(ctx.cpu, ctx.vm, ctx.vcpu);
     ctx.vcpu.pending = Default::default();
@@ -40,12 +46,16 @@ pub fn sipi<C: Cpu, P: Platform>(ctx: &mut ExitCtx<'_, C, P>) -> Flow {
         return Flow::Stop(end);
     }
     let vector = (ctx.qualification() & 0xff) as u8;
-    log::info!(
+    // At debug, as INIT's line: the vCPU must be quick back in the guest.
+    log::debug!(
         "guest: SIPI vector {vector:#x}: starting at {:#x}",
         u64::from(vector) << 12
     );
     state::sipi_start(ctx.cpu, &mut ctx.vcpu.regs, &ctx.vm.cr_fixed, vector);
     ctx.vcpu.waiting_for_sipi = false;
+    // Bochs 2.7 leaves the NMIs its wait-for-SIPI state blocked blocked
+    // after the SIPI exit: no kick would reach the vCPU. (A no-op elsewhere.)
+    ctx.cpu.unblock_nmis();
     // A processor reset: no cached translation of the old paging mode survives.
     if ctx.vm.features.vpid {
         ctx.cpu.invvpid(crate::vcpu::GUEST_VPID);

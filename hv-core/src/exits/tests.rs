@@ -474,6 +474,25 @@ fn init_then_sipi_starts_real_mode_at_the_vector() {
     );
 }
 
+/// An INIT resets the processor: no interrupt shadow, no pending debug
+/// exception, and never "blocking by SMI" outside SMM, which VM entry
+/// refuses. Bochs saves that bit at the INIT exit of a vCPU that a SIPI
+/// took out of wait-for-SIPI (found by the test guest's INIT-SIPI-SIPI: the
+/// INIT held back in wait-for-SIPI arrives after the first SIPI).
+#[test]
+fn an_init_leaves_no_blocking_for_the_wait_for_sipi_entry() {
+    let mut m = Machine::new();
+    m.vmcs.write(g::INTERRUPTIBILITY_STATE, 0b1101);
+    m.vmcs.write(g::PENDING_DBG_EXCEPTIONS, 1 << 14);
+    m.exit(ExitReason::Init);
+    assert_eq!(
+        m.vmcs.read(g::ACTIVITY_STATE),
+        crate::vcpu::state::WAIT_FOR_SIPI
+    );
+    assert_eq!(m.vmcs.read(g::INTERRUPTIBILITY_STATE), 0);
+    assert_eq!(m.vmcs.read(g::PENDING_DBG_EXCEPTIONS), 0);
+}
+
 #[test]
 fn an_unhandled_exit_stops_the_guest_with_its_name() {
     let mut m = Machine::new();
@@ -1167,14 +1186,40 @@ fn a_guest_nmi_is_forwarded_once_the_guest_can_take_it() {
     assert!(!m.vcpu.pending.nmi);
 }
 
+/// After an NMI exit (and the SIPI exit of a vCPU that waited for SIPI)
+/// NMIs are unblocked in root mode with an IRET, as the SDM leaves them
+/// blocked after an NMI exit: Bochs 2.7 keeps them blocked in the guest
+/// too, and every later kick of the vCPU would be held until its next tick.
+#[test]
+fn nmi_and_sipi_exits_unblock_nmis() {
+    let mut m = Machine::new();
+    m.vmcs.write(ro::VMEXIT_INTERRUPTION_INFO, 0x8000_0202);
+    assert!(stopped(m.exit(ExitReason::ExceptionOrNmi)).is_none());
+    assert_eq!(m.vmcs.nmis_unblocked, 1);
+    m.exit(ExitReason::Init);
+    m.vmcs.write(ro::EXIT_QUALIFICATION, 0x08);
+    assert!(stopped(m.exit(ExitReason::Sipi)).is_none());
+    assert_eq!(m.vmcs.nmis_unblocked, 2);
+}
+
+/// "Blocking by SMI" is never entered: VM entry refuses it outside SMM,
+/// where guests never run, and Bochs 2.7 saves it at every exit of a vCPU
+/// started by a SIPI exit (its wait-for-SIPI state masked SMIs for good).
+#[test]
+fn smi_blocking_a_vm_exit_reports_is_dropped_before_entry() {
+    let mut m = Machine::new();
+    m.vmcs.write(g::INTERRUPTIBILITY_STATE, 0b0101);
+    m.vcpu.pending.deliver(&mut m.vmcs);
+    assert_eq!(m.vmcs.read(g::INTERRUPTIBILITY_STATE), 0b0001);
+}
+
 #[test]
 fn a_kick_is_not_the_guests_nmi() {
     let mut m = two_vcpus();
     let coherence = m.vm.coherence;
     // vCPU 1 switches vCPU 0's view while vCPU 0 runs: a kick, an NMI exit.
     assert_eq!(coherence.enter(0), None);
-    coherence.request_reapply(0, |_| {});
-    coherence.exit(0, 0);
+    coherence.request_reapply(0, |v| coherence.exit(v, 0));
     m.vmcs.write(ro::VMEXIT_INTERRUPTION_INFO, 0x8000_0202);
     assert!(stopped(m.exit(ExitReason::ExceptionOrNmi)).is_none());
     assert!(!m.vcpu.pending.nmi, "the kick's NMI is the hypervisor's");
@@ -1478,15 +1523,41 @@ fn switching_another_vcpus_view_kicks_it_to_reapply_its_fields() {
     m.call(call::ALTP2M_SET_STATE, &[1]);
     let v = m.call(call::ALTP2M_CREATE_VIEW, &[access::RWX]) as u64;
     let coherence = m.vm.coherence;
-    // vCPU 1 is in guest mode.
+    // vCPU 1 is in guest mode; the call returns once the kick made it leave.
     assert_eq!(coherence.enter(1), None);
     m.platform.kicks.clear();
+    m.platform.kicked_exit = Some((coherence, 0));
     assert_eq!(m.call(call::ALTP2M_SWITCH_VCPU_VIEW, &[1, v]), 0);
     assert_eq!(m.vm.altp2m.vcpu_view(1), Ok(v as u16));
     assert_eq!(m.vm.altp2m.vcpu_view(0), Ok(0), "this vCPU stays");
     assert_eq!(m.platform.kicks, [(1, crate::platform::Kick::Nmi)]);
+    assert!(
+        coherence.must_reapply(1),
+        "vCPU 1 may not enter before it wrote its fields"
+    );
     assert!(coherence.take_reapply(1), "vCPU 1 writes its EPTP again");
     assert!(!coherence.take_reapply(0));
+}
+
+/// vCPU 1's exit after vCPU 0 switched its view reads the EPTP index its
+/// hardware still had: that is not a VMFUNC to take over, the switch
+/// stands (found by the test guest's smp-views: the kick's own exit
+/// switched vCPU 1 back).
+#[test]
+fn another_vcpus_switch_survives_its_next_exit() {
+    let mut m = two_vcpus();
+    m.call(call::ALTP2M_SET_STATE, &[1]);
+    let v = m.call(call::ALTP2M_CREATE_VIEW, &[access::RWX]) as u64;
+    let other = Vcpu::new(&m.vm, VcpuId(1), &mut m.platform).unwrap();
+    assert_eq!(m.call(call::ALTP2M_SWITCH_VCPU_VIEW, &[1, v]), 0);
+    // vCPU 1 exits (the kick) with the index of view 0 in its VMCS.
+    crate::views::sync(&mut m.vm, &other, 0).unwrap();
+    assert_eq!(m.vm.altp2m.vcpu_view(1), Ok(v as u16));
+    assert!(m.vm.coherence.take_reapply(1));
+    // Once its fields are written again, a VMFUNC is seen as before.
+    crate::views::sync(&mut m.vm, &other, 0).unwrap();
+    assert_eq!(m.vm.altp2m.vcpu_view(1), Ok(0));
+    other.destroy(&mut m.vmcs, &mut m.platform);
 }
 
 #[test]

@@ -21,6 +21,8 @@ pub const VALID: u64 = 1 << 31;
 
 /// Interruptibility: blocking by STI (bit 0) and by MOV SS (bit 1).
 pub const BLOCKING_STI_MOVSS: u64 = 0b11;
+/// Interruptibility: blocking by SMI (bit 2).
+const BLOCKING_SMI: u64 = 1 << 2;
 /// Interruptibility: (virtual-)NMI blocking (bit 3).
 pub const BLOCKING_NMI: u64 = 1 << 3;
 const RFLAGS_IF: u64 = 1 << 9;
@@ -128,6 +130,11 @@ impl Pending {
     /// entry already injects one; asks for the window exits still needed.
     pub fn deliver(&mut self, vmcs: &mut impl Vmcs) {
         let state = vmcs.read(guest::INTERRUPTIBILITY_STATE);
+        if state & BLOCKING_SMI != 0 {
+            // VM entry refuses it outside SMM, where guests never run; Bochs
+            // 2.7 reports it at every exit of a vCPU a SIPI exit started.
+            vmcs.write(guest::INTERRUPTIBILITY_STATE, state & !BLOCKING_SMI);
+        }
         let busy = injecting(vmcs);
         // Some CPUs refuse NMI injection under STI blocking (SDM Vol. 3C
         // 26.3.1.5): wait for all three to clear.

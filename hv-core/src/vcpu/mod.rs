@@ -209,9 +209,17 @@ impl Vcpu {
             self.pending.deliver(&mut cpu);
             if self.waiting_for_sipi {
                 coherence.park(id);
-            } else if let Some(epoch) = coherence.enter(id) {
-                cpu.invept(None);
-                coherence.flushed(id, epoch);
+            } else {
+                if let Some(epoch) = coherence.enter(id) {
+                    cpu.invept(None);
+                    coherence.flushed(id, epoch);
+                }
+                // Another vCPU switched this one's view since the check
+                // above: write the fields first (`smp::request_reapply`).
+                if coherence.must_reapply(id) {
+                    coherence.back_out(id);
+                    continue;
+                }
             }
             // SAFETY: VMX is on and this vCPU's VMCS is current and complete
             // (`load`), with the host RIP of `entry::exit_entry_address`.

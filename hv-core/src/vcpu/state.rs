@@ -132,9 +132,14 @@ pub fn multiboot_entry(
     };
 }
 
-/// After INIT: the processor waits for a start-up IPI.
+/// After INIT: the processor waits for a start-up IPI, with nothing of
+/// its past blocking or pending (an interrupt shadow, a debug exception;
+/// "blocking by SMI", which VM entry refuses outside SMM, and which Bochs
+/// reports at the INIT exit of a vCPU that left wait-for-SIPI).
 pub fn wait_for_sipi(vmcs: &mut impl Vmcs) {
     vmcs.write(guest::ACTIVITY_STATE, WAIT_FOR_SIPI);
+    vmcs.write(guest::INTERRUPTIBILITY_STATE, 0);
+    vmcs.write(guest::PENDING_DBG_EXCEPTIONS, 0);
 }
 
 /// A start-up IPI with `vector`: real mode at `vector << 12` (SDM Vol. 3A

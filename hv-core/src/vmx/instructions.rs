@@ -188,6 +188,33 @@ pub fn write_cr2(value: u64) {
     unsafe { core::arch::asm!("mov cr2, {}", in(reg) value, options(nomem, nostack)) };
 }
 
+/// IRETQ to the next instruction, with this CPU's own CS, SS, RSP and
+/// RFLAGS: the one effect is the end of NMI blocking (SDM Vol. 3A,
+/// "Handling Multiple NMIs"), which a VM exit caused by an NMI leaves
+/// behind (Vol. 3C, "Updating Non-Register State").
+pub fn unblock_nmis() {
+    // SAFETY: the frame pushed returns to the label below with the current
+    // segments, stack pointer (as it was before the pushes) and flags; the
+    // kernel runs without a red zone, so the pushes clobber nothing live.
+    unsafe {
+        core::arch::asm!(
+            "mov {rsp}, rsp",
+            "mov {sel:e}, ss",
+            "push {sel}",
+            "push {rsp}",
+            "pushfq",
+            "mov {sel:e}, cs",
+            "push {sel}",
+            "lea {rsp}, [rip + 2f]",
+            "push {rsp}",
+            "iretq",
+            "2:",
+            rsp = out(reg) _,
+            sel = out(reg) _,
+        )
+    };
+}
+
 pub fn read_cr8() -> u64 {
     let value: u64;
     // SAFETY: reading CR8 has no side effect.

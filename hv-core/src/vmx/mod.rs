@@ -67,6 +67,9 @@ pub trait Cpu: Vmcs + PortIo {
 
     /// VMCLEARs a VMCS that is no longer entered, before its frame is freed.
     fn clear_vmcs(&mut self, region: Mfn);
+
+    /// Ends NMI blocking in root mode (an IRET to the next instruction).
+    fn unblock_nmis(&mut self);
 }
 
 const IA32_KERNEL_GS_BASE: u32 = 0xc000_0102;
@@ -154,6 +157,10 @@ impl Cpu for ThisCpu {
 
     fn write_cr2(&mut self, value: u64) {
         instructions::write_cr2(value);
+    }
+
+    fn unblock_nmis(&mut self) {
+        instructions::unblock_nmis();
     }
 
     fn read_cr8(&self) -> u64 {

@@ -308,6 +308,8 @@ pub(crate) mod tests {
         /// Bytes written to hardware ports, in order.
         pub port_writes: std::vec::Vec<(u16, u8)>,
         pub cleared: std::vec::Vec<hv_ept::Mfn>,
+        /// IRETs done to unblock NMIs.
+        pub nmis_unblocked: usize,
     }
 
     impl Vmcs for FakeVmcs {
@@ -391,6 +393,10 @@ pub(crate) mod tests {
 
         fn clear_vmcs(&mut self, region: hv_ept::Mfn) {
             self.cleared.push(region);
+        }
+
+        fn unblock_nmis(&mut self) {
+            self.nmis_unblocked += 1;
         }
     }
 

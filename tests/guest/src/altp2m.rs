@@ -63,7 +63,7 @@ pub(crate) fn write_u8(address: u64, value: u8) {
     unsafe { core::ptr::write_volatile(address as *mut u8, value) }
 }
 
-fn fill(page: u64, value: u8) {
+pub(crate) fn fill(page: u64, value: u8) {
     for i in 0..4096 {
         write_u8(page + i, value);
     }

@@ -31,7 +31,7 @@ const TIMER_INITIAL: u32 = 0x380;
 pub const TIMER_CURRENT: u32 = 0x390;
 const TIMER_DIVIDE: u32 = 0x3e0;
 
-const SVR_ENABLE: u32 = 1 << 8;
+pub const SVR_ENABLE: u32 = 1 << 8;
 const LVT_MASKED: u32 = 1 << 16;
 const LVT_PERIODIC: u32 = 1 << 17;
 const DELIVERY_NMI: u32 = 0b100 << 8;

@@ -46,7 +46,19 @@ pub fn drain() {
     let _ = (0..SEND_POLLS * 16).any(|_| inb(hv_abi::COM1 + 5) & LSR_IDLE != 0);
 }
 
+/// One CPU prints at a time, so lines do not mix.
+static LOCK: spin::Mutex<()> = spin::Mutex::new(());
+
 pub fn print(args: fmt::Arguments<'_>) {
+    // A CPU that faults while it prints (the report of an unexpected
+    // exception) must not wait for itself forever: it prints anyway.
+    let _guard = (0..10_000_000).find_map(|_| {
+        let guard = LOCK.try_lock();
+        if guard.is_none() {
+            core::hint::spin_loop();
+        }
+        guard
+    });
     let _ = Com1.write_fmt(args);
 }
 

@@ -16,6 +16,8 @@ use crate::{apic, legacy, rdtsc};
 pub const PIC_BASE: u8 = 0x20;
 pub const TIMER: u8 = 0x40;
 pub const IPI: u8 = 0x41;
+/// The boot processor wakes an AP with it (`smp`).
+pub const WAKE: u8 = 0x42;
 pub const APIC_ERROR: u8 = 0xfe;
 pub const SPURIOUS: u8 = 0xff;
 pub const NMI: u8 = 2;

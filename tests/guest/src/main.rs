@@ -23,9 +23,13 @@
 //! tracked), `idle-bench`, `exit-bench`, `hostile-bench`; `control` (the
 //! guest's half of the control channel's end-to-end test); the
 //! hostile-guest fuzzer: `fuzz`, and `fuzz-end` (a seed's operations, then
-//! one of the ways a guest ends the run) (`fuzz/mod.rs`). Options: `exit=N`,
+//! one of the ways a guest ends the run) (`fuzz/mod.rs`); on 2 CPUs
+//! (`smp_scenarios.rs`, the AP started through the local APIC, `smp.rs`):
+//! `smp`, `smp-views`, `smp-vmfunc`, `smp-balloon`, and the figure
+//! `smp-bench` (first: it measures before the AP starts). Options: `exit=N`,
 //! `tsc-hz=`, `apic-hz=` (default 200 MHz, Bochs's), `module=SIZE:CHECKSUM[:WORD]`,
-//! and the fuzzer's `seed=N calls=N seeds=N trace=1`.
+//! the fuzzer's `seed=N calls=N seeds=N trace=1`, and `ap-start=init|sipi`
+//! (INIT-SIPI-SIPI, the default, or SIPI-SIPI).
 //!
 //! It also runs on bare metal (GRUB booting it without the hypervisor),
 //! where the scenarios that need no hypervisor tell its bugs from the
@@ -47,6 +51,8 @@ mod platform;
 mod ports;
 mod probe;
 mod scenarios;
+mod smp;
+mod smp_scenarios;
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -75,6 +81,7 @@ pub fn rdtsc() -> u64 {
 
 extern "C" fn kmain(magic: u32, info: u32) -> ! {
     ENTRY_TSC.store(rdtsc(), Ordering::Relaxed);
+    smp::init_boot_cpu();
     START_CR0.store(
         x86_64::registers::control::Cr0::read_raw(),
         Ordering::Relaxed,
@@ -105,6 +112,13 @@ extern "C" fn kmain(magic: u32, info: u32) -> ! {
     println!("boot: {:?}, command line '{}'", boot.loader, boot.cmdline);
     let status = scenarios::run_all(&boot);
     exit(status)
+}
+
+/// Loads the guest's IDT on this CPU (made by the boot processor first).
+pub fn load_idt() {
+    if let Some(idt) = IDT.get() {
+        idt.load();
+    }
 }
 
 /// Ends the run with `status` through the exit port; on bare metal (no

@@ -8,8 +8,11 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use hv_boot::exception::ExceptionFrame;
 
-/// Vector + 1 of the last recovered fault (0: none).
-static FAULT: AtomicU64 = AtomicU64::new(0);
+/// Vector + 1 of the last fault recovered on this CPU (0: none): each CPU
+/// probes on its own.
+fn fault() -> &'static AtomicU64 {
+    &crate::smp::this().fault
+}
 /// Faults recovered so far, for the fuzzer's totals.
 static RECOVERED: AtomicU64 = AtomicU64::new(0);
 /// The address `fetch` jumps to while it runs (0: none).
@@ -77,7 +80,14 @@ unsafe extern "C" {
     fn probe_getsec();
     fn probe_fetch(address: u64) -> u64;
     fn probe_read_u32(address: u64) -> u64;
-    static probe_table: [[u64; 2]; 26];
+    fn probe_read_loop(
+        address: u64,
+        released: *const u64,
+        round: u64,
+        marker: u64,
+        reads: *mut u64,
+    ) -> u64;
+    static probe_table: [[u64; 2]; 27];
 }
 
 core::arch::global_asm!(
@@ -209,6 +219,18 @@ probe_read_u32:
 probe_fetch:
     call rdi
     ret
+    .global probe_read_loop
+probe_read_loop:
+    xor r9, r9
+53: mov r10, qword ptr [rsi]
+54: mov rax, qword ptr [rdi]
+    inc r9
+    cmp rax, rcx
+    jne 55f
+    cmp r10, rdx
+    jb 53b
+55: mov qword ptr [r8], r9
+    ret
 
     .section .rodata.probe, "a"
     .balign 8
@@ -218,7 +240,7 @@ probe_table:
     .quad 13b, 14b, 15b, 16b, 17b, 18b, 19b, 20b, 21b, 22b, 23b, 24b
     .quad 25b, 26b, 27b, 28b, 29b, 30b, 31b, 32b, 33b, 34b, 35b, 36b
     .quad 37b, 38b, 39b, 40b, 41b, 42b, 43b, 44b, 45b, 46b, 47b, 48b
-    .quad 49b, 50b, 51b, 52b
+    .quad 49b, 50b, 51b, 52b, 54b, 55b
 "#
 );
 
@@ -248,7 +270,7 @@ pub fn recover(frame: &mut ExceptionFrame) -> bool {
 }
 
 fn note(frame: &ExceptionFrame) -> bool {
-    FAULT.store(frame.vector + 1, Ordering::Relaxed);
+    fault().store(frame.vector + 1, Ordering::Relaxed);
     RECOVERED.fetch_add(1, Ordering::Relaxed);
     true
 }
@@ -260,21 +282,21 @@ pub fn recovered() -> u64 {
 
 /// The exception vector a probe raised, if any.
 fn outcome<T>(value: T) -> Result<T, u8> {
-    match FAULT.swap(0, Ordering::Relaxed) {
+    match fault().swap(0, Ordering::Relaxed) {
         0 => Ok(value),
         v => Err((v - 1) as u8),
     }
 }
 
 pub fn read(address: u64) -> Result<u64, u8> {
-    FAULT.store(0, Ordering::Relaxed);
+    fault().store(0, Ordering::Relaxed);
     // SAFETY: a fault is recovered by the exception handler; the address may
     // be anything, which is the point.
     outcome(unsafe { probe_read(address) })
 }
 
 pub fn write(address: u64, value: u64) -> Result<(), u8> {
-    FAULT.store(0, Ordering::Relaxed);
+    fault().store(0, Ordering::Relaxed);
     // SAFETY: as for `read`; callers only write addresses outside the guest's RAM
     // or their own scratch memory.
     unsafe { probe_write(address, value) };
@@ -282,27 +304,27 @@ pub fn write(address: u64, value: u64) -> Result<(), u8> {
 }
 
 pub fn read_u8(address: u64) -> Result<u8, u8> {
-    FAULT.store(0, Ordering::Relaxed);
+    fault().store(0, Ordering::Relaxed);
     // SAFETY: as for `read`.
     outcome(unsafe { probe_read_u8(address) } as u8)
 }
 
 /// A dword read (device registers: the local APIC takes no wider access).
 pub fn read_u32(address: u64) -> Result<u32, u8> {
-    FAULT.store(0, Ordering::Relaxed);
+    fault().store(0, Ordering::Relaxed);
     // SAFETY: as for `read`.
     outcome(unsafe { probe_read_u32(address) } as u32)
 }
 
 pub fn write_u8(address: u64, value: u8) -> Result<(), u8> {
-    FAULT.store(0, Ordering::Relaxed);
+    fault().store(0, Ordering::Relaxed);
     // SAFETY: as for `write`.
     unsafe { probe_write_u8(address, u64::from(value)) };
     outcome(())
 }
 
 pub fn rdmsr(msr: u32) -> Result<u64, u8> {
-    FAULT.store(0, Ordering::Relaxed);
+    fault().store(0, Ordering::Relaxed);
     // SAFETY: a #GP from a missing MSR is recovered.
     outcome(unsafe { probe_rdmsr(msr) })
 }
@@ -314,7 +336,7 @@ pub fn vmfunc(index: u32) -> Result<(), u8> {
 
 /// VMFUNC with any leaf (EAX) and index (ECX).
 pub fn vmfunc_leaf(leaf: u32, index: u32) -> Result<(), u8> {
-    FAULT.store(0, Ordering::Relaxed);
+    fault().store(0, Ordering::Relaxed);
     // SAFETY: a #UD (invalid leaf, invalid or hidden view) is recovered; a
     // valid switch only changes which EPT view translates the guest's memory.
     unsafe {
@@ -328,7 +350,7 @@ pub fn vmfunc_leaf(leaf: u32, index: u32) -> Result<(), u8> {
 }
 
 pub fn wrmsr(msr: u32, value: u64) -> Result<(), u8> {
-    FAULT.store(0, Ordering::Relaxed);
+    fault().store(0, Ordering::Relaxed);
     // SAFETY: as for `rdmsr`; callers only write MSRs that are the guest's own.
     unsafe { probe_wrmsr(msr, value) };
     outcome(())
@@ -336,7 +358,7 @@ pub fn wrmsr(msr: u32, value: u64) -> Result<(), u8> {
 
 /// MOV to CR0.
 pub fn write_cr0(value: u64) -> Result<(), u8> {
-    FAULT.store(0, Ordering::Relaxed);
+    fault().store(0, Ordering::Relaxed);
     // SAFETY: a #GP (an invalid combination) is recovered; callers change
     // only bits whose change does not stop the guest's own execution.
     unsafe { probe_write_cr0(value) };
@@ -345,7 +367,7 @@ pub fn write_cr0(value: u64) -> Result<(), u8> {
 
 /// MOV to CR3.
 pub fn write_cr3(value: u64) -> Result<(), u8> {
-    FAULT.store(0, Ordering::Relaxed);
+    fault().store(0, Ordering::Relaxed);
     // SAFETY: a #GP (reserved bits) is recovered; callers load only page
     // tables that map the guest as its own do.
     unsafe { probe_write_cr3(value) };
@@ -354,7 +376,7 @@ pub fn write_cr3(value: u64) -> Result<(), u8> {
 
 /// MOV to CR4.
 pub fn write_cr4(value: u64) -> Result<(), u8> {
-    FAULT.store(0, Ordering::Relaxed);
+    fault().store(0, Ordering::Relaxed);
     // SAFETY: a #GP (reserved or refused bits) is recovered; callers change
     // only bits the guest's code does not depend on.
     unsafe { probe_write_cr4(value) };
@@ -363,7 +385,7 @@ pub fn write_cr4(value: u64) -> Result<(), u8> {
 
 /// MOV to CR8 (the task priority).
 pub fn write_cr8(value: u64) -> Result<(), u8> {
-    FAULT.store(0, Ordering::Relaxed);
+    fault().store(0, Ordering::Relaxed);
     // SAFETY: a #GP (reserved bits) is recovered; the priority only gates
     // interrupts, which the callers keep off.
     unsafe { probe_write_cr8(value) };
@@ -372,7 +394,7 @@ pub fn write_cr8(value: u64) -> Result<(), u8> {
 
 /// XSETBV of extended control register `xcr`.
 pub fn xsetbv(xcr: u32, value: u64) -> Result<(), u8> {
-    FAULT.store(0, Ordering::Relaxed);
+    fault().store(0, Ordering::Relaxed);
     // SAFETY: #GP or #UD are recovered; the guest uses no extended state.
     unsafe { probe_xsetbv(xcr, value) };
     outcome(())
@@ -381,7 +403,7 @@ pub fn xsetbv(xcr: u32, value: u64) -> Result<(), u8> {
 /// A VMX instruction (or GETSEC) with `operand` as its memory operand's
 /// address (or register operand): a guest gets #UD.
 pub fn vmx(insn: VmxInsn, operand: u64, value: u64) -> Result<(), u8> {
-    FAULT.store(0, Ordering::Relaxed);
+    fault().store(0, Ordering::Relaxed);
     // SAFETY: every one of these raises #UD (recovered) in a guest without
     // nested VMX; `operand` points at scratch memory of the caller's.
     unsafe {
@@ -413,7 +435,7 @@ pub fn fetch(address: u64) -> Result<(), u8> {
 /// Calls the code at `address` (which must return, or fault at its first
 /// instruction, INT3 included): its RAX, or the vector it raised there.
 pub fn call(address: u64) -> Result<u64, u8> {
-    FAULT.store(0, Ordering::Relaxed);
+    fault().store(0, Ordering::Relaxed);
     FETCH_TARGET.store(address, Ordering::Relaxed);
     // SAFETY: the target is code that returns (the fuzzer's arena code) or
     // an address whose first fetch faults; the exception handler returns
@@ -421,4 +443,34 @@ pub fn call(address: u64) -> Result<u64, u8> {
     let rax = unsafe { probe_fetch(address) };
     FETCH_TARGET.store(0, Ordering::Relaxed);
     outcome(rax)
+}
+
+/// How a [`read_loop`] ended.
+#[derive(Clone, Copy, Debug)]
+pub struct ReadLoop {
+    /// The last value read (meaningless if the last read faulted).
+    pub value: u64,
+    /// Reads that returned a value.
+    pub reads: u64,
+    /// The vector of the fault that ended it, if one did.
+    pub fault: Option<u8>,
+}
+
+/// Reads the u64 at `address` in a tight loop (six instructions a round)
+/// while it holds `marker` and `released`, loaded before each read, is
+/// below `round`. It stops at the first read that faults, that returns
+/// anything else, or that returns the marker although `released` had
+/// reached `round` before the read began.
+pub fn read_loop(address: u64, released: &AtomicU64, round: u64, marker: u64) -> ReadLoop {
+    let mut reads = 0;
+    fault().store(0, Ordering::Relaxed);
+    // SAFETY: a fault of the read is recovered (it resumes at the loop's
+    // end); `released` is a live u64, read by aligned loads; `reads` is a
+    // local word.
+    let value = unsafe { probe_read_loop(address, released.as_ptr(), round, marker, &mut reads) };
+    ReadLoop {
+        value,
+        reads,
+        fault: outcome(()).err(),
+    }
 }

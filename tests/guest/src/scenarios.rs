@@ -8,7 +8,9 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use hv_abi::{call, error};
 use hv_boot::bootinfo::{BootInfo, RegionKind};
 
-use crate::{altp2m, apic, figures, fuzz, paging, platform, ports, println, probe, rdtsc};
+use crate::{
+    altp2m, apic, figures, fuzz, paging, platform, ports, println, probe, rdtsc, smp_scenarios,
+};
 
 pub type Outcome = Result<(), &'static str>;
 
@@ -24,6 +26,11 @@ pub struct Options {
     pub module: Option<platform::ModuleSpec>,
     /// `seed=`, `calls=`, `seeds=`, `trace=`: the fuzzer's.
     pub fuzz: fuzz::Config,
+    /// `ap-start=init` (INIT, SIPI, SIPI: the default) or `sipi` (SIPI,
+    /// SIPI): how the SMP scenarios start the APs. Bochs 2.7 needs `sipi`:
+    /// it keeps an INIT pending after the INIT VM exit (fixed in Bochs 2.8),
+    /// so a vCPU that got one exits again at every entry.
+    pub init_aps: bool,
 }
 
 impl Options {
@@ -39,6 +46,13 @@ impl Options {
             "calls" => into.fuzz.calls = number(value)?,
             "seeds" => into.fuzz.seeds = number(value)?.max(1),
             "trace" => into.fuzz.trace = number(value)? != 0,
+            "ap-start" => {
+                into.init_aps = match value {
+                    "init" => true,
+                    "sipi" => false,
+                    _ => return Err("expected init or sipi"),
+                }
+            }
             _ => return Err("unknown option"),
         }
         Ok(())
@@ -62,6 +76,7 @@ pub fn run_all(boot: &BootInfo) -> u8 {
         clocks: platform::Clocks::BOCHS,
         module: None,
         fuzz: fuzz::Config::default(),
+        init_aps: true,
     };
     for word in given().filter(|w| w.contains('=')) {
         if let Err(why) = Options::parse(word, &mut options) {
@@ -153,6 +168,11 @@ fn run_one(word: &str, boot: &BootInfo, options: &Options) -> Outcome {
         "fuzz" => fuzz::run(boot, options),
         "fuzz-end" => fuzz::run_end(boot, options),
         "hostile-bench" => fuzz::bench::hostile_bench(boot),
+        "smp" => smp_scenarios::bring_up(boot, options),
+        "smp-views" => smp_scenarios::views(boot, options),
+        "smp-vmfunc" => smp_scenarios::vmfunc(boot, options),
+        "smp-balloon" => smp_scenarios::balloon(boot, options),
+        "smp-bench" => smp_scenarios::bench(boot, options),
         _ => Err("no such scenario"),
     }
 }
