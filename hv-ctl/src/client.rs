@@ -185,6 +185,15 @@ impl<T: Transport> Client<T> {
                         after: timeout,
                     });
                 }
+                Ok(session) => {
+                    // The hypervisor ends the previous session before it
+                    // replies, and the line keeps order: an event that came
+                    // before this reply was the previous session's (a held
+                    // vCPU's event, sent again while unanswered).
+                    self.events.clear();
+                    self.seen.clear();
+                    return Ok(session);
+                }
                 other => return other,
             }
         }

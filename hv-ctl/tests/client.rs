@@ -265,6 +265,21 @@ fn the_stealth_breakpoint_flow_runs_from_the_tool() {
 }
 
 #[test]
+fn events_of_the_previous_session_are_not_the_new_ones() {
+    // A vCPU held by a tool that vanished: its event, sent again while
+    // unanswered, may be on the line when the next tool says HELLO.
+    let (fake, end) = FakeHypervisor::start();
+    fake.emit(breakpoint(0, 0));
+    std::thread::sleep(Duration::from_millis(100));
+    let mut c = Client::connect_with(end, 0, Duration::from_secs(10)).expect("hello");
+    assert_eq!(c.pending_events(), 0);
+    assert!(c.next_event(Duration::from_millis(50)).unwrap().is_none());
+    // The new session's own events come through.
+    fake.emit(breakpoint(0, 0));
+    assert!(c.next_event(5 * SECOND).unwrap().is_some());
+}
+
+#[test]
 fn events_that_arrive_during_a_call_keep_their_order() {
     let (fake, mut c) = connect();
     for vcpu in [0, 1, 0] {
