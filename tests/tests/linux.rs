@@ -67,7 +67,8 @@ fn linux_boots_to_its_checks_on_the_host_p2m() {
 /// /proc/cpuinfo lists (the check compares the two).
 ///
 /// Fails on Bochs 2.7, so `scripts/test --long` skips it: Bochs 2.7 keeps
-/// an INIT pending after the INIT VM exit (fixed in Bochs 2.8), so the AP's
+/// an INIT pending after the INIT VM exit (stlintel/Bochs issue 11, fixed
+/// by pull request 16, in Bochs 2.8), so the AP's
 /// vCPU exits with INIT again after each SIPI ("smpboot: do_boot_cpu
 /// failed(-1) to wakeup CPU#1"); with the test guest, the stale INIT then
 /// reset the physical CPU once the guest ended (at its VMXOFF, it seems),
