@@ -73,9 +73,10 @@ fn linux_boots_to_its_checks_on_the_host_p2m() {
 /// failed(-1) to wakeup CPU#1"); with the test guest, the stale INIT then
 /// reset the physical CPU once the guest ended (at its VMXOFF, it seems),
 /// which never finished its vCPU (one frame leaked). The test guest starts
-/// its AP with SIPI-SIPI for that reason (`tests/tests/smp.rs`).
+/// its AP with SIPI-SIPI for that reason (`tests/tests/smp.rs`). Passes with
+/// Debian 13's Bochs 3.0: `HV_BOCHS=$(scripts/bochs-trixie)` (README).
 #[test]
-#[ignore = "needs Bochs 2.8 (Bochs 2.7 keeps a guest's INIT pending after its VM exit); not in scripts/test --long"]
+#[ignore = "needs Bochs 2.8 or later (Bochs 2.7 keeps a guest's INIT pending after its VM exit): HV_BOCHS=$(scripts/bochs-trixie); not in scripts/test --long"]
 fn linux_boots_with_two_cpus_both_online() {
     let run = linux_on(2, "", "hvtest.memtest=32");
     all_checks_passed(&run);
