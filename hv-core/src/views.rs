@@ -5,7 +5,7 @@
 //! hypervisor lets a denied access or a hidden breakpoint through, and the
 //! monitor's event lines.
 
-use hv_altp2m::Dropped;
+use hv_altp2m::{Dropped, ViewSet};
 use hv_ept::walk::AccessKind;
 use hv_ept::{Gfn, P2mAccess};
 use x86::vmx::vmcs::{control, guest};
@@ -255,26 +255,15 @@ const DROP_GROUPS: usize = 8;
 fn report_drops(vm: &mut Vm, platform: &mut impl Platform) {
     let mut groups: heapless::Vec<DropGroup, DROP_GROUPS> = heapless::Vec::new();
     let lost = vm.altp2m.drain_dropped(|d| {
+        // Alike: equal in everything but the view.
         let alike = |g: &&mut DropGroup| {
-            let f = &g.first;
-            (
-                f.gfn,
-                f.pages,
-                f.access,
-                f.suppress_ve,
-                f.remap_source,
-                f.reason,
-            ) == (
-                d.gfn,
-                d.pages,
-                d.access,
-                d.suppress_ve,
-                d.remap_source,
-                d.reason,
-            )
+            Dropped {
+                view: d.view,
+                ..g.first
+            } == d
         };
         if let Some(group) = groups.iter_mut().find(alike) {
-            group.views.insert(d.view);
+            group.views.insert(usize::from(d.view));
             return;
         }
         if groups.is_full() {
@@ -283,8 +272,8 @@ fn report_drops(vm: &mut Vm, platform: &mut impl Platform) {
             }
             groups.clear();
         }
-        let mut views = ViewSet::default();
-        views.insert(d.view);
+        let mut views = ViewSet::EMPTY;
+        views.insert(usize::from(d.view));
         // Cannot fail: the groups were emptied if full.
         let _ = groups.push(DropGroup { first: d, views });
     });
@@ -302,7 +291,7 @@ fn report_drop(platform: &mut impl Platform, group: &DropGroup) {
         platform,
         format_args!(
             "dropped view={} gfn={:#x} pages={} access={} reason={:?}{}",
-            group.views,
+            ViewRanges(&group.views),
             d.gfn.0,
             d.pages,
             access_name(d.access),
@@ -312,41 +301,24 @@ fn report_drop(platform: &mut impl Platform, group: &DropGroup) {
     );
 }
 
-/// A set of view indexes, shown as ranges (`1-3,7`).
-#[derive(Default)]
-struct ViewSet([u64; 8]);
+/// A set of views shown as ranges (`1-3,7`).
+struct ViewRanges<'a>(&'a ViewSet);
 
-impl ViewSet {
-    fn insert(&mut self, view: u16) {
-        let view = usize::from(view) % 512;
-        self.0[view / 64] |= 1 << (view % 64);
-    }
-
-    fn contains(&self, view: usize) -> bool {
-        view < 512 && self.0[view / 64] & (1 << (view % 64)) != 0
-    }
-}
-
-impl core::fmt::Display for ViewSet {
+impl core::fmt::Display for ViewRanges<'_> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let mut views = self.0.iter().peekable();
         let mut sep = "";
-        let mut view = 0;
-        while view < 512 {
-            if !self.contains(view) {
-                view += 1;
-                continue;
+        while let Some(start) = views.next() {
+            let mut end = start;
+            while views.next_if_eq(&(end + 1)).is_some() {
+                end += 1;
             }
-            let start = view;
-            while self.contains(view + 1) {
-                view += 1;
-            }
-            if start == view {
+            if start == end {
                 write!(f, "{sep}{start}")?;
             } else {
-                write!(f, "{sep}{start}-{view}")?;
+                write!(f, "{sep}{start}-{end}")?;
             }
             sep = ",";
-            view += 1;
         }
         Ok(())
     }

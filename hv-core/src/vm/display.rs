@@ -174,38 +174,31 @@ pub fn refresh(
         return Ok(0);
     };
     let (first, last, copy) = (display.first, display.last(), display.copy);
-    let mut dirty = [0u64; MAX_PAGES as usize];
-    let mut count = 0;
     // Re-arm, INVEPT, then take the dirty pages: no write is lost while
     // vCPUs run (see Altp2m::arm_dirty).
     let armed = guest
         .altp2m
         .arm_dirty(platform, &mut guest.p2m, &mut guest.dirty, first, last)?;
     crate::views::flush(guest, cpu, platform, vcpu);
+    let mut fetched = 0u64;
     guest.altp2m.fetch_dirty(&mut guest.dirty, &armed, |gfn| {
-        if let Some(slot) = dirty.get_mut(count) {
-            *slot = gfn.0;
-            count += 1;
+        if let Some(i) = gfn.0.checked_sub(first.0).filter(|&i| i < MAX_PAGES) {
+            fetched |= 1 << i;
         }
     })?;
     let Some(display) = guest.display.as_mut() else {
         return Ok(0);
     };
-    let fetched = dirty[..count]
-        .iter()
-        .fold(0, |m, &g| m | 1u64 << (g - first.0));
     display.for_guest |= fetched;
     let pages = fetched | core::mem::take(&mut display.for_display);
+    let count = u64::from(pages.count_ones());
+    display.refreshes += 1;
+    display.pages_copied += count;
     for index in (0..MAX_PAGES).filter(|i| pages & (1 << i) != 0) {
         copy_page(guest, platform, copy, index, Gfn(first.0 + index));
     }
-    let count = pages.count_ones() as usize;
     let mut text = [0u8; TEXT_BYTES];
     platform.read_phys(copy.hpa(), &mut text);
     platform.show_text(&text);
-    if let Some(display) = guest.display.as_mut() {
-        display.refreshes += 1;
-        display.pages_copied += count as u64;
-    }
-    Ok(count as u64)
+    Ok(count)
 }
